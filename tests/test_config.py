@@ -1,0 +1,89 @@
+"""The config loader: `_base_` inheritance, overrides, and errors that name the key and the file."""
+import textwrap
+
+import pytest
+
+from sparse_detr.config import ConfigError, config_from_dict, load_config, to_dict
+
+
+def _write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    _write(tmp_path / "base.yaml", """
+        model: {hidden_dim: 128, two_stage: true}
+        train: {epochs: 12, lr_drop_epochs: [8]}
+    """)
+    child = _write(tmp_path / "child.yaml", """
+        _base_: base.yaml
+        model: {rho: 0.1}
+        train: {epochs: 20}
+    """)
+    cfg = load_config(child, ["model.rho=0.3", "train.lr=1e-4", "data.train_scales=[32, 64]"])
+    assert cfg.model.hidden_dim == 128 and cfg.model.two_stage  # from the base
+    assert cfg.train.epochs == 20  # the child wins over the base
+    assert cfg.train.lr_drop_epochs == [8]
+    assert cfg.model.rho == 0.3  # the command line wins over both
+    assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.data.train_scales == [32, 64]
+    assert cfg.model.enc_layers == 6  # untouched default
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = _write(tmp_path / "typo.yaml", "model: {two_stgae: true}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "model.two_stgae" in msg and "typo.yaml" in msg and "two_stage" in msg
+
+
+def test_unknown_key_in_base_names_the_base_file(tmp_path):
+    _write(tmp_path / "base.yaml", "train: {epoch: 3}\n")
+    child = _write(tmp_path / "child.yaml", "_base_: base.yaml\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml.*train\.epoch"):
+        load_config(child)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.rho=abc", "model.rho"),
+    ("model.two_stage=3", "model.two_stage"),
+    ("model.backbone=resnet18", "model.backbone"),
+    ("train.lr_drop_epochs=5", "train.lr_drop_epochs"),
+    ("model.nope=1", "model.nope"),
+    ("rho=0.1", "rho"),
+    ("model.rho", "key=value"),
+])
+def test_bad_overrides(tmp_path, override, fragment):
+    path = _write(tmp_path / "c.yaml", "model: {two_stage: true}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [override])
+    assert fragment in str(e.value)
+    if "=" in override:
+        assert "command-line override" in str(e.value) or "key=value" in str(e.value)
+
+
+def test_cross_field_validation(tmp_path):
+    path = _write(tmp_path / "c.yaml", "model: {rho: 0.1}\n")
+    with pytest.raises(ConfigError, match="two_stage"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="rho"):
+        config_from_dict({"model": {"rho": 1.5, "two_stage": True}})
+
+
+def test_missing_file_and_cycle(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "absent.yaml"))
+    _write(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    _write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
+def test_round_trip_through_dict(tmp_path):
+    path = _write(tmp_path / "c.yaml", "model: {two_stage: true, rho: 0.2}\ndata: {synthetic: {num_train: 7}}\n")
+    cfg = load_config(path)
+    again = config_from_dict(to_dict(cfg))
+    assert again == cfg
+    assert again.data.synthetic.num_train == 7
