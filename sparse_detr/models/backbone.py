@@ -1,0 +1,234 @@
+"""CNN / Swin backbones that turn padded images into multi-scale feature maps (method notes, Sec. 1).
+
+The backbone network is torchvision's, kept under torchvision's own parameter names so that
+torchvision / official checkpoints load without renaming: inside the detector the keys read
+``backbone.0.body.conv1.weight`` ... ``backbone.0.body.layer4.2.bn3.running_var`` (265 tensors for
+ResNet-50, the official layout). ``backbone.1`` is the parameter-free sine position encoding.
+
+Every BatchNorm is a :class:`FrozenBatchNorm2d`: detection batches are 2 images per GPU, far too few
+for batch statistics, so the ImageNet statistics are kept fixed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from .position_encoding import PositionEmbeddingSine
+
+__all__ = ["FrozenBatchNorm2d", "Backbone", "Joiner", "build_backbone"]
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters, all stored as buffers.
+
+    Holds exactly ``weight``, ``bias``, ``running_mean``, ``running_var`` (C,) — no
+    ``num_batches_tracked``; a state dict that has it (any torchvision BatchNorm checkpoint) loads
+    and the counter is ignored. forward: (B, C, H, W) → (B, C, H, W), equal to an eval-mode BatchNorm2d.
+    """
+
+    def __init__(self, n: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(n))
+        self.register_buffer("bias", torch.zeros(n))
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.register_buffer("running_var", torch.ones(n))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        # The counter only matters for momentum-free running averages, which we never update;
+        # dropping it here keeps strict loading of torchvision checkpoints working.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Fold the four vectors into one scale and shift: one multiply-add per element instead of the
+        # four ops of the textbook formula, and no rsqrt over the whole feature map.
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class _LayerRunner(nn.Module):
+    """Runs a fixed sequence of a torchvision model's submodules and keeps named outputs.
+
+    Only the modules in ``keep`` are registered (under their torchvision names), so unused heads
+    (ResNet ``fc``, Swin ``norm``/``head``) have no parameters here — DDP then needs no
+    ``find_unused_parameters``. A small own version of torchvision's private IntermediateLayerGetter.
+    """
+
+    def __init__(self, model: nn.Module, keep: list[str], steps: list[str], returns: list[str], nhwc: bool):
+        super().__init__()
+        for name in keep:
+            self.add_module(name, getattr(model, name))
+        self.steps = steps  # dotted submodule names, executed in order
+        self.returns = returns  # subset of steps whose outputs are returned
+        self.nhwc = nhwc  # torchvision's Swin works channels-last
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        out = []
+        for step in self.steps:
+            x = self.get_submodule(step)(x)
+            if step in self.returns:
+                out.append(x.permute(0, 3, 1, 2) if self.nhwc else x)
+            if len(out) == len(self.returns):
+                break  # later modules (e.g. Swin stage 4 when only C5 is wanted) would be wasted work
+        return out
+
+
+def _resnet50(drop_path_rate: float) -> tuple[_LayerRunner, list[str], list[int], list[int]]:
+    del drop_path_rate  # ResNet has no stochastic depth
+    model = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    keep = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    body = _LayerRunner(model, keep, keep, ["layer2", "layer3", "layer4"], nhwc=False)
+    # Not trained (Deformable DETR): the stem and the first stage hold generic low-level filters.
+    frozen = ["conv1.", "bn1.", "layer1."]
+    return body, frozen, [512, 1024, 2048], [8, 16, 32]
+
+
+def _swin_t(drop_path_rate: float) -> tuple[_LayerRunner, list[str], list[int], list[int]]:
+    model = torchvision.models.swin_t(weights=None)
+    # swin_t() hard-codes its drop-path maximum (0.2, rising linearly over the blocks) and rejects
+    # the keyword; rescale every block's rate so the ladder's maximum is drop_path_rate instead.
+    drop_paths = [m for m in model.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
+    top = max(m.p for m in drop_paths)
+    for m in drop_paths:
+        m.p = m.p * drop_path_rate / top
+    # torchvision's features: 0 patch embedding, 1 stage 1, 2 merge, 3 stage 2, 4 merge, 5 stage 3,
+    # 6 merge, 7 stage 4. Stages 2..4 give 192/384/768 channels at strides 8/16/32.
+    steps = [f"features.{i}" for i in range(len(model.features))]
+    body = _LayerRunner(model, ["features"], steps, ["features.3", "features.5", "features.7"], nhwc=True)
+    # Patch embedding and stage-1 blocks frozen (method notes, Sec. 1). The 96→192 patch merging
+    # (features.2) feeds C3 directly, so it is trained with stage 2.
+    frozen = ["features.0.", "features.1."]
+    return body, frozen, [192, 384, 768], [8, 16, 32]
+
+
+# name → (constructor, top-level keys of the torchvision checkpoint that are not part of the body)
+_NETWORKS = {
+    "resnet50": (_resnet50, ("fc.",)),
+    "swin_t": (_swin_t, ("norm.", "head.")),
+}
+
+
+class Backbone(nn.Module):
+    """A torchvision network that returns padded feature maps with their padding masks.
+
+    Args:
+        name: ``"resnet50"`` or ``"swin_t"``.
+        train_backbone: train the non-frozen stages (ResNet layer2-4, Swin stages 2-4 + merges).
+        return_interm_layers: return the three strides 8/16/32 (C3, C4, C5); else only C5.
+        pretrained: path of a local torchvision-layout state dict of the network (or a dict holding it
+            under ``model``/``state_dict``); classifier keys are dropped, the rest must match exactly.
+        drop_path_rate: Swin stochastic depth (ignored by ResNet).
+
+    Attributes:
+        num_channels: channels of each returned level, e.g. [512, 1024, 2048].
+        strides: stride of each returned level, e.g. [8, 16, 32].
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet50",
+        train_backbone: bool = True,
+        return_interm_layers: bool = True,
+        pretrained: str | os.PathLike | None = None,
+        drop_path_rate: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if name not in _NETWORKS:
+            raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_NETWORKS)}")
+        build, self._dropped_prefixes = _NETWORKS[name]
+        self.name = name
+        self.body, frozen, channels, strides = build(drop_path_rate)
+        if not return_interm_layers:
+            self.body.returns = self.body.returns[-1:]
+            channels, strides = channels[-1:], strides[-1:]
+        self.num_channels: list[int] = channels
+        self.strides: list[int] = strides
+        if pretrained is not None:
+            self.load_pretrained(pretrained)
+        for pname, p in self.body.named_parameters():
+            if not train_backbone or pname.startswith(tuple(frozen)):
+                p.requires_grad_(False)
+
+    def load_pretrained(self, path: str | os.PathLike) -> None:
+        """Load a torchvision-layout checkpoint of the network into ``body`` (strict)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"backbone weights not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for wrapper in ("model", "state_dict"):
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+        if not isinstance(state, dict):
+            raise TypeError(f"{path} holds a {type(state).__name__}, not a state dict")
+        state = {k: v for k, v in state.items() if not k.startswith(self._dropped_prefixes)}
+        try:
+            self.body.load_state_dict(state, strict=True)
+        except RuntimeError as err:  # names the missing/unexpected keys; add which file it was
+            raise RuntimeError(f"backbone weights in {path} do not fit {self.name}: {err}") from err
+
+    def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Args: images (B, 3, H, W); mask (B, H, W) bool, True = padding.
+
+        Returns: one (feature (B, C_l, H_l, W_l), mask (B, H_l, W_l) bool) per level, finest first.
+        """
+        out = []
+        for feature in self.body(images):
+            # Nearest resize of the image mask: a level cell is padding iff the pixel it samples is.
+            level_mask = F.interpolate(mask[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]
+            out.append((feature, level_mask))
+        return out
+
+
+class Joiner(nn.Sequential):
+    """Backbone + position encoding; an nn.Sequential so their keys are ``0.body.*`` and ``1``.
+
+    forward(images (B, 3, H, W), mask (B, H, W) bool) returns three lists over levels:
+    features (B, C_l, H_l, W_l), masks (B, H_l, W_l) bool, pos (B, d, H_l, W_l) in the features' dtype.
+    """
+
+    def __init__(self, backbone: Backbone, position_embedding: nn.Module) -> None:
+        super().__init__(backbone, position_embedding)
+        self.num_channels: list[int] = backbone.num_channels
+        self.strides: list[int] = backbone.strides
+
+    def forward(self, images: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        features, masks, pos = [], [], []
+        for feature, level_mask in self[0](images, mask):
+            features.append(feature)
+            masks.append(level_mask)
+            pos.append(self[1](level_mask).to(feature.dtype))
+        return features, masks, pos
+
+
+def build_backbone(
+    name: str,
+    hidden_dim: int,
+    train_backbone: bool,
+    num_feature_levels: int,
+    pretrained: str | os.PathLike | None = None,
+    drop_path_rate: float = 0.2,
+) -> Joiner:
+    """Backbone + sine encoding with hidden_dim // 2 features per axis (so pos has hidden_dim channels).
+
+    One feature level means C5 only; more means C3..C5 (extra levels are made by the detector's input
+    projections, not here).
+    """
+    backbone = Backbone(
+        name,
+        train_backbone=train_backbone,
+        return_interm_layers=num_feature_levels > 1,
+        pretrained=pretrained,
+        drop_path_rate=drop_path_rate,
+    )
+    return Joiner(backbone, PositionEmbeddingSine(hidden_dim // 2, normalize=True))
