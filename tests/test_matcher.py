@@ -1,0 +1,129 @@
+"""Hungarian matcher against a brute-force search over all assignments of an independently computed cost."""
+import itertools
+import math
+
+import pytest
+import torch
+import torchvision
+
+from sparse_detr.models.matcher import HungarianMatcher, flatten_indices
+
+ALPHA, GAMMA = 0.25, 2.0
+W_CLASS, W_BBOX, W_GIOU = 2.0, 5.0, 2.0
+
+
+def _targets(sizes, num_classes, g):
+    out = []
+    for t in sizes:
+        cxcy = torch.rand(t, 2, generator=g) * 0.6 + 0.2
+        wh = torch.rand(t, 2, generator=g) * 0.3 + 0.05
+        out.append({"labels": torch.randint(0, num_classes, (t,), generator=g), "boxes": torch.cat([cxcy, wh], 1)})
+    return out
+
+
+def _outputs(bsz, queries, num_classes, g):
+    boxes = torch.cat([torch.rand(bsz, queries, 2, generator=g) * 0.6 + 0.2,
+                       torch.rand(bsz, queries, 2, generator=g) * 0.3 + 0.05], -1)
+    return {"pred_logits": torch.randn(bsz, queries, num_classes, generator=g) * 2, "pred_boxes": boxes}
+
+
+def _reference_cost(logit_row, box, label, tgt_box):
+    """One (prediction, target) pair, written out with scalars and torchvision's GIoU."""
+    p = 1 / (1 + math.exp(-logit_row[label].item()))
+    pos = ALPHA * (1 - p) ** GAMMA * -math.log(p)
+    neg = (1 - ALPHA) * p ** GAMMA * -math.log(1 - p)
+    l1 = (box - tgt_box).abs().sum().item()
+    xyxy = torchvision.ops.box_convert(torch.stack([box, tgt_box]), "cxcywh", "xyxy")
+    giou = torchvision.ops.generalized_box_iou(xyxy[:1], xyxy[1:]).item()
+    return W_CLASS * (pos - neg) + W_BBOX * l1 - W_GIOU * giou
+
+
+def _brute_force_min(cost, valid_rows, num_targets):
+    """Minimum total cost over every one-to-one assignment of min(#valid, T) pairs."""
+    best = math.inf
+    if len(valid_rows) >= num_targets:
+        for rows in itertools.permutations(valid_rows, num_targets):
+            best = min(best, sum(cost[r][j] for j, r in enumerate(rows)))
+    else:
+        for cols in itertools.permutations(range(num_targets), len(valid_rows)):
+            best = min(best, sum(cost[r][c] for r, c in zip(valid_rows, cols)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matches_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    num_classes, queries = 5, 6
+    sizes = [int(torch.randint(0, 5, (1,), generator=g)) for _ in range(3)] + [0]  # always one empty image
+    outputs, targets = _outputs(4, queries, num_classes, g), _targets(sizes, num_classes, g)
+    valid = torch.rand(4, queries, generator=g) > 0.4
+    valid[0] = True  # at least one image with every prediction valid
+    # Invalid slots may hold garbage (inf boxes on padding): they must neither be matched nor poison the cost.
+    outputs["pred_boxes"][~valid] = float("inf")
+    outputs["valid"] = valid
+
+    indices = HungarianMatcher(W_CLASS, W_BBOX, W_GIOU, ALPHA, GAMMA)(outputs, targets)
+    assert len(indices) == 4
+    for b, (pred_idx, tgt_idx) in enumerate(indices):
+        t = targets[b]
+        rows = valid[b].nonzero().flatten().tolist()
+        cost = [[_reference_cost(outputs["pred_logits"][b, q], outputs["pred_boxes"][b, q], t["labels"][j],
+                                 t["boxes"][j]) if q in rows else math.nan for j in range(sizes[b])]
+                for q in range(queries)]
+        assert pred_idx.dtype == torch.int64 and tgt_idx.dtype == torch.int64
+        assert len(pred_idx) == min(len(rows), sizes[b])
+        assert set(pred_idx.tolist()) <= set(rows)  # never an invalid prediction
+        assert len(set(pred_idx.tolist())) == len(pred_idx) and len(set(tgt_idx.tolist())) == len(tgt_idx)
+        got = sum(cost[q][j] for q, j in zip(pred_idx.tolist(), tgt_idx.tolist()))
+        assert got == pytest.approx(_brute_force_min(cost, rows, sizes[b]) if sizes[b] else 0, abs=1e-4)
+
+
+def test_cost_matrix_matches_reference():
+    g = torch.Generator().manual_seed(7)
+    outputs, targets = _outputs(2, 4, 3, g), _targets([2, 3], 3, g)
+    matcher = HungarianMatcher(W_CLASS, W_BBOX, W_GIOU, ALPHA, GAMMA)
+    labels = torch.cat([t["labels"] for t in targets])
+    boxes = torch.cat([t["boxes"] for t in targets])
+    cost = matcher.cost_matrix(outputs["pred_logits"], outputs["pred_boxes"], labels, boxes)
+    assert cost.shape == (2, 4, 5)
+    for b, q, j in itertools.product(range(2), range(4), range(5)):
+        ref = _reference_cost(outputs["pred_logits"][b, q], outputs["pred_boxes"][b, q], labels[j], boxes[j])
+        assert cost[b, q, j].item() == pytest.approx(ref, rel=1e-4, abs=1e-4)
+
+
+def test_batched_equals_per_image():
+    g = torch.Generator().manual_seed(3)
+    outputs, targets = _outputs(3, 6, 4, g), _targets([3, 0, 4], 4, g)
+    outputs["valid"] = torch.rand(3, 6, generator=g) > 0.2
+    matcher = HungarianMatcher()
+    batched = matcher(outputs, targets)
+    for b in range(3):
+        single = matcher({k: v[b:b + 1] for k, v in outputs.items()}, targets[b:b + 1])[0]
+        assert torch.equal(batched[b][0], single[0]) and torch.equal(batched[b][1], single[1])
+
+
+def test_no_targets_anywhere_and_more_targets_than_valid():
+    g = torch.Generator().manual_seed(4)
+    matcher = HungarianMatcher()
+    outputs = _outputs(2, 3, 2, g)
+    for pred_idx, tgt_idx in matcher(outputs, _targets([0, 0], 2, g)):
+        assert pred_idx.shape == (0,) and tgt_idx.shape == (0,) and pred_idx.dtype == torch.int64
+    outputs["valid"] = torch.tensor([[True, False, True], [False, False, False]])
+    indices = matcher(outputs, _targets([4, 2], 2, g))
+    assert sorted(indices[0][0].tolist()) == [0, 2] and len(indices[0][1]) == 2
+    assert len(indices[1][0]) == 0
+
+
+def test_nan_in_valid_prediction_is_named():
+    g = torch.Generator().manual_seed(5)
+    outputs = _outputs(1, 3, 2, g)
+    outputs["pred_logits"][0, 1, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="image 0"):
+        HungarianMatcher()(outputs, _targets([2], 2, g))
+
+
+def test_flatten_indices_offsets_targets_by_image():
+    indices = [(torch.tensor([1, 4]), torch.tensor([1, 0])), (torch.empty(0, dtype=torch.int64),) * 2,
+               (torch.tensor([0]), torch.tensor([2]))]
+    batch_idx, pred_idx, tgt_idx = flatten_indices(indices, [2, 1, 3])
+    assert batch_idx.tolist() == [0, 0, 2] and pred_idx.tolist() == [1, 4, 0] and tgt_idx.tolist() == [1, 0, 5]
