@@ -1,0 +1,250 @@
+"""A small synthetic COCO-format dataset of coloured shapes, for demos, smoke tests and overfitting checks.
+
+``make_synthetic_coco(out_dir, ...)`` writes::
+
+    out_dir/train/000000.png ...          out_dir/val/000000.png ...
+    out_dir/annotations/instances_train.json, instances_val.json
+
+Images have a random background (solid colour, noise or a gradient) and sides in ``[min_size, max_size]``. Objects
+are six shapes with deliberately non-contiguous category ids (1, 3, ..., 11) so the label map is exercised; they
+vary in size, aspect, colour and count (0..max_objects, every ``empty_every``-th image has none) and may partly
+overlap. Each box is EXACT: the tight box of the pixels of that object still visible in the saved image (later
+objects paint over earlier ones; an instance map tracks who owns each pixel), and ``area`` is that pixel count.
+
+Determinism: image ``i`` of a split draws from ``numpy.random.default_rng([seed, split, i])`` only, so the same
+arguments give byte-identical files (PNG without metadata, json with fixed key order) and changing ``num_train``
+does not change the validation images. Drawing uses PIL without anti-aliasing, so masks are binary.
+
+``ensure_synthetic(out_dir, **kwargs)`` generates only when the files are missing or were made with other
+parameters (a marker json holds them). Under torchrun, call it on the main process and then barrier.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("rectangle", "ellipse", "triangle", "cross", "ring", "diamond")
+CATEGORY_IDS = (1, 3, 5, 7, 9, 11)  # gaps on purpose: labels must go through the LabelMap
+SPLITS = ("train", "val")
+MARKER = "synthetic_params.json"
+GENERATOR_VERSION = 1  # bump when the drawing changes, so ensure_synthetic regenerates old folders
+
+
+def draw_shape_mask(shape: str, canvas_hw: tuple[int, int], box: tuple[int, int, int, int],
+                    rng: np.random.Generator) -> np.ndarray:
+    """Binary (H,W) mask of ``shape`` drawn inside the inclusive pixel box ``(x0, y0, x1, y1)``.
+
+    The shape need not touch every side of ``box`` (e.g. a triangle's apex position is random): annotation boxes
+    are always recomputed from the mask, never taken from ``box``.
+    """
+    height, width = canvas_hw
+    x0, y0, x1, y1 = box
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    bw, bh = x1 - x0, y1 - y0
+    if shape == "rectangle":
+        draw.rectangle([x0, y0, x1, y1], fill=255)
+    elif shape == "ellipse":
+        draw.ellipse([x0, y0, x1, y1], fill=255)
+    elif shape == "triangle":
+        apex = x0 + int(rng.integers(0, bw + 1))
+        points = [(apex, y0), (x0, y1), (x1, y1)]
+        if rng.random() < 0.5:  # upside-down half of the time
+            points = [(apex, y1), (x0, y0), (x1, y0)]
+        draw.polygon(points, fill=255)
+    elif shape == "cross":
+        tx, ty = max(1, bw // 6), max(1, bh // 6)
+        cx, cy = x0 + bw // 2, y0 + bh // 2
+        draw.rectangle([cx - tx, y0, cx + tx, y1], fill=255)
+        draw.rectangle([x0, cy - ty, x1, cy + ty], fill=255)
+    elif shape == "ring":
+        draw.ellipse([x0, y0, x1, y1], fill=255)
+        tx, ty = max(2, bw // 5), max(2, bh // 5)
+        draw.ellipse([x0 + tx, y0 + ty, x1 - tx, y1 - ty], fill=0)
+    elif shape == "diamond":
+        cx, cy = x0 + bw // 2, y0 + bh // 2
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=255)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    return np.asarray(canvas) > 0
+
+
+def mask_to_xywh(mask: np.ndarray) -> list[int]:
+    """Tight COCO box ``[x, y, w, h]`` of a non-empty mask; pixel ``i`` spans ``[i, i+1)``, hence the ``+1``."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+
+
+def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(H,W,3) float background and its mean colour (objects are coloured away from it)."""
+    kind = rng.integers(0, 3)
+    c0 = rng.uniform(0, 255, size=3)
+    if kind == 0:  # solid
+        image = np.broadcast_to(c0, (height, width, 3)).copy()
+    elif kind == 1:  # noise around a colour
+        image = c0 + rng.normal(0.0, rng.uniform(5, 30), size=(height, width, 3))
+    else:  # linear gradient between two colours in a random direction
+        c1 = rng.uniform(0, 255, size=3)
+        angle = rng.uniform(0, 2 * np.pi)
+        ys, xs = np.mgrid[0:height, 0:width]
+        t = xs * np.cos(angle) + ys * np.sin(angle)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+        image = c0 * (1 - t[..., None]) + c1 * t[..., None]
+    image = np.clip(image, 0, 255)
+    return image, image.reshape(-1, 3).mean(axis=0)
+
+
+def _object_colour(rng: np.random.Generator, background_mean: np.ndarray) -> np.ndarray:
+    # Keep objects visible: resample a few times for a colour far from the background's mean.
+    for _ in range(10):
+        colour = rng.integers(0, 256, size=3)
+        if np.linalg.norm(colour - background_mean) > 100:
+            break
+    return colour.astype(np.uint8)
+
+
+def _overlaps_too_much(box: tuple[int, int, int, int], others: list[tuple[int, int, int, int]]) -> bool:
+    # Intersection over the *smaller* box: allows partial overlap but never hides a small object under a big one.
+    x0, y0, x1, y1 = box
+    for a0, b0, a1, b1 in others:
+        iw = min(x1, a1) - max(x0, a0) + 1
+        ih = min(y1, b1) - max(y0, b0) + 1
+        if iw > 0 and ih > 0:
+            smaller = min((x1 - x0 + 1) * (y1 - y0 + 1), (a1 - a0 + 1) * (b1 - b0 + 1))
+            if iw * ih > 0.3 * smaller:
+                return True
+    return False
+
+
+def render_image(rng: np.random.Generator, width: int, height: int, num_objects: int
+                 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Draw one scene. Returns (uint8 (H,W,3) image, int (H,W) instance map with -1 = background, objects).
+
+    ``objects[k]`` owns the pixels where the instance map equals ``k`` and has ``category_id``, ``bbox`` (tight box of
+    those pixels, COCO xywh), ``area`` (their count) and ``colour``. Fully hidden objects are left out.
+    """
+    image, bg_mean = _background(rng, height, width)
+    instance = np.full((height, width), -1, dtype=np.int32)
+    boxes: list[tuple[int, int, int, int]] = []
+    drawn: list[tuple[int, np.ndarray]] = []
+    for _ in range(num_objects):
+        shape_index = int(rng.integers(0, len(SHAPES)))
+        side = rng.uniform(0.12, 0.5) * min(width, height)
+        aspect = rng.uniform(0.6, 1.6)
+        bw = int(np.clip(side * np.sqrt(aspect), 8, width - 1))
+        bh = int(np.clip(side / np.sqrt(aspect), 8, height - 1))
+        for _attempt in range(20):
+            x0 = int(rng.integers(0, width - bw))
+            y0 = int(rng.integers(0, height - bh))
+            box = (x0, y0, x0 + bw, y0 + bh)
+            if not _overlaps_too_much(box, boxes):
+                break
+        else:
+            continue  # crowded image: fewer objects rather than hidden ones
+        mask = draw_shape_mask(SHAPES[shape_index], (height, width), box, rng)
+        colour = _object_colour(rng, bg_mean)
+        image[mask] = colour
+        instance[mask] = len(drawn)
+        boxes.append(box)
+        drawn.append((shape_index, colour))
+
+    objects, remap = [], np.full(len(drawn) + 1, -1, dtype=np.int32)
+    for k, (shape_index, colour) in enumerate(drawn):
+        visible = instance == k
+        if not visible.any():
+            continue
+        remap[k] = len(objects)
+        objects.append({"category_id": CATEGORY_IDS[shape_index], "bbox": mask_to_xywh(visible),
+                        "area": int(visible.sum()), "colour": colour.tolist()})
+    instance = np.where(instance >= 0, remap[instance], -1)  # indices of dropped objects vanish
+    return image.astype(np.uint8), instance, objects
+
+
+def _write_split(out_dir: str, split: str, split_index: int, count: int, seed: int, min_size: int,
+                 max_size: int, max_objects: int, empty_every: int) -> str:
+    img_dir = os.path.join(out_dir, split)
+    os.makedirs(img_dir, exist_ok=True)
+    images, annotations = [], []
+    for i in range(count):
+        rng = np.random.default_rng([seed, split_index, i])
+        width, height = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+        is_empty = empty_every > 0 and i % empty_every == empty_every - 1
+        num_objects = 0 if is_empty else int(rng.integers(1, max_objects + 1))
+        pixels, _, objects = render_image(rng, width, height, num_objects)
+        file_name = f"{i:06d}.png"
+        Image.fromarray(pixels).save(os.path.join(img_dir, file_name), format="PNG")
+        images.append({"id": i + 1, "file_name": file_name, "width": width, "height": height})
+        for obj in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": obj["category_id"],
+                                "bbox": obj["bbox"], "area": obj["area"], "iscrowd": 0})
+    # Remove our own stale images from a previous, larger run (only names this generator writes).
+    for name in os.listdir(img_dir):
+        if re.fullmatch(r"\d{6}\.png", name) and int(name[:6]) >= count:
+            os.remove(os.path.join(img_dir, name))
+    data = {
+        "info": {"description": "sparse-detr synthetic shapes", "version": str(GENERATOR_VERSION), "seed": seed},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": cid, "name": name, "supercategory": "shape"} for cid, name in zip(CATEGORY_IDS, SHAPES)],
+    }
+    ann_file = os.path.join(out_dir, "annotations", f"instances_{split}.json")
+    os.makedirs(os.path.dirname(ann_file), exist_ok=True)
+    with open(ann_file, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    return ann_file
+
+
+def synthetic_paths(out_dir: str) -> dict[str, Any]:
+    """``{"root": out_dir, "train": {"img_folder", "ann_file"}, "val": {...}}`` for ``CocoDataset``."""
+    return {"root": out_dir, **{split: {"img_folder": os.path.join(out_dir, split),
+                                        "ann_file": os.path.join(out_dir, "annotations", f"instances_{split}.json")}
+                                for split in SPLITS}}
+
+
+def make_synthetic_coco(out_dir: str, num_train: int = 64, num_val: int = 16, seed: int = 0, min_size: int = 160,
+                        max_size: int = 320, max_objects: int = 6, empty_every: int = 8) -> dict[str, Any]:
+    """Write the dataset (see the module docstring) and return ``synthetic_paths(out_dir)``."""
+    if not 16 <= min_size <= max_size:
+        raise ValueError(f"need 16 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
+    if num_train < 0 or num_val < 0 or max_objects < 0:
+        raise ValueError("num_train, num_val and max_objects must be >= 0")
+    for split_index, (split, count) in enumerate(zip(SPLITS, (num_train, num_val))):
+        _write_split(out_dir, split, split_index, count, seed, min_size, max_size, max_objects, empty_every)
+    return synthetic_paths(out_dir)
+
+
+def ensure_synthetic(out_dir: str, **kwargs: Any) -> dict[str, Any]:
+    """``make_synthetic_coco(out_dir, **kwargs)`` unless ``out_dir`` already holds it with the same parameters."""
+    # Defaults read from make_synthetic_coco itself, so the marker can never disagree with what was generated.
+    defaults = {name: p.default for name, p in inspect.signature(make_synthetic_coco).parameters.items()
+                if name != "out_dir"}
+    unknown = set(kwargs) - set(defaults)
+    if unknown:
+        raise TypeError(f"ensure_synthetic: unknown argument(s) {sorted(unknown)}; known: {sorted(defaults)}")
+    params = {**defaults, **kwargs, "generator_version": GENERATOR_VERSION}
+    paths = synthetic_paths(out_dir)
+    marker = os.path.join(out_dir, MARKER)
+    try:
+        with open(marker, encoding="utf-8") as f:
+            up_to_date = json.load(f) == params
+    except (OSError, ValueError):
+        up_to_date = False
+    if up_to_date and all(os.path.isfile(paths[s]["ann_file"]) for s in SPLITS):
+        return paths
+    # Remove the old marker first and write the new one last: an interrupted generation leaves no marker (and
+    # mixed files) behind, so the next call regenerates instead of trusting it.
+    if os.path.exists(marker):
+        os.remove(marker)
+    make_synthetic_coco(out_dir, **{k: v for k, v in params.items() if k != "generator_version"})
+    with open(marker, "w", encoding="utf-8") as f:
+        json.dump(params, f, sort_keys=True)
+    return paths
