@@ -1,0 +1,204 @@
+"""Public entry point of multi-scale deformable attention: validate, then pick a backend.
+
+``ms_deform_attn`` runs the compiled kernel (``sparse_detr._C``, see kernels.py) when it is built
+for the inputs' device and dtype, and otherwise the pure-PyTorch reference (reference.py), with a
+one-time warning. Backends:
+
+* ``"cpu"``  - C++ kernel, float32 / float64 / bfloat16;
+* ``"cuda"`` - CUDA kernel, float32 / float64 / float16 / bfloat16 (needs a CUDA build);
+* ``"reference"`` - ``grid_sample`` based, any device and dtype grid_sample supports.
+
+Forcing the reference: pass ``backend="reference"`` or set ``SPARSE_DETR_OPS=reference`` in the
+environment (read once, at import). ``backend="kernel"`` makes a missing kernel an error instead
+of a fallback.
+
+Validation (``ValueError`` naming the argument and the expected shape) uses only shapes, dtypes,
+devices and strides, so it is free under ``torch.compile`` and with fake tensors. The one
+data-dependent check - ``S == sum(h * w)`` and ``level_start_index == [0, cumsum(h * w)[:-1]]`` -
+runs only when the level tables are ordinary CPU tensors outside of compilation (reading them is
+then a cheap host operation, not a device sync); for CUDA level tables the check is skipped, and
+the CPU kernel repeats it in C++ in any case.
+"""
+
+import os
+import warnings
+from typing import List, Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .reference import ms_deform_attn_reference
+
+__all__ = ["ms_deform_attn", "available_backends", "backend_for"]
+
+_ENV_VAR = "SPARSE_DETR_OPS"
+_CHOICES = ("auto", "kernel", "reference")
+_KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
+
+
+def _backend_from_env() -> str:
+    choice = os.environ.get(_ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        warnings.warn(f"{_ENV_VAR}={choice!r} is not one of {_CHOICES}; using 'auto'", stacklevel=2)
+        choice = "auto"
+    return choice
+
+
+#: Backend requested by the environment; a module global so torch.compile can guard on it.
+DEFAULT_BACKEND: str = _backend_from_env()
+_warned: set = set()
+
+
+def available_backends() -> List[str]:
+    """Backends built into this installation, e.g. ``["reference", "cpu"]``."""
+    out = ["reference"]
+    if kernels.CPU_KERNEL:
+        out.append("cpu")
+    if kernels.CUDA_KERNEL:
+        out.append("cuda")
+    return out
+
+
+def backend_for(device: Union[str, torch.device], dtype: Optional[torch.dtype] = None,
+                backend: Optional[str] = None) -> str:
+    """Backend that ``ms_deform_attn`` uses for inputs on ``device`` (of ``dtype``, if given).
+
+    Returns ``"cpu"`` or ``"cuda"`` (compiled kernels) or ``"reference"``. ``backend`` is the
+    request (``"auto"``, ``"kernel"``, ``"reference"``; default: ``SPARSE_DETR_OPS`` or auto).
+    """
+    request = DEFAULT_BACKEND if backend is None else backend
+    if request not in _CHOICES:
+        raise ValueError(f"ms_deform_attn: backend must be one of {_CHOICES}, got {request!r}")
+    if request == "reference":
+        return "reference"
+    kind = torch.device(device).type
+    built = (kind == "cpu" and kernels.CPU_KERNEL) or (kind == "cuda" and kernels.CUDA_KERNEL)
+    if built and (dtype is None or dtype in _KERNEL_DTYPES[kind]):
+        return kind
+    if request == "kernel":
+        raise RuntimeError(
+            f"ms_deform_attn: no compiled kernel for device {kind!r} and dtype {dtype} "
+            f"(available backends: {available_backends()}); build it with "
+            "`pip install -e . --no-build-isolation` (FORCE_CUDA=1 for CUDA)"
+        )
+    return "reference"
+
+
+def _fail(message: str) -> None:
+    raise ValueError(f"ms_deform_attn: {message}")
+
+
+def _check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                  sampling_locations: Tensor, attention_weights: Tensor) -> None:
+    """Raise ValueError naming the offending argument and the shape it should have."""
+    if value.dim() != 4:
+        _fail(f"value must have shape (N, S, H, C), got {tuple(value.shape)}")
+    n, s, h, c = value.shape
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        _fail(f"spatial_shapes must have shape (L, 2), got {tuple(spatial_shapes.shape)}")
+    levels = spatial_shapes.shape[0]
+    if level_start_index.dim() != 1 or level_start_index.shape[0] != levels:
+        _fail(f"level_start_index must have shape (L,) = ({levels},), "
+              f"got {tuple(level_start_index.shape)}")
+    loc = sampling_locations
+    if (loc.dim() != 6 or loc.shape[0] != n or loc.shape[2] != h or loc.shape[3] != levels
+            or loc.shape[5] != 2):
+        _fail(f"sampling_locations must have shape (N, Q, H, L, P, 2) = ({n}, Q, {h}, {levels}, "
+              f"P, 2), got {tuple(loc.shape)}")
+    q, p = loc.shape[1], loc.shape[4]
+    if attention_weights.dim() != 5 or tuple(attention_weights.shape) != (n, q, h, levels, p):
+        _fail(f"attention_weights must have shape (N, Q, H, L, P) = ({n}, {q}, {h}, {levels}, {p}), "
+              f"got {tuple(attention_weights.shape)}")
+
+    if not value.is_floating_point():
+        _fail(f"value must be a floating-point tensor, got {value.dtype}")
+    for name, t in (("sampling_locations", loc), ("attention_weights", attention_weights)):
+        if t.dtype != value.dtype:
+            _fail(f"{name} must have value's dtype {value.dtype}, got {t.dtype}")
+    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if t.dtype != torch.int64:
+            _fail(f"{name} must be int64, got {t.dtype}")
+
+    named = (("value", value), ("spatial_shapes", spatial_shapes),
+             ("level_start_index", level_start_index), ("sampling_locations", loc),
+             ("attention_weights", attention_weights))
+    for name, t in named:
+        if t.device != value.device:
+            _fail(f"{name} is on {t.device} but value is on {value.device}; "
+                  "all inputs must be on one device")
+    for name, t in named:
+        # An error rather than a silent copy: a hidden .contiguous() of value costs a full copy
+        # of the largest tensor in the layer on every call.
+        if not t.is_contiguous():
+            _fail(f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()}); "
+                  "call .contiguous() on it")
+
+    # Data-dependent checks: only on plain CPU tensors outside compilation (see module docstring).
+    # `type(...) is Tensor` excludes fake/functional tensors and other subclasses.
+    if (not torch.compiler.is_compiling() and spatial_shapes.device.type == "cpu"
+            and type(spatial_shapes) is Tensor and type(level_start_index) is Tensor):
+        sizes = spatial_shapes.prod(dim=1)
+        total = int(sizes.sum())
+        if total != s:
+            _fail(f"value has S = {s} tokens but spatial_shapes {spatial_shapes.tolist()} "
+                  f"gives sum(h * w) = {total}")
+        expected = torch.cumsum(sizes, 0) - sizes
+        if not torch.equal(level_start_index, expected):
+            _fail(f"level_start_index must be {expected.tolist()} (exclusive cumsum of h * w), "
+                  f"got {level_start_index.tolist()}")
+
+
+def _warn_fallback(device: torch.device, dtype: torch.dtype) -> None:
+    key = (device.type, dtype)
+    if key in _warned:
+        return
+    _warned.add(key)
+    reason = (f"the extension failed to import ({kernels.EXTENSION_ERROR})"
+              if kernels.EXTENSION_ERROR is not None
+              else f"it has no {device.type} kernel for {dtype}")
+    warnings.warn(
+        f"sparse_detr.ops.ms_deform_attn: using the slow pure-PyTorch reference because {reason}. "
+        "Build the kernels with `pip install -e . --no-build-isolation` (FORCE_CUDA=1 for CUDA), "
+        f"or set {_ENV_VAR}=reference to silence this warning.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                   sampling_locations: Tensor, attention_weights: Tensor, *,
+                   backend: Optional[str] = None) -> Tensor:
+    """Multi-scale deformable attention (Deformable DETR semantics), differentiable.
+
+    Args:
+        value: (N, S, H, C) per-head values of all levels, flattened level after level.
+        spatial_shapes: (L, 2) int64, (h_l, w_l) of every level; sum h_l * w_l == S.
+        level_start_index: (L,) int64, offset of every level in S (exclusive cumsum of h * w).
+        sampling_locations: (N, Q, H, L, P, 2) normalised (x, y); [0, 1] spans the map, samples
+            use ``align_corners=False`` bilinear interpolation and read zeros outside the map.
+        attention_weights: (N, Q, H, L, P) weights of the samples.
+        backend: ``"auto"`` (kernel if built, else reference with a one-time warning),
+            ``"kernel"`` (error if not built) or ``"reference"``; default ``SPARSE_DETR_OPS``.
+
+    Returns:
+        (N, Q, H*C) output; channels ``[h*C, (h+1)*C)`` belong to head h.
+
+    Raises:
+        ValueError: a wrong rank/size/dtype/device or a non-contiguous input (message names it).
+        RuntimeError: ``backend="kernel"`` without a compiled kernel for the device and dtype.
+    """
+    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    chosen = backend_for(value.device, value.dtype, backend)
+    if chosen == "reference":
+        if (DEFAULT_BACKEND if backend is None else backend) != "reference":
+            _warn_fallback(value.device, value.dtype)
+        return ms_deform_attn_reference(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    return torch.ops.sparse_detr.ms_deform_attn(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
