@@ -1,0 +1,116 @@
+"""The handful of distributed helpers the engine uses; everything else stays rank-agnostic.
+
+`torchrun` (or any launcher that sets the same variables) exports RANK, LOCAL_RANK and WORLD_SIZE plus
+MASTER_ADDR/MASTER_PORT; `init_from_env()` reads them and starts the default process group: NCCL when the
+process owns a GPU, gloo otherwise (CPU tests, CPU-only machines). Without those variables the helpers below
+degrade to the single-process answers (rank 0, world size 1, reductions are identities), so the training code
+calls them unconditionally and never branches on "am I distributed".
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistInfo", "init_from_env", "is_dist", "get_rank", "world_size", "is_main_process", "all_reduce_mean",
+    "all_reduce_sum", "all_gather_object", "barrier", "cleanup",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
+    """Start the process group from torchrun's environment (if any) and pick this process's device.
+
+    `device` is "auto" (CUDA when available), "cuda" or "cpu". Each process uses GPU LOCAL_RANK: the mapping that
+    torchrun assumes when it starts one process per GPU.
+    """
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but torch.cuda.is_available() is False")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        kwargs: dict[str, Any] = {}
+        if use_cuda:
+            # Binding the group to the device lets NCCL set up communicators eagerly and silences the
+            # "device unknown" barrier warning.
+            kwargs["device_id"] = dev
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s), **kwargs)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (a new tensor; the input is left alone)."""
+    out = tensor.detach().clone()
+    if is_dist():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over processes (a new tensor; the input is left alone)."""
+    out = all_reduce_sum(tensor)
+    n = world_size()
+    return out / n if n > 1 else out
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every process's `obj`, in rank order. Pickles through the process group: for rare, small payloads only."""
+    if not is_dist():
+        return [obj]
+    out: list[Optional[Any]] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if is_dist():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()

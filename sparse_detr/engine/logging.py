@@ -1,0 +1,184 @@
+"""Progress and metric logging: smoothed values, ETA, a JSON-lines log, TensorBoard scalars.
+
+Three sinks, all written by the main process only (the values they get are already averaged over processes):
+
+* a text logger (`sparse_detr`, stdout + `output_dir/log.txt`): one line every `log_every` iterations with the
+  smoothed losses, lr, iterations/s, the ETA of the epoch and of the whole run, and the peak memory;
+* `output_dir/log.jsonl`: one JSON object per line, `{"type": "iter" | "epoch" | "eval" | "checkpoint" | ...}`,
+  flushed line by line so that another process (a test, a dashboard) can follow it while the run goes on; the
+  file is appended to, so a resumed run continues the same log;
+* TensorBoard scalars through `torch.utils.tensorboard.SummaryWriter` in `output_dir/tensorboard`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+from collections import deque
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["SmoothedValue", "MeterGroup", "setup_text_logger", "JsonlLog", "TensorboardLog", "format_eta",
+           "peak_memory_mb"]
+
+
+class SmoothedValue:
+    """A scalar series: median/mean over the last `window` values plus the global mean."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.values: deque[float] = deque(maxlen=window)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float) -> None:
+        self.values.append(value)
+        self.total += value
+        self.count += 1
+
+    @property
+    def median(self) -> float:
+        return float(torch.tensor(list(self.values)).median()) if self.values else math.nan
+
+    @property
+    def avg(self) -> float:
+        return sum(self.values) / len(self.values) if self.values else math.nan
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+    @property
+    def last(self) -> float:
+        return self.values[-1] if self.values else math.nan
+
+
+class MeterGroup:
+    """Named SmoothedValues created on first use."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.window = window
+        self.meters: dict[str, SmoothedValue] = {}
+
+    def update(self, **values: float) -> None:
+        for k, v in values.items():
+            self.meters.setdefault(k, SmoothedValue(self.window)).update(float(v))
+
+    def __getitem__(self, name: str) -> SmoothedValue:
+        return self.meters[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.meters
+
+    def global_avgs(self) -> dict[str, float]:
+        return {k: m.global_avg for k, m in self.meters.items()}
+
+
+def setup_text_logger(output_dir: Optional[str], main_process: bool) -> logging.Logger:
+    """The `sparse_detr` logger: INFO to stdout and `output_dir/log.txt` on the main process, WARNING elsewhere
+    (so that a failing rank still says why)."""
+    logger = logging.getLogger("sparse_detr")
+    logger.setLevel(logging.INFO if main_process else logging.WARNING)
+    logger.propagate = False
+    for h in list(logger.handlers):  # a second run in the same process (tests) must not double every line
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    logger.addHandler(stream)
+    if main_process and output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        file = logging.FileHandler(os.path.join(output_dir, "log.txt"))
+        file.setFormatter(fmt)
+        logger.addHandler(file)
+    return logger
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # strict JSON has no NaN/inf; keep them readable ("nan", "inf")
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return _jsonable(value.item())
+    return value
+
+
+class JsonlLog:
+    """Append-only JSON-lines log; a no-op when `path` is None (non-main processes)."""
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.file = None
+        if path is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8", buffering=1)  # line-buffered: followable live
+
+    def write(self, kind: str, **fields: Any) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"type": kind, **_jsonable(fields)}) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class TensorboardLog:
+    """`SummaryWriter` on the main process, a no-op elsewhere or when tensorboard is not installed."""
+
+    def __init__(self, log_dir: Optional[str]) -> None:
+        self.writer = None
+        if log_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a requirement, but a missing one must not stop training
+                logging.getLogger("sparse_detr").warning("tensorboard is not installed: no TensorBoard logs")
+                return
+            self.writer = SummaryWriter(log_dir=log_dir)
+
+    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    days, rem = divmod(seconds, 86400)
+    hours, rem = divmod(rem, 3600)
+    minutes, secs = divmod(rem, 60)
+    return (f"{days}d " if days else "") + f"{hours:d}:{minutes:02d}:{secs:02d}"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated memory of this process's device; CPU: peak resident set size of the process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+

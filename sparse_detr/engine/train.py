@@ -1,0 +1,386 @@
+"""The training loop: one process or torchrun/DDP, exact resume, checkpoints, evaluation, logging.
+
+`run(cfg, resume=..., eval_only=..., checkpoint=...)` is what `tools/train.py` calls. It builds everything through
+`builders.py`, wraps the model in DDP when there are several processes, then `Trainer.fit()` trains.
+
+One iteration: forward (bf16 autocast on GPU if asked) → unweighted losses → `weighted_total` → the loss terms
+averaged over processes (one all-reduce of a stacked vector) → backward → gradient clipping → ONE host sync that
+reads the averaged terms and the gradient norm → optimizer step only if all of them are finite → EMA update.
+A non-finite value stops the run with `NonFiniteLossError` (global step, every term, the batch's image ids on
+every rank) before the weights change and before anything is saved: the last checkpoint stays the last good one.
+
+Resume is exact: the checkpoint stores the epoch, the batches done in it and every rank's RNG states; the data
+order and augmentation are functions of (seed, epoch, index) (see builders.py), so the resumed run skips the
+done batches and then computes the same losses as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from sparse_detr.config import Config, save_config, to_dict
+from sparse_detr.engine import builders, dist
+from sparse_detr.engine.checkpoint import (BEST, LAST, check_config_compatible, find_last_checkpoint,
+                                           get_rng_state, load_checkpoint, save_checkpoint, set_rng_state)
+from sparse_detr.engine.evaluate import evaluate, load_coco_gt
+from sparse_detr.engine.logging import (JsonlLog, MeterGroup, TensorboardLog, format_eta, peak_memory_mb,
+                                        setup_text_logger)
+from sparse_detr.engine.visualize import visualize_image
+from sparse_detr.engine.optim import restore_scheduler, scheduler_state
+from sparse_detr.box_ops import box_cxcywh_to_xyxy
+from sparse_detr.models.criterion import check_finite, weighted_total
+
+__all__ = ["NonFiniteLossError", "Progress", "Trainer", "run"]
+
+MAIN_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "loss_mask")  # shown in the progress line (all go to the logs)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term or the gradient norm became NaN/inf; the message says where and on which images."""
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # the epoch to run next / in progress (0-based)
+    step_in_epoch: int = 0  # batches of `epoch` already trained
+    iteration: int = 0  # optimizer steps done in total (the global step)
+    best_ap: float = -1.0
+    metrics: dict = field(default_factory=dict)
+    last_checkpoint: Optional[str] = None
+
+
+def _to_float32(tree: Any) -> Any:
+    """bf16 outputs → float32, so that the losses (and the matcher's costs) are computed in full precision."""
+    if isinstance(tree, torch.Tensor):
+        return tree.float() if tree.is_floating_point() else tree
+    if isinstance(tree, dict):
+        return {k: _to_float32(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_float32(v) for v in tree)
+    return tree
+
+
+class Trainer:
+    def __init__(self, *, model, criterion, postprocessor, optimizer, scheduler, ema, train_loader, train_sampler,
+                 val_loader, coco_gt, label_map, info: dist.DistInfo, options: builders.LoopOptions,
+                 config: dict) -> None:
+        self.model, self.criterion, self.postprocessor = model, criterion, postprocessor
+        self.optimizer, self.scheduler, self.ema = optimizer, scheduler, ema
+        self.train_loader, self.train_sampler, self.val_loader = train_loader, train_sampler, val_loader
+        self.coco_gt, self.label_map, self.info, self.opts, self.config = coco_gt, label_map, info, options, config
+        self.device = info.device
+        # No find_unused_parameters (an extra autograd-graph walk every step): our encoder scatters the kept tokens
+        # batched, unlike the official per-image loop, so every trainable parameter gets a gradient each step.
+        # tests/test_train.py runs the full Sparse DETR configuration (all heads) under DDP. A configuration that
+        # leaves a head unused fails loudly at the second step, naming the parameters with
+        # TORCH_DISTRIBUTED_DEBUG=DETAIL; the fix belongs in the model (train or drop that head).
+        self.net = (DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                            else None) if info.distributed else model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        full = train_sampler.samples_per_epoch // train_loader.batch_size
+        self.iters_per_epoch = min(full, options.max_iters_per_epoch) if options.max_iters_per_epoch > 0 else full
+        self.use_bf16 = options.amp == "bf16" and self.device.type == "cuda"
+        self.progress = Progress()
+        main = info.rank == 0
+        self.log = setup_text_logger(options.output_dir if main else None, main)
+        self.jsonl = JsonlLog(os.path.join(options.output_dir, "log.jsonl") if main else None)
+        self.tb = TensorboardLog(os.path.join(options.output_dir, "tensorboard") if main else None)
+        if options.amp == "bf16" and not self.use_bf16:
+            self.log.warning("train.amp=bf16 is only used on CUDA; training in float32 on %s", self.device)
+
+    # ---------------------------------------------------------------------------------------------- state
+    def checkpoint_state(self) -> dict:
+        """The checkpoint dict. Collective: every rank contributes its RNG state."""
+        p = self.progress
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": scheduler_state(self.scheduler), "scaler": None,  # bf16 autocast needs no GradScaler
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "iteration": p.iteration,
+            "rng": dist.all_gather_object(get_rng_state()), "config": self.config,
+            "label_map": self.label_map.to_dict(), "best_ap": p.best_ap, "metrics": p.metrics,
+        }
+
+    def save(self, names: tuple[str, ...] = (LAST,)) -> None:
+        state = self.checkpoint_state()
+        if self.info.rank == 0:
+            for name in names:
+                path = os.path.join(self.opts.output_dir, name)
+                save_checkpoint(path, state)
+                self.jsonl.write("checkpoint", path=path, epoch=self.progress.epoch,
+                                 step_in_epoch=self.progress.step_in_epoch, iteration=self.progress.iteration)
+            self.progress.last_checkpoint = os.path.join(self.opts.output_dir, names[0])
+
+    def load_weights(self, ckpt: dict, source: str) -> None:
+        """Model (and EMA) weights only: `--checkpoint` for evaluation or to start training from them."""
+        check_config_compatible(ckpt.get("config"), self.config, source)
+        self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        if ckpt.get("label_map") and ckpt["label_map"] != self.label_map.to_dict():
+            self.log.warning("%s was trained with other categories than this dataset's; labels may not match",
+                             source)
+
+    def restore(self, ckpt: dict, source: str) -> None:
+        """Everything, to continue at the saved iteration (`--resume`)."""
+        self.load_weights(ckpt, source)
+        fresh = [dict(g) for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, new in zip(self.optimizer.param_groups, fresh):
+            # The config decides the hyper-parameters (lr scaled for this world size, weight decay); the
+            # checkpoint only decides the state (moments) and, through restore_scheduler, the schedule position.
+            group["initial_lr"], group["weight_decay"] = new["initial_lr"], new["weight_decay"]
+        restore_scheduler(self.scheduler, ckpt["lr_scheduler"])
+        p = self.progress
+        p.epoch, p.step_in_epoch, p.iteration = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["iteration"]
+        p.best_ap, p.metrics, p.last_checkpoint = ckpt.get("best_ap", -1.0), ckpt.get("metrics") or {}, source
+        states = ckpt.get("rng") or []
+        if len(states) == self.info.world_size:
+            set_rng_state(states[self.info.rank])
+        else:
+            self.log.warning("%s was written by %d process(es), this run has %d: RNG states not restored, the "
+                             "run continues but not bit-identically", source, len(states), self.info.world_size)
+        self.log.info("resumed from %s: epoch %d, batch %d, global step %d", source, p.epoch, p.step_in_epoch,
+                      p.iteration)
+
+    # ---------------------------------------------------------------------------------------------- training
+    def fit(self) -> dict:
+        p, o = self.progress, self.opts
+        if p.epoch >= o.epochs:
+            self.log.info("already trained for %d epochs (train.epochs=%d): nothing to do", p.epoch, o.epochs)
+            return p.metrics
+        self.log.info("training: %d epochs x %d iterations, %d process(es) x batch %d, %d trainable parameters",
+                      o.epochs, self.iters_per_epoch, self.info.world_size, self.train_loader.batch_size,
+                      sum(t.numel() for t in self.params))
+        for epoch in range(p.epoch, o.epochs):
+            start = time.perf_counter()
+            averages = self.train_one_epoch(epoch)
+            self.scheduler.step()
+            p.epoch, p.step_in_epoch = epoch + 1, 0
+            improved = False
+            if o.eval_every_epochs > 0 and ((epoch + 1) % o.eval_every_epochs == 0 or epoch + 1 == o.epochs):
+                p.metrics = self.evaluate(epoch)
+                ap = p.metrics.get("ema", p.metrics).get("AP", -1.0)  # the EMA weights are what one deploys
+                improved = ap > p.best_ap
+                p.best_ap = max(p.best_ap, ap)
+            self.save((LAST, BEST) if improved else (LAST,))
+            self.jsonl.write("epoch", **{**averages, "epoch": epoch, "iteration": p.iteration, "best_ap": p.best_ap,
+                                         "time": time.perf_counter() - start})
+        return p.metrics
+
+    def close(self) -> None:
+        self.tb.close()
+        self.jsonl.close()
+
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        p, o, n = self.progress, self.opts, self.iters_per_epoch
+        first = p.step_in_epoch
+        self.train_sampler.set_epoch(epoch, skip=first * self.train_loader.batch_size)
+        self.net.train()
+        self.criterion.train()
+        meters = MeterGroup(window=o.log_every)
+        tick = time.perf_counter()
+        for step, (images, mask, targets) in enumerate(itertools.islice(self.train_loader, max(0, n - first)),
+                                                       first):
+            data_time = time.perf_counter() - tick
+            values = self.train_step(epoch, step, images, mask, targets)
+            p.iteration += 1
+            p.step_in_epoch = step + 1
+            iter_time = time.perf_counter() - tick
+            meters.update(iter_time=iter_time, data_time=data_time, **values)
+            self.jsonl.write("iter", epoch=epoch, step=step, iteration=p.iteration, data_time=data_time,
+                             time=iter_time, **values)
+            if (step + 1) % o.log_every == 0 or step + 1 == n:
+                self._log_progress(epoch, step, meters)
+            if o.checkpoint_every_iters > 0 and p.iteration % o.checkpoint_every_iters == 0 and step + 1 < n:
+                self.save((LAST,))  # the end-of-epoch save follows anyway at the last step
+            tick = time.perf_counter()
+        return {k: v for k, v in meters.global_avgs().items() if k not in ("iter_time", "data_time")}
+
+    def train_step(self, epoch: int, step: int, images, mask, targets) -> dict[str, float]:
+        images = images.to(self.device, non_blocking=True)
+        mask = mask.to(self.device, non_blocking=True)
+        targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
+        with autocast:
+            outputs = self.net(images, mask)
+        losses = self.criterion(_to_float32(outputs), targets)
+        total = weighted_total(losses, self.criterion.weight_dict)
+        names = ["loss"] + sorted(losses)
+        local = torch.stack([total.detach()] + [losses[k].detach().float().reshape(()) for k in names[1:]])
+        reduced = dist.all_reduce_mean(local)  # before backward: every rank logs (and checks) the same numbers
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        max_norm = self.opts.clip_max_norm if self.opts.clip_max_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        host = torch.cat([reduced, grad_norm.detach().reshape(1).float().to(reduced.device)]).tolist()  # the sync
+        values = dict(zip(names + ["grad_norm"], host))
+        if not all(math.isfinite(v) for k, v in values.items() if not k.startswith("stat_")):
+            self._raise_non_finite(epoch, step, values, dict(zip(names, local.tolist())), targets)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        for group in self.optimizer.param_groups:
+            name = group.get("name", "default")
+            values["lr" if name == "default" else f"lr_{name}"] = group["lr"]
+        return values
+
+    def _raise_non_finite(self, epoch: int, step: int, values: dict, local: dict, targets) -> None:
+        ids = [int(t["image_id"]) for t in targets]
+        everyone = dist.all_gather_object({"ids": ids, "bad": {k: v for k, v in local.items()
+                                                               if not math.isfinite(v)}})
+        try:
+            check_finite({k: torch.tensor(v) for k, v in values.items() if not k.startswith("stat_")})
+            named = "the gradient norm is non-finite"
+        except FloatingPointError as e:
+            named = str(e)
+        p = self.progress
+        terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+        ranks = "\n".join(f"  rank {r}: image ids {e['ids']}; non-finite local terms: {e['bad'] or 'none'}"
+                          for r, e in enumerate(everyone))
+        kept = (f"the last good checkpoint {p.last_checkpoint} was kept" if p.last_checkpoint
+                else "no checkpoint had been written yet")
+        msg = (f"non-finite loss at global step {p.iteration + 1} (epoch {epoch}, batch {step}); {named}.\n"
+               f"All terms (mean over processes): {terms}\n{ranks}\n"
+               f"The optimizer step was not taken and nothing was saved; {kept}.")
+        self.jsonl.write("error", epoch=epoch, step=step, iteration=p.iteration + 1, message=msg)
+        raise NonFiniteLossError(msg)
+
+    def _log_progress(self, epoch: int, step: int, meters: MeterGroup) -> None:
+        p, o, n = self.progress, self.opts, self.iters_per_epoch
+        sec = meters["iter_time"].avg
+        left_epoch = (n - step - 1) * sec
+        left_total = left_epoch + (o.epochs - epoch - 1) * n * sec
+        terms = "  ".join(f"{k} {meters[k].median:.4f} ({meters[k].global_avg:.4f})"
+                          for k in ("loss",) + MAIN_TERMS if k in meters)
+        self.log.info("epoch [%d/%d] [%*d/%d]  %s  lr %.2e  grad_norm %.2f  %.2f it/s  data %.3fs  "
+                      "eta epoch %s total %s  mem %.0fMB", epoch + 1, o.epochs, len(str(n)), step + 1, n, terms,
+                      meters["lr"].last, meters["grad_norm"].median, 1.0 / max(sec, 1e-9),
+                      meters["data_time"].avg, format_eta(left_epoch), format_eta(left_total),
+                      peak_memory_mb(self.device))
+        self.tb.scalars("train", {k: m.avg for k, m in meters.meters.items()}, p.iteration)
+
+    # ---------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, epoch: int) -> dict:
+        """COCO metrics of the model (and of the EMA weights under "ema"); the same dict on every rank."""
+        det_path = os.path.join(self.opts.output_dir, "detections_val.json")
+        # Forked RNG: val loading in the main process (num_workers=0) must not move the training RNG, or the
+        # runs with and without workers would train differently after the first evaluation.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            metrics = evaluate(self.model, self.postprocessor, self.val_loader, self.device, self.label_map,
+                               self.coco_gt, detections_path=det_path)
+            if self.ema is not None:
+                metrics["ema"] = evaluate(self.ema.module, self.postprocessor, self.val_loader, self.device,
+                                          self.label_map, self.coco_gt)
+        metrics = dist.all_gather_object(metrics)[0]  # only rank 0 computed them
+        self.log.info("epoch %d evaluation: %s", epoch + 1, "  ".join(
+            f"{k} {100 * v:.1f}" for k, v in metrics.items() if isinstance(v, float)))
+        self.jsonl.write("eval", epoch=epoch, iteration=self.progress.iteration, **metrics)
+        for prefix, m in (("val", metrics), ("val_ema", metrics.get("ema", {}))):
+            self.tb.scalars(prefix, {k: v for k, v in m.items() if isinstance(v, float)}, self.progress.iteration)
+            self.tb.scalars(prefix + "_per_class", m.get("per_class", {}), self.progress.iteration)
+        if self.opts.vis_num_images > 0 and self.tb.writer is not None:
+            self._log_images(self.ema.module if self.ema is not None else self.model)
+        self.tb.flush()
+        return metrics
+
+    @torch.no_grad()
+    def _log_images(self, model: torch.nn.Module) -> None:
+        """The first `vis_num_images` val images as `visualize.py` panels (detections with the ground truth,
+        scorer saliency, kept tokens, DAM target), to TensorBoard. Main process only."""
+        dataset = self.val_loader.dataset
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for i in range(min(self.opts.vis_num_images, len(dataset))):
+                image, target = dataset[i]
+                h, w = (int(v) for v in target["size"])
+                gt = {"boxes": box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([w, h, w, h])}
+                # A tensor is drawn as it is: the panels show the image exactly as the model saw it.
+                picture = visualize_image(model, self.postprocessor, image, self.label_map, target=gt)
+                pixels = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)  # a writable copy
+                self.tb.image(f"val_panels/{int(target['image_id'])}", pixels, self.progress.iteration)
+
+
+def run(cfg: Config, *, resume: Optional[str] = None, eval_only: bool = False,
+        checkpoint: Optional[str] = None) -> dict:
+    """Train (or only evaluate) as the config says; returns the last evaluation's metrics.
+
+    resume: "auto" (the last checkpoint in the output folder, if any) or a checkpoint path: continue that run.
+    checkpoint: model weights to evaluate (`eval_only`) or to start training from (no optimizer state).
+    """
+    note = builders.setup_determinism(cfg)  # before anything touches CUDA
+    info = dist.init_from_env(cfg.train.device)
+    trainer = None
+    try:
+        opts = builders.loop_options(cfg)
+        if info.rank == 0:
+            os.makedirs(opts.output_dir, exist_ok=True)
+            save_config(cfg, os.path.join(opts.output_dir, "config.yaml"))
+        builders.seed_everything(cfg.train.seed)  # the same initial weights on every rank
+        train_set, val_set = builders.build_datasets(cfg)
+        model, criterion, postprocessor = builders.build_model_and_criterion(cfg, info.device)
+        optimizer, scheduler, ema = builders.build_optimization(cfg, model, info.world_size)
+        train_loader, sampler = builders.build_train_loader(cfg, train_set, info)
+        coco_gt = getattr(val_set, "coco", None) or load_coco_gt(val_set.ann_file)
+        trainer = Trainer(model=model, criterion=criterion, postprocessor=postprocessor, optimizer=optimizer,
+                          scheduler=scheduler, ema=ema, train_loader=train_loader, train_sampler=sampler,
+                          val_loader=builders.build_val_loader(cfg, val_set, info), coco_gt=coco_gt,
+                          label_map=train_set.label_map, info=info, options=opts, config=to_dict(cfg))
+        if note:
+            trainer.log.info(note)
+        builders.seed_everything(cfg.train.seed + info.rank)  # dropout etc.: per rank, reproducible
+        path = find_last_checkpoint(opts.output_dir) if resume == "auto" else resume
+        if resume == "auto" and path is None:
+            trainer.log.info("--resume auto: no checkpoint in %s, starting from scratch", opts.output_dir)
+        if path is not None:
+            trainer.restore(load_checkpoint(path), source=path)
+        elif checkpoint is not None:
+            trainer.load_weights(load_checkpoint(checkpoint), source=checkpoint)
+        if eval_only:
+            if path is None and checkpoint is None:
+                raise ValueError("--eval-only needs --checkpoint PATH or --resume")
+            return trainer.evaluate(trainer.progress.epoch - 1)
+        return trainer.fit()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        dist.cleanup()
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str, *, use_ema: bool = False,
+                        detections_path: Optional[str] = None) -> dict:
+    """COCO metrics of a checkpoint on the config's val set (what `tools/eval.py` runs); also under torchrun.
+
+    use_ema: evaluate the checkpoint's EMA weights instead of the raw ones. Returns the metrics on every rank.
+    """
+    info = dist.init_from_env(cfg.train.device)
+    try:
+        val_set = builders.build_split(cfg, "val")
+        model, _, postprocessor = builders.build_model_and_criterion(cfg, info.device)
+        ckpt = load_checkpoint(checkpoint)
+        check_config_compatible(ckpt.get("config"), to_dict(cfg), checkpoint)
+        if ckpt.get("label_map") and ckpt["label_map"] != val_set.label_map.to_dict():
+            raise ValueError(f"{checkpoint} was trained with other categories than {val_set.ann_file}: the "
+                             f"predicted labels would be mapped to the wrong category ids")
+        if use_ema:
+            if ckpt.get("ema") is None:
+                raise ValueError(f"{checkpoint} has no EMA weights (trained with train.ema=false)")
+            # AveragedModel's state_dict: the averaged module under "module." plus its update counter.
+            weights = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+        else:
+            weights = ckpt["model"]
+        model.load_state_dict(weights)
+        coco_gt = getattr(val_set, "coco", None) or load_coco_gt(val_set.ann_file)
+        metrics = evaluate(model, postprocessor, builders.build_val_loader(cfg, val_set, info), info.device,
+                           val_set.label_map, coco_gt, detections_path=detections_path)
+        return dist.all_gather_object(metrics)[0]
+    finally:
+        dist.cleanup()

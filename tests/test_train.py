@@ -1,0 +1,263 @@
+"""The training loop end to end on the CPU, with the real model, criterion and data pipeline (tiny sizes).
+
+* 2-process DDP (gloo, torchrun) computes the same losses as one process with the same global batch;
+* a run SIGKILLed in the middle of an epoch and resumed with `--resume auto` continues the exact loss curve, and
+  ends with the same weights, as an uninterrupted run;
+* a non-finite loss stops with the global step, every term and the batch's image ids, keeping the last checkpoint;
+* a checkpoint of another architecture, a missing checkpoint and an unreadable image fail with clear errors;
+* `--eval-only` and `tools/eval.py` evaluate a checkpoint.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sparse_detr.config import config_from_dict
+from sparse_detr.data import build_dataset, ensure_synthetic
+from sparse_detr.engine import train as train_mod
+from sparse_detr.engine.checkpoint import ConfigMismatchError, find_last_checkpoint, load_checkpoint
+from sparse_detr.models.criterion import SetCriterion
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "tools" / "train.py")
+EVAL = str(REPO / "tools" / "eval.py")
+SYNTH = dict(num_train=12, num_val=4, min_size=96, max_size=96, seed=0)  # one image size: no batch padding
+# Sparse DETR with every head (two-stage, refine, scorer, encoder aux losses), at toy width.
+TINY_MODEL = dict(num_classes=6, hidden_dim=32, nheads=2, num_feature_levels=2, enc_layers=2, dec_layers=2,
+                  dim_feedforward=64, num_queries=10, with_box_refine=True, two_stage=True, eff_query_init=True,
+                  eff_specific_head=True, rho=0.3, use_enc_aux_loss=True, train_backbone=False)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    ensure_synthetic(root, **SYNTH)
+    return root
+
+
+def _config(data_root: str, output_dir, model=None, **train) -> dict:
+    return {
+        "model": {**TINY_MODEL, **(model or {})},
+        "data": {"dataset": "synthetic", "root": data_root, "synthetic": SYNTH, "train_scales": [96],
+                 "max_size": 96, "val_size": 96, "crop": False, "num_workers": 0},
+        "train": {"output_dir": str(output_dir), "epochs": 1, "batch_size": 2, "log_every": 1, "seed": 7,
+                  "eval_batch_size": 2, **train},
+    }
+
+
+def _write(path: Path, cfg: dict) -> str:
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _env() -> dict:
+    # One thread per process: no oversubscription with two ranks on a small machine, and a fixed reduction order.
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _check(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def _iters(output_dir) -> dict[int, dict]:
+    """iteration -> the LAST record of it (a resumed run recomputes the ones after its checkpoint)."""
+    out = {}
+    for line in (Path(output_dir) / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["type"] == "iter":
+            out[rec["iteration"]] = {k: v for k, v in rec.items() if k.startswith("loss") or k == "grad_norm"}
+    return out
+
+
+def _batch_image_ids(data_root: str, seed: int, epoch: int, step: int, batch: int) -> list[int]:
+    """Independent reference for the sampler: a seeded permutation of the training set, cut into batches."""
+    ids = build_dataset("train", dataset="synthetic", root=data_root, synthetic=SYNTH).image_ids
+    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return [ids[i] for i in perm[step * batch:(step + 1) * batch]]
+
+
+def test_ddp_two_processes_match_one_process(data_root, tmp_path):
+    # dropout 0: the two processes draw different dropout masks than one process would.
+    cfg = _write(tmp_path / "c.yaml", _config(data_root, tmp_path / "unused", model={"dropout": 0.0},
+                                              max_iters_per_epoch=3, eval_every_epochs=0))
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    _check(subprocess.run([sys.executable, TRAIN, "--config", cfg, f"train.output_dir={single}",
+                           "train.batch_size=2"], env=_env(), capture_output=True, text=True, timeout=300))
+    _check(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           TRAIN, "--config", cfg, f"train.output_dir={ddp}", "train.batch_size=1"],
+                          env=_env(), capture_output=True, text=True, timeout=300))
+    a, b = _iters(single), _iters(ddp)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert "loss_mask" in a[1] and "loss_ce_enc_aux_0" in a[1]  # every head took part
+    for it in a:
+        assert a[it].keys() == b[it].keys()
+        for k, v in a[it].items():
+            assert b[it][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (it, k)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(data_root, tmp_path):
+    # Evaluation only at the end (eval_every_epochs=2) keeps the test short; the end-of-epoch checkpoint of
+    # epoch 0 still happens, so the resumed run crosses an epoch boundary and an lr drop.
+    cfg = _write(tmp_path / "c.yaml", _config(data_root, tmp_path / "unused", epochs=2, max_iters_per_epoch=3,
+                                              checkpoint_every_iters=1, eval_every_epochs=2, lr_drop_epochs=[1],
+                                              ema=True, ema_decay=0.9))
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _check(subprocess.run([sys.executable, TRAIN, "--config", cfg, f"train.output_dir={full}"], env=_env(),
+                          capture_output=True, text=True, timeout=300))
+
+    proc = subprocess.Popen([sys.executable, TRAIN, "--config", cfg, f"train.output_dir={killed}"], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log, deadline = killed / "log.jsonl", time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if log.exists() and '"type": "checkpoint"' in log.read_text():
+                proc.send_signal(signal.SIGKILL)  # no chance to clean up: as a node failure
+                break
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    state = load_checkpoint(str(killed / "checkpoint_last.pth"))  # the last checkpoint is always loadable
+    assert state["epoch"] == 0 and 0 < state["step_in_epoch"] < 3, "not killed in the middle of an epoch"
+
+    _check(subprocess.run([sys.executable, TRAIN, "--config", cfg, f"train.output_dir={killed}", "--resume",
+                           "auto"], env=_env(), capture_output=True, text=True, timeout=300))
+    a, b = _iters(full), _iters(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for it in a:
+        assert b[it] == a[it], f"iteration {it} differs after resume"
+    end_a, end_b = (load_checkpoint(str(d / "checkpoint_last.pth")) for d in (full, killed))
+    assert end_a["iteration"] == end_b["iteration"] == 6
+    for key in ("model", "ema"):
+        for name, tensor in end_a[key].items():
+            assert torch.equal(tensor, end_b[key][name]), (key, name)
+    assert end_a["metrics"]["AP"] == end_b["metrics"]["AP"]
+
+
+@pytest.fixture(scope="module")
+def short_run(data_root, tmp_path_factory):
+    """A finished 2-iteration run (in-process): its config dict and checkpoint."""
+    out = tmp_path_factory.mktemp("short")
+    cfg = _config(data_root, out, max_iters_per_epoch=2, ema=True, ema_decay=0.5)
+    train_mod.run(config_from_dict(cfg))
+    return cfg, str(out / "checkpoint_last.pth")
+
+
+def test_non_finite_loss_stops_with_step_terms_and_image_ids(data_root, tmp_path, monkeypatch):
+    original, calls = SetCriterion.forward, []
+
+    def poisoned(self, outputs, targets):
+        losses = original(self, outputs, targets)
+        calls.append(1)
+        if len(calls) == 3:
+            losses["loss_giou"] = losses["loss_giou"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(SetCriterion, "forward", poisoned)
+    cfg = config_from_dict(_config(data_root, tmp_path, max_iters_per_epoch=5, checkpoint_every_iters=2))
+    last = tmp_path / "checkpoint_last.pth"
+    with pytest.raises(train_mod.NonFiniteLossError) as info:
+        train_mod.run(cfg)
+    msg = str(info.value)
+    assert "global step 3 (epoch 0, batch 2)" in msg
+    assert "loss_giou=nan" in msg and "loss=nan" in msg and "loss_ce=" in msg
+    assert f"image ids {_batch_image_ids(data_root, 7, 0, 2, 2)}" in msg
+    assert str(last) in msg
+    state = load_checkpoint(str(last))  # the good checkpoint of step 2, not overwritten
+    assert state["iteration"] == 2
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["type"] == "error" and records[-1]["iteration"] == 3
+
+
+def test_resume_with_other_architecture_names_the_fields(short_run, tmp_path):
+    cfg, path = short_run
+    before = Path(path).read_bytes()
+    other = config_from_dict({**cfg, "model": {**cfg["model"], "hidden_dim": 64, "dec_layers": 3, "dropout": 0.0},
+                              "train": {**cfg["train"], "output_dir": str(tmp_path)}})
+    with pytest.raises(ConfigMismatchError) as info:
+        train_mod.run(other, resume=path)
+    msg = str(info.value)
+    assert path in msg and "model.hidden_dim" in msg and "model.dec_layers" in msg and "dropout" not in msg
+    assert Path(path).read_bytes() == before
+
+
+def test_missing_checkpoint_is_named(short_run, tmp_path):
+    cfg, _ = short_run
+    cfg = config_from_dict({**cfg, "train": {**cfg["train"], "output_dir": str(tmp_path)}})
+    missing = str(tmp_path / "nowhere" / "checkpoint_last.pth")
+    for kwargs in ({"resume": missing}, {"checkpoint": missing, "eval_only": True}):
+        with pytest.raises(FileNotFoundError, match=missing):
+            train_mod.run(cfg, **kwargs)
+    # --resume auto without any checkpoint starts from scratch instead (the first launch of a relaunch loop).
+    assert find_last_checkpoint(str(tmp_path)) is None
+    cfg.train.max_iters_per_epoch = 1
+    train_mod.run(cfg, resume="auto")
+    assert load_checkpoint(find_last_checkpoint(str(tmp_path)))["iteration"] == 1
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_image_error_names_the_file(data_root, tmp_path, workers):
+    root = tmp_path / "broken"
+    shutil.copytree(data_root, root)
+    cfg = _config(str(root), tmp_path / "out")
+    cfg["data"]["num_workers"] = workers
+    first = _batch_image_ids(str(root), 7, 0, 0, 2)[0]  # in the very first batch
+    bad = root / "train" / f"{first - 1:06d}.png"  # the generator names image id i+1 "{i:06d}.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(RuntimeError, match=re.escape(str(bad))):
+        train_mod.run(config_from_dict(cfg))
+
+
+def test_eval_only_and_eval_tool(short_run, tmp_path):
+    cfg, path = short_run
+    metrics = train_mod.run(config_from_dict({**cfg, "train": {**cfg["train"], "output_dir": str(tmp_path)}}),
+                            eval_only=True, checkpoint=path)
+    assert {"AP", "AP50", "ARl", "per_class"} <= set(metrics)
+    # Offline evaluation reproduces the numbers of the evaluation at the end of training, raw and EMA weights.
+    trained = load_checkpoint(path)["metrics"]
+    assert metrics["AP"] == trained["AP"] and metrics["AR100"] == trained["AR100"]
+    ema_metrics = train_mod.evaluate_checkpoint(config_from_dict(cfg), path, use_ema=True)
+    assert ema_metrics["AP"] == trained["ema"]["AP"] and ema_metrics["AR100"] == trained["ema"]["AR100"]
+    cfg_file = _write(tmp_path / "c.yaml", cfg)
+    out = tmp_path / "det.json"
+    threads = str(torch.get_num_threads())  # as this process: the same float summation order
+    proc = subprocess.run([sys.executable, EVAL, "--config", cfg_file, "--checkpoint", path, "--out", str(out)],
+                          env={**_env(), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+                          capture_output=True, text=True, timeout=300)
+    _check(proc)
+    assert "AP50" in proc.stdout and "rectangle" in proc.stdout  # the 12 numbers and the per-class table
+    detections = json.loads(out.read_text())
+    assert detections and {"image_id", "category_id", "bbox", "score"} <= set(detections[0])
+    # The same weights and images through both entry points give the same detections.
+    assert detections == json.loads((tmp_path / "detections_val.json").read_text())
+
+
+def test_run_writes_config_logs_and_tensorboard(short_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sparse_detr.config import load_config, to_dict
+
+    cfg, path = short_run
+    out = Path(path).parent
+    assert to_dict(load_config(str(out / "config.yaml"))) == to_dict(config_from_dict(cfg))  # resolved config
+    assert load_checkpoint(path)["config"] == to_dict(config_from_dict(cfg))
+    text = (out / "log.txt").read_text()
+    assert "eta epoch" in text and "it/s" in text and "mem" in text and "loss_mask" in text
+    kinds = [json.loads(line)["type"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert kinds.count("iter") == 2 and {"eval", "epoch", "checkpoint"} <= set(kinds)
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/loss_ce", "train/lr", "train/grad_norm", "val/AP", "val/AP50"} <= scalars
+    assert len(acc.Tags()["images"]) == 2  # train.vis_num_images

@@ -1,0 +1,75 @@
+"""Train (or evaluate) Sparse DETR / Deformable DETR from a config file.
+
+Single process (one GPU, or the CPU):
+
+    python tools/train.py --config configs/demo_synthetic.yaml
+    python tools/train.py --config configs/sparse_detr_r50_rho0.1.yaml train.output_dir=outputs/rho0.1 \\
+        data.root=/data/coco
+
+One node, 8 GPUs (torchrun starts one process per GPU; train.batch_size is per process, 2 x 8 = the official 16):
+
+    torchrun --nproc_per_node=8 tools/train.py --config configs/sparse_detr_r50_rho0.1.yaml \\
+        train.output_dir=outputs/rho0.1 data.root=/data/coco
+
+Several nodes (here 2 x 8 GPUs; run on every node, NODE_RANK 0 on the node whose address is MASTER_ADDR):
+
+    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 \\
+        --master_addr=$MASTER_ADDR --master_port=29500 \\
+        tools/train.py --config configs/sparse_detr_r50_rho0.1.yaml train.output_dir=outputs/rho0.1 \\
+        train.lr_scaling=sqrt
+
+Resume after an interruption (continues at the exact iteration of the last checkpoint in train.output_dir; starts
+from scratch when there is none, so the same command works for the first launch and for every relaunch):
+
+    torchrun --nproc_per_node=8 tools/train.py --config configs/sparse_detr_r50_rho0.1.yaml \\
+        train.output_dir=outputs/rho0.1 --resume auto
+
+Evaluate a checkpoint (see also tools/eval.py, which prints the per-class table and saves the detections):
+
+    python tools/train.py --config configs/sparse_detr_r50_rho0.1.yaml --eval-only \\
+        --checkpoint outputs/rho0.1/checkpoint_best.pth
+
+`key=value` arguments override config fields (validated, e.g. `model.rho=0.2 train.epochs=12`). The output folder
+receives config.yaml (the resolved config), log.txt, log.jsonl (per-iteration, per-epoch, evaluation and
+checkpoint records), tensorboard/ (`tensorboard --logdir OUTPUT_DIR`), checkpoint_last.pth (every epoch and every
+train.checkpoint_every_iters iterations), checkpoint_best.pth (best AP) and detections_val.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+try:
+    import sparse_detr  # noqa: F401
+except ImportError:  # running from a source checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sparse_detr.config import load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.rho=0.2")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="continue a run: 'auto' = checkpoint_last.pth in train.output_dir if it exists")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate the loaded weights and exit")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="model weights to evaluate, or to start training from (optimizer state not loaded)")
+    args = parser.parse_intermixed_args(argv)  # key=value may come before or after --flags
+    if args.eval_only and not (args.checkpoint or args.resume):
+        parser.error("--eval-only needs --checkpoint PATH (or --resume auto|PATH)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    from sparse_detr.engine.train import run  # after parsing: `--help` should not wait for torch to import
+
+    run(cfg, resume=args.resume, eval_only=args.eval_only, checkpoint=args.checkpoint)
+
+
+if __name__ == "__main__":
+    main()
