@@ -107,6 +107,9 @@ class DataConfig:
     crop_max: int = 600
     hflip: bool = True
     num_workers: int = 2
+    # How category ids become class labels: "contiguous" = 0..K-1 in id order (custom datasets, no wasted logits);
+    # "category_id" = the id itself, needs model.num_classes > max id (COCO + official checkpoints: 91 logits).
+    label_mapping: Literal["contiguous", "category_id"] = "contiguous"
 
 
 @dataclass
@@ -133,7 +136,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 20
     checkpoint_every_iters: int = 0  # 0 = only at the end of each epoch
-    eval_every_epochs: int = 1
+    eval_every_epochs: int = 1  # evaluate every N epochs and after the last one; 0 = never evaluate
     max_iters_per_epoch: int = 0  # 0 = the whole dataset; >0 shortens epochs (smoke tests)
     eval_batch_size: int = 2
     vis_num_images: int = 2  # images logged to tensorboard at each evaluation (0 = none)
@@ -324,31 +327,53 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
     return config_from_dict(data, origin)
 
 
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a type alone cannot express."""
-    m = cfg.model
-    if not 0.0 <= m.rho <= 1.0:
-        raise ConfigError(f"model.rho must be in [0, 1], got {m.rho}")
-    if m.hidden_dim % m.nheads != 0:
-        raise ConfigError(f"model.hidden_dim ({m.hidden_dim}) must be divisible by model.nheads ({m.nheads})")
-    if m.hidden_dim % 32 != 0:
-        raise ConfigError(f"model.hidden_dim ({m.hidden_dim}) must be a multiple of 32 (GroupNorm(32) groups)")
-    if not 1 <= m.num_feature_levels <= 4:
-        raise ConfigError(f"model.num_feature_levels must be 1..4, got {m.num_feature_levels}")
-    if m.rho > 0 and not m.two_stage:
-        raise ConfigError("model.rho > 0 (Sparse DETR) needs model.two_stage: true")
-    if m.eff_query_init and not m.two_stage:
-        raise ConfigError("model.eff_query_init needs model.two_stage: true")
-    if m.use_enc_aux_loss and m.rho <= 0:
-        raise ConfigError("model.use_enc_aux_loss needs model.rho > 0 (aux heads score the kept tokens)")
-    for name in ("enc_layers", "dec_layers", "num_queries", "num_classes"):
-        if getattr(m, name) < 1:
-            raise ConfigError(f"model.{name} must be >= 1")
-    t = cfg.train
-    if t.batch_size < 1 or t.epochs < 1:
-        raise ConfigError("train.batch_size and train.epochs must be >= 1")
-    if t.lr_drop_epochs != sorted(t.lr_drop_epochs):
-        raise ConfigError(f"train.lr_drop_epochs must be increasing, got {t.lr_drop_epochs}")
+    """Cross-field and range checks that a type alone cannot express (the message names the key)."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    # Sizes first: the divisibility checks below would divide by zero.
+    for name in ("hidden_dim", "nheads", "dim_feedforward", "enc_layers", "dec_layers", "enc_n_points",
+                 "dec_n_points", "num_queries", "num_classes"):
+        _require(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}")
+    _require(0.0 <= m.rho <= 1.0, f"model.rho must be in [0, 1], got {m.rho}")
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _require(0.0 <= m.swin_drop_path_rate < 1.0, f"model.swin_drop_path_rate must be in [0, 1), got "
+                                                  f"{m.swin_drop_path_rate}")
+    _require(m.hidden_dim % m.nheads == 0,
+             f"model.hidden_dim ({m.hidden_dim}) must be divisible by model.nheads ({m.nheads})")
+    _require(m.hidden_dim % 32 == 0, f"model.hidden_dim ({m.hidden_dim}) must be a multiple of 32 (GroupNorm(32))")
+    _require(1 <= m.num_feature_levels <= 4, f"model.num_feature_levels must be 1..4, got {m.num_feature_levels}")
+    _require(m.rho == 0 or m.two_stage, "model.rho > 0 (Sparse DETR) needs model.two_stage: true")
+    _require(not m.eff_query_init or m.two_stage, "model.eff_query_init needs model.two_stage: true")
+    _require(not m.use_enc_aux_loss or m.rho > 0,
+             "model.use_enc_aux_loss needs model.rho > 0 (aux heads score the kept tokens)")
+    # A dense encoder keeps every token: there is nothing for the objectness head to select, so it would be dead
+    # weight (and an unused parameter under DDP).
+    _require(m.scorer_target != "os" or m.rho > 0,
+             "model.scorer_target: os selects tokens for the sparse encoder and needs model.rho > 0")
+
+    _require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    _require(bool(d.train_scales) and min(d.train_scales) >= 1, "data.train_scales must be positive sizes")
+    for name in ("max_size", "val_size", "crop_min", "crop_max"):
+        _require(getattr(d, name) >= 1, f"data.{name} must be >= 1, got {getattr(d, name)}")
+    _require(d.crop_min <= d.crop_max, f"data.crop_min ({d.crop_min}) must be <= data.crop_max ({d.crop_max})")
+
+    for name in ("batch_size", "epochs", "eval_batch_size", "base_batch_size", "log_every"):
+        _require(getattr(t, name) >= 1, f"train.{name} must be >= 1, got {getattr(t, name)}")
+    # 0 is meaningful for these: never checkpoint mid-epoch / never evaluate / whole epochs / no images.
+    for name in ("checkpoint_every_iters", "eval_every_epochs", "max_iters_per_epoch", "vis_num_images"):
+        _require(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
+    _require(0.0 < t.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {t.ema_decay}")
+    _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _require(t.lr_backbone >= 0, f"train.lr_backbone must be >= 0, got {t.lr_backbone}")
+    for name in ("weight_decay", "clip_max_norm", "lr_linear_proj_mult", "lr_drop_factor"):
+        _require(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
+    _require(t.lr_drop_epochs == sorted(t.lr_drop_epochs),
+             f"train.lr_drop_epochs must be increasing, got {t.lr_drop_epochs}")
 
 
 def to_dict(cfg: Config) -> dict:

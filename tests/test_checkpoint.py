@@ -208,7 +208,7 @@ _VARIATIONS = [
     (_SPARSE, dict(dam_alignment="aligned", scorer_padding="exclude")), (_SPARSE, dict(dropout=0.0)),
     (_SPARSE, dict(train_backbone=True)), (_SPARSE, dict(rho=0.0, use_enc_aux_loss=False)),
     (_PLAIN, dict(num_queries=20)), (_PLAIN, dict(aux_loss=False)), (_PLAIN, dict(with_box_refine=True)),
-    (_PLAIN, dict(two_stage=True)), (_PLAIN, dict(scorer_target="os")), (_PLAIN, dict(backbone="swin_t")),
+    (_PLAIN, dict(two_stage=True)), (_PLAIN, dict(dam_alignment="aligned")), (_PLAIN, dict(backbone="swin_t")),
 ]
 
 

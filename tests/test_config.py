@@ -72,6 +72,43 @@ def test_cross_field_validation(tmp_path):
         config_from_dict({"model": {"rho": 1.5, "two_stage": True}})
 
 
+@pytest.mark.parametrize("override, fragment", [
+    ("train.log_every=0", "train.log_every"),
+    ("train.checkpoint_every_iters=-1", "train.checkpoint_every_iters"),
+    ("train.eval_every_epochs=-1", "train.eval_every_epochs"),
+    ("train.max_iters_per_epoch=-2", "train.max_iters_per_epoch"),
+    ("train.ema_decay=1.0", "train.ema_decay"),
+    ("train.ema_decay=0", "train.ema_decay"),
+    ("train.eval_batch_size=0", "train.eval_batch_size"),
+    ("train.lr=0", "train.lr"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("data.crop_min=700", "data.crop_min"),
+    ("data.train_scales=[]", "data.train_scales"),
+    ("model.rho=-0.1", "model.rho"),
+    ("model.scorer_target=os", "model.scorer_target"),  # the base is dense (rho 0): nothing to select
+    ("model.hidden_dim=0", "model.hidden_dim"),
+    ("model.nheads=0", "model.nheads"),  # a size error, not a ZeroDivisionError from the divisibility check
+    ("model.dim_feedforward=0", "model.dim_feedforward"),
+    ("model.dec_n_points=0", "model.dec_n_points"),
+    ("model.dropout=1.0", "model.dropout"),
+    ("data.label_mapping=identity", "data.label_mapping"),
+])
+def test_range_validation_names_the_key(tmp_path, override, fragment):
+    path = _write(tmp_path / "c.yaml", "model: {two_stage: true}\n")
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config(path, [override])
+
+
+@pytest.mark.parametrize("override", ["train.eval_every_epochs=0", "train.checkpoint_every_iters=0",
+                                      "train.max_iters_per_epoch=0", "data.num_workers=0", "model.rho=1.0",
+                                      "data.label_mapping=category_id"])
+def test_documented_boundary_values_are_valid(tmp_path, override):
+    path = _write(tmp_path / "c.yaml", "model: {two_stage: true}\n")
+    load_config(path, [override])  # 0 = never evaluate / only end-of-epoch checkpoints / whole epochs / no workers
+    cfg = load_config(path, ["model.rho=0.2", "model.scorer_target=os"])
+    assert cfg.model.scorer_target == "os"
+
+
 def test_missing_file_and_cycle(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(str(tmp_path / "absent.yaml"))

@@ -13,7 +13,8 @@ CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
 def test_the_expected_configs_exist():
     names = {p.stem for p in CONFIGS}
     for backbone in ("r50", "swin_t"):
-        assert {f"deformable_detr_{backbone}", f"deformable_detr_{backbone}_two_stage", f"efficient_detr_{backbone}",
+        assert {f"deformable_detr_{backbone}", f"deformable_detr_{backbone}_refine",
+                f"deformable_detr_{backbone}_two_stage", f"efficient_detr_{backbone}",
                 f"sparse_detr_{backbone}_rho0.1_os"} <= names
         assert {f"sparse_detr_{backbone}_rho0.{i}" for i in range(1, 6)} <= names
     assert {"base_r50", "demo_synthetic"} <= names
@@ -30,6 +31,7 @@ def test_config_loads_and_builds(path):
     assert ("loss_mask" in criterion.weight_dict) == (m.rho > 0 and m.scorer_target == "dam")
     assert ("loss_ce_enc_aux_0" in criterion.weight_dict) == m.use_enc_aux_loss
     assert criterion.class_agnostic_enc == (m.two_stage and not m.eff_specific_head)
+    assert not model.has_unused_parameters()  # DDP's fast path (no find_unused_parameters) for every shipped config
     if m.rho > 0 and path.stem != "demo_synthetic":  # Sparse DETR = its dense baseline + rho / scorer
         stem = "efficient_detr_" + ("swin_t" if m.backbone == "swin_t" else "r50")
         dense = load_config(str(path.parent / f"{stem}.yaml")).model
@@ -46,8 +48,13 @@ def test_recipe_and_inheritance():
     assert (t.lr, t.lr_backbone, t.epochs, t.lr_drop_epochs, t.batch_size, t.clip_max_norm, t.weight_decay,
             t.lr_scaling) == (2e-4, 2e-5, 50, [40], 2, 0.1, 1e-4, "sqrt")
     assert load_config("configs/deformable_detr_r50.yaml").model.two_stage is False
+    refine = load_config("configs/deformable_detr_swin_t_refine.yaml").model
+    assert refine.with_box_refine and not refine.two_stage and refine.backbone == "swin_t"
     demo = load_config("configs/demo_synthetic.yaml")
     assert demo.data.dataset == "synthetic" and demo.model.num_classes == 6 and demo.model.rho == 0.1
+    # COCO configs index the 91 logits by category id (official checkpoints); the 6-class demo is contiguous.
+    assert load_config("configs/sparse_detr_r50_rho0.1.yaml").data.label_mapping == "category_id"
+    assert demo.data.label_mapping == "contiguous"
 
 
 def test_overrides():

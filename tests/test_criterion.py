@@ -210,3 +210,27 @@ def test_wrong_num_classes_is_an_error():
     g = torch.Generator().manual_seed(7)
     with pytest.raises(ValueError, match="num_classes=5"):
         _plain(5)(_head(1, 3, g), _targets([1], g))
+
+
+def test_backbone_outputs_are_a_class_specific_masked_head():
+    """The OS selection head (``backbone_outputs``, method §6) is matched and trained like the Sparse DETR two-stage
+    head: real class labels even where the two-stage head is class-agnostic, invalid tokens ignored, ``_backbone``
+    keys that the weight dict covers."""
+    g = torch.Generator().manual_seed(8)
+    targets = _targets([3, 2], g)
+    out, head = _head(2, 4, g), _head(2, 10, g, valid=True)
+    weights = build_weight_dict(num_dec_layers=1, two_stage=True, backbone_head=True)
+    assert {"loss_ce_backbone", "loss_bbox_backbone", "loss_giou_backbone"} <= set(weights)
+    criterion = SetCriterion(K, HungarianMatcher(), weights, class_agnostic_enc=True)
+    losses = criterion(out | {"backbone_outputs": head}, targets)
+    specific = SetCriterion(K, HungarianMatcher(), weights)(out | {"enc_outputs": head}, targets)
+    for name in ("loss_ce", "loss_bbox", "loss_giou"):
+        assert losses[name + "_backbone"].item() == pytest.approx(specific[name + "_enc"].item(), rel=1e-6)
+
+    garbage = dict(head)  # invalid tokens (padding, invalid proposals) with NaN logits and boxes change nothing
+    bad = ~head["valid"]
+    garbage["pred_logits"] = head["pred_logits"].detach().masked_fill(bad[..., None], float("nan"))
+    garbage["pred_boxes"] = head["pred_boxes"].detach().masked_fill(bad[..., None], float("inf"))
+    again = criterion(out | {"backbone_outputs": garbage}, targets)
+    for name in ("loss_ce_backbone", "loss_bbox_backbone", "loss_giou_backbone"):
+        assert again[name].item() == pytest.approx(losses[name].item(), rel=1e-6)

@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from sparse_detr.data import (CocoDataset, LabelMap, build_dataset, collate_batch, make_generator,
-                              make_transforms, seed_worker)
+from sparse_detr.data import (CocoDataset, LabelMap, batch_image_sizes, build_dataset, collate_batch,
+                              make_generator, make_transforms, seed_worker)
 from sparse_detr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
 
 CATEGORIES = [{"id": 7, "name": "dog"}, {"id": 2, "name": "cat"}]
@@ -46,6 +46,54 @@ def test_label_map_round_trip_non_contiguous():
         lm.to_contiguous(5)
     with pytest.raises(KeyError):
         lm.to_category_id(3)
+
+
+def test_label_map_category_id_mode_round_trips():
+    """Identity mode (COCO + official checkpoints): label = category id, K = max id + 1, gaps are no category."""
+    lm = LabelMap([11, 3, 1], ["c", "b", "a"], mode="category_id")
+    assert lm.num_classes == len(lm) == 12 and lm.category_ids == [1, 3, 11]
+    assert [lm.to_contiguous(c) for c in (1, 3, 11)] == [1, 3, 11]
+    assert [lm.to_category_id(c) for c in (1, 3, 11)] == [1, 3, 11]
+    assert lm.names[1] == "a" and lm.names[11] == "c" and len(lm.names) == 12  # names[label] in both modes
+    assert lm.label_to_category_array().tolist() == [-1, 1, -1, 3] + [-1] * 7 + [11]
+    for label in (0, 2, 12):
+        with pytest.raises(KeyError):
+            lm.to_category_id(label)
+    with pytest.raises(KeyError):
+        lm.to_contiguous(2)
+    state = json.loads(json.dumps(lm.to_dict()))  # what a checkpoint stores
+    assert state["mode"] == "category_id" and LabelMap.from_dict(state) == lm
+    assert LabelMap.from_dict(state) != LabelMap([11, 3, 1], ["c", "b", "a"])  # the mode is part of the map
+    old = {"category_ids": [1, 3], "names": ["a", "b"]}  # written before the mode existed: contiguous
+    assert LabelMap.from_dict(old).mode == "contiguous" and LabelMap.from_dict(old).num_classes == 2
+    with pytest.raises(ValueError, match="mode"):
+        LabelMap([1], mode="identity")
+
+
+def test_dataset_labels_follow_the_label_mapping(tmp_path):
+    img_folder, ann_file = write_coco(tmp_path, [ann(1, [2, 2, 10, 10]), ann(2, [5, 5, 8, 8], category_id=2)])
+    by_id = CocoDataset(img_folder=img_folder, ann_file=ann_file, label_mapping="category_id")
+    contiguous = CocoDataset(img_folder=img_folder, ann_file=ann_file)
+    assert by_id[0][1]["labels"].tolist() == [7, 2] and by_id.label_map.num_classes == 8
+    assert contiguous[0][1]["labels"].tolist() == [1, 0] and contiguous.label_map.num_classes == 2
+    built = build_dataset("val", dataset="coco", img_folder=img_folder, ann_file=ann_file,
+                          label_mapping="category_id")
+    assert built.label_map == by_id.label_map
+
+
+def test_build_fails_clearly_when_num_classes_is_below_the_largest_category_id(tmp_path):
+    from sparse_detr.config import config_from_dict
+    from sparse_detr.engine.builders import build_split
+
+    data = {"dataset": "synthetic", "root": str(tmp_path), "num_workers": 0,
+            "synthetic": {"num_train": 1, "num_val": 1, "min_size": 32, "max_size": 32}}
+    cfg = config_from_dict({"model": {"num_classes": 6}, "data": {**data, "label_mapping": "category_id"}})
+    with pytest.raises(ValueError, match=r"largest id is 11.*num_classes must be at least 12 \(it is 6\)"):
+        build_split(cfg, "val")
+    assert build_split(config_from_dict({"model": {"num_classes": 12}, "data": {
+        **data, "label_mapping": "category_id"}}), "val").label_map.num_classes == 12
+    assert build_split(config_from_dict({"model": {"num_classes": 6}, "data": data}), "val").label_map.mode == \
+        "contiguous"
 
 
 def test_synthetic_samples_have_documented_format(tmp_path):
@@ -221,6 +269,16 @@ def test_collate_pads_and_masks():
     assert [t["i"] for t in targets] == [0, 1]
     images, mask, _ = collate_batch([(a, {}), (b, {})], size_divisibility=32)
     assert images.shape[-2:] == (32, 32) and mask[0, :5, :7].logical_not().all() and mask.sum() == 2 * 1024 - 35 - 32
+
+
+def test_batch_image_sizes_are_host_ints_from_the_targets():
+    a, b = torch.rand(3, 5, 7), torch.rand(3, 8, 4)
+    targets = [{"size": torch.tensor([5, 7])}, {"size": torch.tensor([8, 4])}]
+    images, mask, targets = collate_batch([(a, targets[0]), (b, targets[1])])
+    sizes = batch_image_sizes(targets)
+    assert sizes == [(5, 7), (8, 4)] and all(type(v) is int for s in sizes for v in s)
+    assert sizes == [(int((~m).any(1).sum()), int((~m).any(0).sum())) for m in mask]  # the unpadded extents
+    assert batch_image_sizes([{"size": torch.tensor([5, 7])}, {}]) is None  # unknown: the model bounds k itself
 
 
 def test_seeded_loader_is_reproducible(tmp_path):

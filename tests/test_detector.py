@@ -34,6 +34,7 @@ def _check_head(head, batch, num, classes):
 # The backbone is trained in two cases only: its backward dominates the CPU time and is the same in every family.
 @pytest.mark.parametrize("config, rho, train_backbone", [
     ("deformable_detr_r50", 0.0, False),
+    ("deformable_detr_r50_refine", 0.0, False),  # 2-d reference points, then boxes (refinement)
     ("deformable_detr_r50_two_stage", 0.0, False),
     ("efficient_detr_r50", 0.0, False),
     ("sparse_detr_r50_rho0.1", 0.1, True),
@@ -135,6 +136,34 @@ def test_inference_outputs_and_input_forms():
         torch.testing.assert_close(other["pred_boxes"], from_list["pred_boxes"])
         assert torch.equal(other["kept_token_counts"], from_list["kept_token_counts"])
     assert maps["dam"].shape == maps["mask_targets"].shape == from_list["padding_mask"].shape
+
+
+def test_refinement_from_points_predicts_full_boxes_then_refines_them():
+    """Plain queries + refinement (Deformable DETR App. A.4): layer 0 attends around 2-d points and its head's full
+    (cx, cy, w, h) output is added to (inverse_sigmoid(point), 0, 0); from layer 1 on, the reference is the previous
+    layer's box, detached, and the head's output is added to all four of its inverse-sigmoid coordinates."""
+    from sparse_detr.box_ops import inverse_sigmoid
+    from sparse_detr.models.decoder import Decoder
+
+    torch.manual_seed(0)
+    dim, shapes = 32, [(6, 8), (3, 4)]
+    decoder = Decoder(3, refine=True, d_model=dim, d_ffn=64, dropout=0.0, n_levels=2, n_heads=4, n_points=2)
+    heads = [nn.Linear(dim, 4) for _ in range(3)]
+    spatial = torch.tensor(shapes)
+    start = torch.tensor([0, 48])
+    points = torch.rand(2, 5, 2) * 0.6 + 0.2
+    dec = decoder(torch.randn(2, 5, dim), torch.randn(2, 5, dim), points, torch.randn(2, 60, dim), spatial, start,
+                  torch.ones(2, 2, 2), torch.zeros(2, 60, dtype=torch.bool), heads)
+    assert [r.shape[-1] for r in dec.references] == [2, 4, 4]
+    first = (heads[0](dec.hidden[0]) + torch.cat((inverse_sigmoid(points), torch.zeros_like(points)), -1)).sigmoid()
+    torch.testing.assert_close(dec.boxes[0], first)
+    for layer in (1, 2):
+        assert torch.equal(dec.references[layer], dec.boxes[layer - 1].detach())
+        expected = (heads[layer](dec.hidden[layer]) + inverse_sigmoid(dec.boxes[layer - 1])).sigmoid()
+        torch.testing.assert_close(dec.boxes[layer], expected)
+    # Detached between layers: the last boxes do not train the first layer's head.
+    grad = torch.autograd.grad(dec.boxes[2].sum(), heads[0].weight, allow_unused=True)[0]
+    assert grad is None or not grad.any()
 
 
 def test_two_stage_never_selects_padding_or_invalid_tokens():

@@ -1,4 +1,5 @@
-"""COCO evaluator: perfect detections give AP 1, numbers equal a direct pycocotools run, zero detections give 0."""
+"""COCO evaluator: perfect detections give AP 1 (with contiguous labels and with category ids as labels), numbers
+equal a direct pycocotools run, zero detections give 0; the loop hands the model the unpadded image sizes."""
 
 import contextlib
 import io
@@ -58,6 +59,33 @@ def test_ground_truth_as_detections_gives_ap_one(gt):
     assert "diamond" in table and "100.0" in table
 
 
+def test_category_ids_as_labels_give_ap_one_and_drop_non_categories(gt):
+    """label_mapping="category_id" (COCO + official checkpoints): label = category id. Detections whose label is
+    no category of the json (a gap between ids, 0, or past the largest id) are dropped, not an error."""
+    coco_gt, contiguous = gt
+    dataset = CocoDataset(img_folder=contiguous.img_folder, ann_file=contiguous.ann_file, transforms=None,
+                          label_mapping="category_id")
+    label_map = dataset.label_map
+    assert label_map.num_classes == 12 and label_map.category_ids == [1, 3, 5, 7, 9, 11]
+    _, target = dataset[0]
+    raw = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=int(target["image_id"]), iscrowd=False))
+    assert sorted(target["labels"].tolist()) == sorted(a["category_id"] for a in raw)  # the ids themselves
+
+    predictions = gt_as_predictions(coco_gt, label_map)
+    for pred in predictions.values():  # confident detections of non-categories on top of the perfect ones
+        pred["scores"] = torch.cat([pred["scores"], torch.ones(4)])
+        pred["labels"] = torch.cat([pred["labels"], torch.tensor([0, 2, 10, 50])])
+        pred["boxes"] = torch.cat([pred["boxes"], torch.tensor([[0.0, 0, 9, 9]] * 4)])
+    evaluator = CocoEvaluator(coco_gt, label_map)
+    evaluator.update(predictions)
+    results = evaluator.to_coco_results()
+    assert {r["category_id"] for r in results} <= set(label_map.category_ids)
+    assert len(results) == sum(len(coco_gt.getAnnIds(imgIds=i)) for i in coco_gt.getImgIds())
+    metrics = evaluator.summarize()
+    for name in ("AP", "AP50", "AP75", "AR100"):
+        assert metrics[name] == pytest.approx(1.0), name
+
+
 def test_numbers_equal_a_direct_cocoeval_run(gt, tmp_path):
     coco_gt, dataset = gt
     evaluator = CocoEvaluator(coco_gt, dataset.label_map)
@@ -112,10 +140,12 @@ class _ReplayModel(torch.nn.Module):
     def __init__(self, batches):
         super().__init__()
         self.batches = iter(batches)
-        self.calls = []
+        self.calls, self.sizes = [], []
 
-    def forward(self, images, mask):
+    def forward(self, images, mask, image_sizes=None):
         self.calls.append((self.training, torch.is_grad_enabled(), images.shape[0] == mask.shape[0]))
+        # The sizes the model is told must be the unpadded extents of the mask it gets.
+        self.sizes.append((image_sizes, [(int((~m).any(1).sum()), int((~m).any(0).sum())) for m in mask]))
         return {"targets": next(self.batches)}
 
 
@@ -137,6 +167,8 @@ def test_evaluate_runs_the_loop_in_eval_mode(gt):
     assert metrics["AP"] == pytest.approx(1.0)
     assert model.calls and all(call == (False, False, True) for call in model.calls)
     assert model.training  # mode restored
+    assert all(given == from_mask for given, from_mask in model.sizes)
+    assert any(len(set(given)) > 1 for given, _ in model.sizes)  # images of different sizes: padded batches
 
 
 def _gather_worker(rank, port, queue):

@@ -86,3 +86,30 @@ def test_official_state_dict_loads_strictly(case):
     if config == "sparse_detr_r50_rho0.1":
         assert loaded["transformer.encoder.class_embed.0.weight"].data_ptr() == \
             loaded["class_embed.7.weight"].data_ptr()
+
+
+def test_refine_only_layout_is_plain_plus_decoder_box_head_aliases():
+    """Deformable DETR + iterative box refinement (``--with_box_refine`` alone) has no listing in the reference;
+    what follows from the rules it states: plain Deformable DETR's keys and shapes, the per-layer heads now
+    separate tensors, and the box heads registered a second time as ``transformer.decoder.bbox_embed.0..5`` (the
+    refinement hack; the class heads get their ``transformer.decoder.class_embed`` name only with two-stage)."""
+    torch.manual_seed(0)
+    model = build_detector(load_config("configs/deformable_detr_r50_refine.yaml").model)
+    plain = _layout("deformable_detr_r50")
+    aliases = {f"transformer.decoder.{k}": s for k, s in plain.items() if k.startswith("bbox_embed.")}
+    assert len(aliases) == 6 * 6
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == {**plain, **aliases}
+
+    state = {k: torch.full(s, float(i + 1)) for i, (k, s) in enumerate(sorted(plain.items()))}  # distinct heads
+    state.update({k: state[k[len("transformer.decoder."):]] for k in aliases})
+    result = model.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    loaded = model.state_dict()
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value), key
+    assert loaded["class_embed.0.weight"].data_ptr() != loaded["class_embed.5.weight"].data_ptr()
+    assert loaded["transformer.decoder.bbox_embed.4.layers.2.bias"].data_ptr() == \
+        loaded["bbox_embed.4.layers.2.bias"].data_ptr()
+    own = model.load_state_dict(model.state_dict(), strict=True)  # its own state dict, strictly
+    assert not own.missing_keys and not own.unexpected_keys

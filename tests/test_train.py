@@ -261,3 +261,34 @@ def test_run_writes_config_logs_and_tensorboard(short_run):
     scalars = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/loss_ce", "train/lr", "train/grad_norm", "val/AP", "val/AP50"} <= scalars
     assert len(acc.Tags()["images"]) == 2  # train.vis_num_images
+
+
+def test_training_and_evaluation_give_the_model_the_unpadded_image_sizes(data_root, tmp_path, monkeypatch):
+    """The loops pass `image_sizes` (host ints read from the CPU targets), so the kept-token count k is bounded by
+    the real images, not the padded canvas: with mixed sizes in a batch, k is smaller than without them."""
+    from sparse_detr.models.detector import SparseDETR
+    from sparse_detr.models.encoder import max_kept_tokens
+
+    original, calls = SparseDETR.forward, []
+
+    def spy(self, images, mask=None, image_sizes=None, return_maps=False):
+        out = original(self, images, mask, image_sizes=image_sizes, return_maps=return_maps)
+        shapes = [tuple(s) for s in out["spatial_shapes"].tolist()]
+        extents = [(int((~m).any(1).sum()), int((~m).any(0).sum())) for m in mask]  # read off the mask
+        calls.append({"training": self.training, "sizes": image_sizes, "extents": extents,
+                      "k": out["kept_indices"].shape[1],
+                      "k_sized": max_kept_tokens(self.rho, shapes, tuple(images.shape[-2:]), extents),
+                      "k_padded": max_kept_tokens(self.rho, shapes, tuple(images.shape[-2:]))})
+        return out
+
+    monkeypatch.setattr(SparseDETR, "forward", spy)
+    # Images of random aspect ratios (not the square ones of `data_root`): a batch of a landscape and a portrait
+    # image is padded to a canvas that neither fills, which is where the sizes make k smaller.
+    synth = dict(num_train=8, num_val=2, min_size=48, max_size=112, seed=3)
+    cfg = _config(str(tmp_path / "data"), tmp_path / "out", max_iters_per_epoch=4, vis_num_images=0)
+    cfg["data"].update(synthetic=synth, train_scales=[128], max_size=320, val_size=64)
+    train_mod.run(config_from_dict(cfg))
+    assert [c["training"] for c in calls].count(True) == 4 and not calls[-1]["training"]  # trained, then evaluated
+    for call in calls:
+        assert call["sizes"] == call["extents"] and call["k"] == call["k_sized"] <= call["k_padded"]
+    assert any(c["k"] < c["k_padded"] for c in calls if c["training"])  # seeded: one such batch in these four

@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .coco import CocoAnnotations, CocoDataset, ImageRecord, LabelMap, load_coco_json
-from .collate import collate_batch, make_generator, seed_worker
+from .coco import LABEL_MAPPINGS, CocoAnnotations, CocoDataset, ImageRecord, LabelMap, load_coco_json
+from .collate import batch_image_sizes, collate_batch, make_generator, seed_worker
 from .synthetic import ensure_synthetic, make_synthetic_coco, synthetic_paths
 from .transforms import make_transforms
 
 __all__ = [
-    "CocoAnnotations", "CocoDataset", "ImageRecord", "LabelMap", "load_coco_json", "collate_batch", "make_generator",
-    "seed_worker", "ensure_synthetic", "make_synthetic_coco", "synthetic_paths", "make_transforms", "build_dataset",
+    "LABEL_MAPPINGS", "CocoAnnotations", "CocoDataset", "ImageRecord", "LabelMap", "load_coco_json",
+    "batch_image_sizes", "collate_batch", "make_generator", "seed_worker", "ensure_synthetic", "make_synthetic_coco",
+    "synthetic_paths", "make_transforms", "build_dataset",
 ]
 
 DATASETS = ("coco", "synthetic")
@@ -31,6 +32,7 @@ def build_dataset(
     ann_file: str | None = None,
     synthetic: dict[str, Any] | None = None,
     train_transforms: bool | None = None,
+    label_mapping: str = "contiguous",
     **transform_kwargs: Any,
 ) -> CocoDataset:
     """The ``split`` ("train" or "val") dataset.
@@ -42,6 +44,8 @@ def build_dataset(
         with other parameters (``synthetic`` = kwargs of ``ensure_synthetic``: num_train, num_val, seed, min_size,
         max_size, ...). Call it on the main process first under torchrun (then barrier) to avoid a write race.
     train_transforms: use training augmentation; defaults to ``split == "train"``.
+    label_mapping: "contiguous" (labels 0..K-1, custom datasets) or "category_id" (label = category id, as the
+        official COCO checkpoints); see ``LabelMap``.
     transform_kwargs: passed to ``make_transforms`` (scales, max_size, val_size, crop, crop_resize_sizes, crop_min,
         crop_max, hflip); unknown names raise TypeError there.
     """
@@ -64,4 +68,5 @@ def build_dataset(
         if img_folder is None or ann_file is None:
             raise ValueError("build_dataset: dataset='coco' needs root, or both img_folder and ann_file")
     train = split == "train" if train_transforms is None else train_transforms
-    return CocoDataset(img_folder=img_folder, ann_file=ann_file, transforms=make_transforms(train, **transform_kwargs))
+    return CocoDataset(img_folder=img_folder, ann_file=ann_file, transforms=make_transforms(train, **transform_kwargs),
+                       label_mapping=label_mapping)

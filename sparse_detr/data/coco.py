@@ -3,7 +3,7 @@
 ``CocoDataset(img_folder=..., ann_file=..., transforms=...)[i]`` returns ``(image, target)``:
 
 * ``image``: float (3,H,W), normalised with the ImageNet mean/std, H,W after the transforms;
-* ``target["labels"]``  (T,) int64, contiguous in ``[0, K)`` through ``dataset.label_map``;
+* ``target["labels"]``  (T,) int64 in ``[0, K)`` through ``dataset.label_map`` (contiguous, or the category ids);
 * ``target["boxes"]``   (T,4) float32 cxcywh, normalised by the *transformed* image size (H,W);
 * ``target["image_id"]`` () int64, the json's image id;
 * ``target["orig_size"]`` (2,) int64 (h,w) of the file on disk (what the postprocessor maps boxes back to);
@@ -38,64 +38,99 @@ from torchvision.transforms.v2 import functional as F
 from .transforms import boxes_xyxy_to_normalized_cxcywh, make_base_transforms
 
 
-class LabelMap:
-    """Contiguous labels ``0..K-1`` <-> dataset category ids (sorted by id), plus the category names.
+LABEL_MAPPINGS = ("contiguous", "category_id")
 
-    Detection heads want contiguous classes; COCO's ids run 1..90 with gaps. Derived from the json's ``categories``
-    and saved in checkpoints (``to_dict``/``from_dict``) so predictions can always be mapped back.
+
+class LabelMap:
+    """Class labels (what the model's logits index) <-> dataset category ids, plus the category names.
+
+    mode="contiguous" (custom datasets): labels ``0..K-1`` are the categories sorted by id, K = number of
+        categories, so no logit is wasted on the gaps between ids.
+    mode="category_id" (COCO with the official checkpoints): the label IS the category id, K = max id + 1, labels
+        that are not a category of the json are never targets (COCO: 91 logits, 80 of them used). Keeps the
+        official weights' class order, at the price of unused logits.
+
+    Derived from the json's ``categories`` and saved in checkpoints (``to_dict``/``from_dict``, mode included) so
+    predictions can always be mapped back.
     """
 
-    def __init__(self, category_ids: Sequence[int], names: Sequence[str] | None = None) -> None:
+    def __init__(self, category_ids: Sequence[int], names: Sequence[str] | None = None,
+                 mode: str = "contiguous") -> None:
+        if mode not in LABEL_MAPPINGS:
+            raise ValueError(f"LabelMap: mode must be one of {LABEL_MAPPINGS}, got {mode!r}")
         ids = [int(c) for c in category_ids]
         if len(set(ids)) != len(ids):
             raise ValueError(f"LabelMap: duplicate category ids in {ids}")
+        if mode == "category_id" and any(c < 0 for c in ids):
+            raise ValueError(f"LabelMap: category ids used as labels must be >= 0, got {ids}")
         names = [str(c) for c in ids] if names is None else [str(n) for n in names]
         if len(names) != len(ids):
             raise ValueError(f"LabelMap: {len(ids)} category ids but {len(names)} names")
         order = sorted(range(len(ids)), key=lambda i: ids[i])
+        self.mode = mode
         self._ids = [ids[i] for i in order]
         self._names = [names[i] for i in order]
-        self._index = {cid: label for label, cid in enumerate(self._ids)}
+        labels = self._ids if mode == "category_id" else range(len(self._ids))
+        self._index = dict(zip(self._ids, labels))  # category id -> label
+        num = (max(self._ids) + 1 if self._ids else 0) if mode == "category_id" else len(self._ids)
+        self._category_of = [-1] * num  # label -> category id, -1 for labels that are no category
+        for cid, label in self._index.items():
+            self._category_of[label] = cid
 
     @classmethod
-    def from_categories(cls, categories: Sequence[dict]) -> "LabelMap":
+    def from_categories(cls, categories: Sequence[dict], mode: str = "contiguous") -> "LabelMap":
         """From a COCO ``categories`` list (``[{"id": .., "name": ..}, ...]``)."""
-        return cls([c["id"] for c in categories], [c.get("name", str(c["id"])) for c in categories])
+        return cls([c["id"] for c in categories], [c.get("name", str(c["id"])) for c in categories], mode)
 
     @classmethod
     def from_dict(cls, state: dict) -> "LabelMap":
-        return cls(state["category_ids"], state["names"])
+        # Checkpoints written before the mode existed were contiguous.
+        return cls(state["category_ids"], state["names"], state.get("mode", "contiguous"))
 
     def to_dict(self) -> dict:
-        """Plain lists only: safe for ``torch.save`` with ``weights_only=True`` loading, and for json/yaml."""
-        return {"category_ids": list(self._ids), "names": list(self._names)}
+        """Plain lists only: safe for ``torch.save`` with ``weights_only=True`` loading, and for json/yaml.
+        ``names`` is aligned with ``category_ids`` (not with the labels)."""
+        return {"mode": self.mode, "category_ids": list(self._ids), "names": list(self._names)}
 
     @property
     def num_classes(self) -> int:
-        return len(self._ids)
+        """K: the number of labels, i.e. the fewest class logits a model needs."""
+        return len(self._category_of)
 
     @property
     def category_ids(self) -> list[int]:
+        """The dataset's category ids, sorted."""
         return list(self._ids)
 
     @property
     def names(self) -> list[str]:
-        return list(self._names)
+        """The name of every label ``0..K-1`` (in category_id mode, labels that are no category are named
+        ``"<unused N>"``), so ``names[label]`` works in both modes."""
+        by_id = dict(zip(self._ids, self._names))
+        return [by_id[c] if c >= 0 else f"<unused {label}>" for label, c in enumerate(self._category_of)]
 
     def to_contiguous(self, category_id: int) -> int:
+        """The label of a category id (its position among the sorted ids, or the id itself in category_id
+        mode)."""
         try:
             return self._index[int(category_id)]
         except KeyError:
             raise KeyError(f"category id {category_id} is not in the label map {self._ids}") from None
 
+    to_label = to_contiguous
+
     def to_category_id(self, label: int) -> int:
         label = int(label)
-        if not 0 <= label < len(self._ids):
-            raise KeyError(f"label {label} is outside [0, {len(self._ids)})")
-        return self._ids[label]
+        if not 0 <= label < len(self._category_of) or self._category_of[label] < 0:
+            raise KeyError(f"label {label} is not a category of the label map ({self!r})")
+        return self._category_of[label]
+
+    def label_to_category_array(self) -> np.ndarray:
+        """(K,) int64: the category id of every label, -1 where the label is no category (category_id mode)."""
+        return np.asarray(self._category_of, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return self.num_classes
 
     def __contains__(self, category_id: object) -> bool:
         return category_id in self._index
@@ -104,7 +139,7 @@ class LabelMap:
         return isinstance(other, LabelMap) and self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
-        return f"LabelMap(num_classes={self.num_classes}, category_ids={self._ids})"
+        return f"LabelMap(mode={self.mode!r}, num_classes={self.num_classes}, category_ids={self._ids})"
 
 
 @dataclass
@@ -116,7 +151,7 @@ class ImageRecord:
     width: int
     height: int
     boxes: np.ndarray  # (T,4) float32 xyxy
-    labels: np.ndarray  # (T,) int64 contiguous
+    labels: np.ndarray  # (T,) int64 labels (LabelMap)
 
 
 @dataclass
@@ -132,7 +167,7 @@ class CocoAnnotations:
     file_names: np.ndarray  # (N,) fixed-width str
     offsets: np.ndarray  # (N+1,) int64
     boxes: np.ndarray  # (M,4) float32 xyxy pixels, clipped to the image
-    labels: np.ndarray  # (M,) int64 contiguous
+    labels: np.ndarray  # (M,) int64 labels (LabelMap)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -181,8 +216,10 @@ def _raise_annotation_error(ann_file: str, index: int, ann: Any, images: dict, l
     raise AssertionError(f"{where}: rejected by the fast check but no error found")  # keeps the two paths honest
 
 
-def load_coco_json(ann_file: str) -> tuple[CocoAnnotations, LabelMap, dict]:
+def load_coco_json(ann_file: str, label_mapping: str = "contiguous") -> tuple[CocoAnnotations, LabelMap, dict]:
     """Parse and validate a COCO-format json. Returns (packed annotations, label map, stats).
+
+    ``label_mapping``: the ``LabelMap`` mode ("contiguous" or "category_id") that turns category ids into labels.
 
     Raises FileNotFoundError (missing file) or ValueError (malformed json, missing key, wrong type, unknown
     image/category id, duplicate id); every message starts with the file path and names the offending id and field.
@@ -210,7 +247,7 @@ def load_coco_json(ann_file: str) -> tuple[CocoAnnotations, LabelMap, dict]:
         _require_int(cat, "id", where)
         _require(cat, "name", f"{where} (category id {cat['id']})")
     try:
-        label_map = LabelMap.from_categories(categories)
+        label_map = LabelMap.from_categories(categories, label_mapping)
     except ValueError as e:
         raise ValueError(f"{ann_file}: {e}") from None
 
@@ -249,7 +286,7 @@ def load_coco_json(ann_file: str) -> tuple[CocoAnnotations, LabelMap, dict]:
             continue
         ann_ids.append(ann_id)
         ann_pos.append(position[image_id])
-        ann_labels.append(label_map.to_contiguous(category_id))
+        ann_labels.append(label_map.to_label(category_id))
 
     xywh = np.array(ann_boxes) if ann_boxes else np.zeros((0, 4))
     if xywh.dtype.kind not in "iuf" or xywh.shape != (len(ann_boxes), 4):
@@ -301,14 +338,16 @@ class CocoDataset(torch.utils.data.Dataset):
         ann_file: COCO-format annotation json.
         transforms: callable ``(tv_tensors.Image uint8, {"boxes": BoundingBoxes XYXY, "labels"}) -> same`` that
             also converts to float and normalises (``make_transforms``); ``None`` = only float + normalise.
+        label_mapping: "contiguous" (labels 0..K-1) or "category_id" (label = category id); see ``LabelMap``.
     """
 
-    def __init__(self, img_folder: str, ann_file: str, transforms: Callable | None = None) -> None:
+    def __init__(self, img_folder: str, ann_file: str, transforms: Callable | None = None,
+                 label_mapping: str = "contiguous") -> None:
         if not os.path.isdir(img_folder):
             raise FileNotFoundError(f"image folder not found: {img_folder}")
         self.img_folder = img_folder
         self.ann_file = ann_file
-        self.annotations, self.label_map, self.stats = load_coco_json(ann_file)
+        self.annotations, self.label_map, self.stats = load_coco_json(ann_file, label_mapping)
         self.transforms = make_base_transforms() if transforms is None else transforms
 
     def __len__(self) -> int:
@@ -319,7 +358,7 @@ class CocoDataset(torch.utils.data.Dataset):
         return self.annotations.image_ids.tolist()
 
     def record(self, index: int) -> ImageRecord:
-        """The validated json entry of sample ``index`` (kept boxes XYXY pixels, contiguous labels)."""
+        """The validated json entry of sample ``index`` (kept boxes XYXY pixels, labels of the label map)."""
         return self.annotations.record(index)
 
     def load_image(self, record: ImageRecord) -> tv_tensors.Image:

@@ -3,7 +3,8 @@
 ``collate_batch`` pads images to the largest (H,W) of the batch, bottom/right, with zeros and returns the padding
 mask the model needs (True = padding, the DETR convention: attention and position encodings skip those pixels).
 Because images are padded bottom/right, the normalised boxes in ``targets`` stay relative to each image's own
-``size`` and need no change.
+``size`` and need no change. ``batch_image_sizes(targets)`` reads those sizes back as host ints for the model's
+``image_sizes`` argument (a tight kept-token count k without a device sync).
 
 Reproducible loading: ``make_generator(seed)`` is passed as the DataLoader's ``generator``; PyTorch derives every
 worker's torch seed from it (so the v2 transforms, which use torch's RNG, replay exactly), and ``seed_worker``
@@ -46,6 +47,23 @@ def collate_batch(
         padded[b, :, :h, :w] = img
         mask[b, :h, :w] = False
     return padded, mask, targets
+
+
+def batch_image_sizes(targets: Sequence[dict]) -> list[tuple[int, int]] | None:
+    """The unpadded (h, w) of every image of a collated batch, as host ints, from the targets' ``size``.
+
+    The model uses them to bound the number of kept tokens k (a tensor dimension) tightly without reading the
+    padding mask back from the GPU. Call it BEFORE moving the targets to the device: on CPU tensors this is plain
+    host arithmetic; a target already on the GPU (or without ``size``) gives None, never a device sync.
+    """
+    sizes = []
+    for target in targets:
+        size = target.get("size") if isinstance(target, dict) else None
+        if not isinstance(size, torch.Tensor) or size.device.type != "cpu" or size.numel() != 2:
+            return None
+        h, w = size.tolist()
+        sizes.append((int(h), int(w)))
+    return sizes
 
 
 def seed_worker(worker_id: int) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from sparse_detr.config import Config
@@ -32,7 +33,8 @@ from sparse_detr.engine import dist
 from sparse_detr.engine.optim import build_ema, build_lr_scheduler, build_optimizer, scaled_lr
 
 __all__ = ["LoopOptions", "EpochSampler", "SeededSamples", "build_split", "build_datasets", "build_train_loader",
-           "build_val_loader", "build_model_and_criterion", "build_optimization", "loop_options"]
+           "build_val_loader", "check_num_classes", "build_model_and_criterion", "wrap_distributed",
+           "build_optimization", "loop_options"]
 
 
 @dataclass(frozen=True)
@@ -142,11 +144,24 @@ def build_split(cfg: Config, split: str) -> Dataset:
         # os.path.join keeps absolute paths as they are.
         paths = dict(dataset="coco", img_folder=os.path.join(d.root, images),
                      ann_file=os.path.join(d.root, annotations))
-    dataset = build_dataset(split, **paths, **transform_kwargs)
-    if dataset.label_map.num_classes > cfg.model.num_classes:
-        raise ValueError(f"the {split} set has {dataset.label_map.num_classes} categories but model.num_classes is "
-                         f"{cfg.model.num_classes}; set model.num_classes={dataset.label_map.num_classes}")
+    dataset = build_dataset(split, **paths, label_mapping=d.label_mapping, **transform_kwargs)
+    check_num_classes(dataset.label_map, cfg.model.num_classes, getattr(dataset, "ann_file", split))
     return dataset
+
+
+def check_num_classes(label_map: Any, num_classes: int, source: str) -> None:
+    """Fail before training when the model has fewer class logits than the labels need (a label >= num_classes
+    would index past the logits). More logits than labels is allowed (e.g. COCO's 91 for 80 categories)."""
+    if label_map.num_classes <= num_classes:
+        return
+    if label_map.mode == "category_id":
+        raise ValueError(
+            f"{source}: data.label_mapping=category_id uses the category ids as labels, and the largest id is "
+            f"{max(label_map.category_ids)}, so model.num_classes must be at least {label_map.num_classes} (it is "
+            f"{num_classes}); set model.num_classes={label_map.num_classes}, or data.label_mapping=contiguous "
+            f"for {len(label_map.category_ids)} classes")
+    raise ValueError(f"{source} has {label_map.num_classes} categories but model.num_classes is {num_classes}; "
+                     f"set model.num_classes={label_map.num_classes}")
 
 
 def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
@@ -196,6 +211,21 @@ def build_model_and_criterion(cfg: Config, device: torch.device):
 
     model, criterion, postprocessor = build_model(cfg)
     return model.to(device), criterion.to(device), postprocessor
+
+
+def wrap_distributed(model: torch.nn.Module, device: torch.device, distributed: bool) -> torch.nn.Module:
+    """The module the training step calls: `model` itself, or DDP around it when `distributed`.
+
+    `find_unused_parameters` costs an extra walk of the autograd graph every step, so it is turned on only when
+    the model says a step leaves some trainable parameters without a gradient (`has_unused_parameters()`, e.g.
+    box refinement with `aux_loss: false`); without it DDP would fail at the second step. Every shipped config
+    takes the fast path (our encoder scatters the kept tokens batched, unlike the official per-image loop).
+    """
+    if not distributed:
+        return model
+    check = getattr(model, "has_unused_parameters", None)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=bool(check()) if callable(check) else False)
 
 
 def build_optimization(cfg: Config, model: torch.nn.Module, world: int):

@@ -1,10 +1,11 @@
 """COCO box evaluation: collect post-processed detections, map labels back to category ids, run pycocotools.
 
 We wrap pycocotools' ``COCOeval`` rather than re-implementing it (as torchvision's references do), so our numbers are
-COCO's numbers by construction. What this adds: contiguous labels -> dataset category ids through the ``LabelMap``,
-gathering predictions from all ranks, named metrics instead of a 12-vector, a per-class AP table, zero detections
-handled (pycocotools' ``loadRes`` crashes on an empty list), and pycocotools' prints captured instead of spilling
-into the log of every rank.
+COCO's numbers by construction. What this adds: labels -> dataset category ids through the ``LabelMap`` (contiguous
+labels, or category ids used as labels, where detections of labels that are no category are dropped), gathering
+predictions from all ranks, named metrics instead of a 12-vector, a per-class AP table, zero detections handled
+(pycocotools' ``loadRes`` crashes on an empty list), and pycocotools' prints captured instead of spilling into the
+log of every rank.
 
 Metric convention: -1.0 means "no ground truth for this area range / class" (COCOeval's own convention).
 """
@@ -23,6 +24,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from sparse_detr.data.coco import LabelMap
+from sparse_detr.data.collate import batch_image_sizes
 from sparse_detr.engine.dist import all_gather_object, is_main_process
 
 # The order of COCOeval.stats for iouType="bbox".
@@ -50,7 +52,7 @@ def _empty_results(coco_gt: COCO) -> COCO:
 class CocoEvaluator:
     """Accumulates detections per image id and evaluates them against ``coco_gt``.
 
-    ``update({image_id: {"scores" (n,), "labels" (n,) contiguous, "boxes" (n,4) xyxy original pixels}})``;
+    ``update({image_id: {"scores" (n,), "labels" (n,) of the label map, "boxes" (n,4) xyxy original pixels}})``;
     then ``synchronize()`` on every rank (collective), then ``summarize()`` where the numbers are wanted.
     """
 
@@ -80,19 +82,27 @@ class CocoEvaluator:
 
     def to_coco_results(self) -> list[dict[str, Any]]:
         """Detections in COCO result format: ``image_id``, ``category_id`` (dataset id), ``bbox`` xywh, ``score``."""
-        lookup = np.asarray(self.label_map.category_ids, dtype=np.int64)
+        lookup = self.label_map.label_to_category_array()  # label -> category id, -1 = no category
+        identity = self.label_map.mode == "category_id"
         results = []
         for image_id in sorted(self.predictions):
             pred = self.predictions[image_id]
             labels = pred["labels"].astype(np.int64).reshape(-1)
-            bad = (labels < 0) | (labels >= len(lookup))
-            if bad.any():
-                raise ValueError(f"image id {image_id}: predicted label {int(labels[bad][0])} is outside the label "
-                                 f"map's [0, {len(lookup)}); does the model's num_classes match the dataset?")
             boxes = pred["boxes"].reshape(-1, 4).astype(np.float64)
+            scores = pred["scores"].reshape(-1)
+            outside = (labels < 0) | (labels >= len(lookup))
+            if identity:
+                # Label = category id: a model with 91 logits on COCO's 80 categories can score the 11 unused ids
+                # (or ids beyond the json's largest); they are no category of this dataset, so drop them.
+                keep = ~outside
+                keep[keep] = lookup[labels[keep]] >= 0
+                labels, boxes, scores = labels[keep], boxes[keep], scores[keep]
+            elif outside.any():
+                raise ValueError(f"image id {image_id}: predicted label {int(labels[outside][0])} is outside the "
+                                 f"label map's [0, {len(lookup)}); does the model's num_classes match the dataset?")
             xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
             # Boxes rounded to 1/1000 px keep the json small (COCO val: ~500k detections) without changing IoUs.
-            for category_id, box, score in zip(lookup[labels], xywh, pred["scores"].reshape(-1)):
+            for category_id, box, score in zip(lookup[labels], xywh, scores):
                 results.append({"image_id": image_id, "category_id": int(category_id),
                                 "bbox": [round(float(v), 3) for v in box], "score": float(score)})
         return results
@@ -152,6 +162,8 @@ def evaluate(model: torch.nn.Module, postprocessor: Any, data_loader: Iterable, 
              label_map: LabelMap, coco_gt: COCO, detections_path: str | None = None) -> dict[str, Any]:
     """COCO metrics of ``model`` on ``data_loader`` (batches of ``(images, mask, targets)`` from ``collate_batch``).
 
+    ``model(images, mask, image_sizes=...)`` gets the unpadded image sizes as host ints (``batch_image_sizes``).
+
     Call on every rank (the gather is collective). Returns ``CocoEvaluator.summarize()`` on the main process and
     ``{}`` elsewhere; restores the model's train/eval mode. ``detections_path``: also save the detections json.
     """
@@ -160,7 +172,9 @@ def evaluate(model: torch.nn.Module, postprocessor: Any, data_loader: Iterable, 
     evaluator = CocoEvaluator(coco_gt, label_map)
     with torch.no_grad():
         for images, mask, targets in data_loader:
-            outputs = model(images.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+            sizes = batch_image_sizes(targets)  # host ints, before any copy: a tight k without a device sync
+            outputs = model(images.to(device, non_blocking=True), mask.to(device, non_blocking=True),
+                            image_sizes=sizes)
             orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
             results = postprocessor(outputs, target_sizes=orig_sizes)
             evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results)})

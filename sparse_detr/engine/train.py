@@ -25,9 +25,9 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from sparse_detr.config import Config, save_config, to_dict
+from sparse_detr.data import LabelMap, batch_image_sizes
 from sparse_detr.engine import builders, dist
 from sparse_detr.engine.checkpoint import (BEST, LAST, check_config_compatible, find_last_checkpoint,
                                            get_rng_state, load_checkpoint, save_checkpoint, set_rng_state)
@@ -78,13 +78,9 @@ class Trainer:
         self.train_loader, self.train_sampler, self.val_loader = train_loader, train_sampler, val_loader
         self.coco_gt, self.label_map, self.info, self.opts, self.config = coco_gt, label_map, info, options, config
         self.device = info.device
-        # No find_unused_parameters (an extra autograd-graph walk every step): our encoder scatters the kept tokens
-        # batched, unlike the official per-image loop, so every trainable parameter gets a gradient each step.
-        # tests/test_train.py runs the full Sparse DETR configuration (all heads) under DDP. A configuration that
-        # leaves a head unused fails loudly at the second step, naming the parameters with
-        # TORCH_DISTRIBUTED_DEBUG=DETAIL; the fix belongs in the model (train or drop that head).
-        self.net = (DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                            else None) if info.distributed else model)
+        # find_unused_parameters only where the model says a step leaves parameters unused (builders.py);
+        # tests/test_gradients.py checks that every shipped config family trains every parameter.
+        self.net = builders.wrap_distributed(model, self.device, info.distributed)
         self.params = [p for p in model.parameters() if p.requires_grad]
         full = train_sampler.samples_per_epoch // train_loader.batch_size
         self.iters_per_epoch = min(full, options.max_iters_per_epoch) if options.max_iters_per_epoch > 0 else full
@@ -126,9 +122,9 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
-        if ckpt.get("label_map") and ckpt["label_map"] != self.label_map.to_dict():
-            self.log.warning("%s was trained with other categories than this dataset's; labels may not match",
-                             source)
+        if ckpt.get("label_map") and LabelMap.from_dict(ckpt["label_map"]) != self.label_map:
+            self.log.warning("%s was trained with another label map (%r) than this dataset's (%r); labels may not "
+                             "match", source, LabelMap.from_dict(ckpt["label_map"]), self.label_map)
 
     def restore(self, ckpt: dict, source: str) -> None:
         """Everything, to continue at the saved iteration (`--resume`)."""
@@ -207,12 +203,15 @@ class Trainer:
         return {k: v for k, v in meters.global_avgs().items() if k not in ("iter_time", "data_time")}
 
     def train_step(self, epoch: int, step: int, images, mask, targets) -> dict[str, float]:
+        # Host ints read from the CPU targets before the copy: the model bounds its kept-token count k with them
+        # (k is a tensor dimension) instead of the padded size, without reading anything back from the GPU.
+        sizes = batch_image_sizes(targets)
         images = images.to(self.device, non_blocking=True)
         mask = mask.to(self.device, non_blocking=True)
         targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
         with autocast:
-            outputs = self.net(images, mask)
+            outputs = self.net(images, mask, image_sizes=sizes)
         losses = self.criterion(_to_float32(outputs), targets)
         total = weighted_total(losses, self.criterion.weight_dict)
         names = ["loss"] + sorted(losses)
@@ -367,9 +366,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, *, use_ema: bool = False,
         model, _, postprocessor = builders.build_model_and_criterion(cfg, info.device)
         ckpt = load_checkpoint(checkpoint)
         check_config_compatible(ckpt.get("config"), to_dict(cfg), checkpoint)
-        if ckpt.get("label_map") and ckpt["label_map"] != val_set.label_map.to_dict():
-            raise ValueError(f"{checkpoint} was trained with other categories than {val_set.ann_file}: the "
-                             f"predicted labels would be mapped to the wrong category ids")
+        trained = LabelMap.from_dict(ckpt["label_map"]) if ckpt.get("label_map") else None
+        if trained is not None and trained != val_set.label_map:
+            raise ValueError(f"{checkpoint} was trained with another label map ({trained!r}) than {val_set.ann_file} "
+                             f"gives ({val_set.label_map!r}): the predicted labels would be mapped to the wrong "
+                             f"category ids (check data.label_mapping)")
         if use_ema:
             if ckpt.get("ema") is None:
                 raise ValueError(f"{checkpoint} has no EMA weights (trained with train.ema=false)")

@@ -51,9 +51,6 @@ BACKBONES: dict[str, Callable[[ModelConfig], Joiner]] = {
     "tiny_cnn": _tiny_cnn,  # random-init GroupNorm CNN for CPU demos / fast tests (tiny_backbone.py)
 }
 
-#: Loss suffix of the OS-target head (``backbone_outputs``), used by ``build_model``'s weight dict.
-BACKBONE_SUFFIX = "_backbone"
-
 
 def build_detector(m: ModelConfig) -> SparseDETR:
     """The detector alone (no criterion), e.g. for export, FLOP counting or checkpoint conversion."""
@@ -81,13 +78,10 @@ def build_model(cfg: Config) -> tuple[SparseDETR, SetCriterion, nn.Module]:
         cls=loss.cls_loss_coef, bbox=loss.bbox_loss_coef, giou=loss.giou_loss_coef, mask=loss.mask_prediction_coef,
         num_dec_layers=m.dec_layers if m.aux_loss else 1,
         num_enc_aux=m.enc_layers - 1 if m.use_enc_aux_loss else 0, two_stage=m.two_stage,
+        backbone_head=m.rho > 0 and m.scorer_target == "os",  # the OS head is a detection head (method §6)
     )
     if not (m.rho > 0 and m.scorer_target == "dam"):
         weight_dict.pop("loss_mask", None)  # no scorer to train
-    if m.rho > 0 and m.scorer_target == "os":  # the OS head is a detection head like the others (method §6)
-        weight_dict.update({"loss_ce" + BACKBONE_SUFFIX: loss.cls_loss_coef,
-                            "loss_bbox" + BACKBONE_SUFFIX: loss.bbox_loss_coef,
-                            "loss_giou" + BACKBONE_SUFFIX: loss.giou_loss_coef})
     criterion = SetCriterion(m.num_classes, matcher, weight_dict, focal_alpha=loss.focal_alpha,
                              focal_gamma=loss.focal_gamma, class_agnostic_enc=m.two_stage and not m.eff_specific_head)
     return model, criterion, PostProcess(num_select=100)

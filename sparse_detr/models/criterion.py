@@ -7,6 +7,7 @@
     decoder layer i (aux)        loss_ce_{i}, loss_bbox_{i}, loss_giou_{i}              its own predictions
     two-stage encoder head       loss_ce_enc, loss_bbox_enc, loss_giou_enc              all (valid) tokens
     encoder aux layer i          loss_ce_enc_aux_{i}, loss_bbox_enc_aux_{i}, ...        its valid kept tokens
+    OS backbone head             loss_ce_backbone, loss_bbox_backbone, ...              all (valid) backbone tokens
     token scorer                 loss_mask                                             (no matching)
 
 plus logging-only ``stat_*`` values. Weights live in one dict (``build_weight_dict``) and are applied in one place
@@ -31,22 +32,27 @@ from sparse_detr.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from sparse_detr.models.matcher import HungarianMatcher, MatchIndices, flatten_indices
 
 HEAD_LOSSES = ("loss_ce", "loss_bbox", "loss_giou")
+BACKBONE_SUFFIX = "_backbone"  # loss-key suffix of the OS head (``backbone_outputs``)
 
 
 def build_weight_dict(cls: float = 2.0, bbox: float = 5.0, giou: float = 2.0, mask: float = 1.0,
-                      num_dec_layers: int = 6, num_enc_aux: int = 0, two_stage: bool = False) -> dict[str, float]:
+                      num_dec_layers: int = 6, num_enc_aux: int = 0, two_stage: bool = False,
+                      backbone_head: bool = False) -> dict[str, float]:
     """Weight of every loss the criterion can return (Sec. 7: 2 / 5 / 2 for every head, mask 1).
 
     Args:
         num_dec_layers: decoder layers; the last one is the final head, the others give ``_{i}`` aux terms.
         num_enc_aux: encoder auxiliary heads (Sparse DETR: 5, after encoder layers 1..5; 0 when dense).
         two_stage: add the ``_enc`` terms of the two-stage head.
+        backbone_head: add the ``_backbone`` terms of the objectness-score (OS) selection head.
     """
     head = {"loss_ce": cls, "loss_bbox": bbox, "loss_giou": giou}
     suffixes = [""] + [f"_{i}" for i in range(num_dec_layers - 1)]
     if two_stage:
         suffixes.append("_enc")
     suffixes += [f"_enc_aux_{i}" for i in range(num_enc_aux)]
+    if backbone_head:
+        suffixes.append(BACKBONE_SUFFIX)
     weights = {name + suffix: w for suffix in suffixes for name, w in head.items()}
     weights["loss_mask"] = mask
     return weights
@@ -206,8 +212,8 @@ class SetCriterion(nn.Module):
 
         Args:
             outputs: the model's output dict (``pred_logits``, ``pred_boxes``, optional ``aux_outputs``,
-                ``enc_outputs``, ``enc_aux_outputs``, ``mask_logits`` / ``mask_targets`` / ``mask_weights``;
-                other keys are ignored).
+                ``enc_outputs``, ``enc_aux_outputs``, ``backbone_outputs``, ``mask_logits`` / ``mask_targets`` /
+                ``mask_weights``; other keys are ignored).
             targets: B dicts with ``labels`` (T_b,) int64 and ``boxes`` (T_b, 4) cxcywh normalised.
         Returns:
             Named unweighted scalar losses and ``stat_*`` logging values.
@@ -237,6 +243,13 @@ class SetCriterion(nn.Module):
         # own, with real class labels; the `valid` mask hides the slots beyond each image's k_b.
         for i, enc_aux in enumerate(outputs.get("enc_aux_outputs") or []):
             losses.update(self.head_losses(enc_aux, targets, num_boxes, suffix=f"_enc_aux_{i}")[0])
+
+        # OS token selection (method §6, the paper's ablation): the objectness head on the backbone tokens is a
+        # detection head like the two-stage one, class-specific (its max class logit ranks the tokens); `valid`
+        # hides padding and tokens whose grid proposal is invalid. Without this loss the head would never train.
+        if outputs.get("backbone_outputs") is not None:
+            losses.update(self.head_losses(outputs["backbone_outputs"], targets, num_boxes,
+                                           suffix=BACKBONE_SUFFIX)[0])
 
         if outputs.get("mask_logits") is not None:
             losses["loss_mask"] = mask_prediction_loss(outputs["mask_logits"], outputs["mask_targets"],

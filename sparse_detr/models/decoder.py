@@ -6,10 +6,12 @@ FFN → add & ``norm3`` (the official module names, so official checkpoints load
 
 The decoder is given the box heads at call time (they belong to the detector, which also registers them under
 ``transformer.decoder.*`` only for the official checkpoint layout). Layer l predicts
-``box_l = sigmoid(head_l(h_l) + inverse_sigmoid(ref_l))`` (for a 2-d reference point only the centre gets the
-offset added). With refinement, ``ref_{l+1} = box_l.detach()`` (gradient does not flow across layers through the
-boxes); without it every layer keeps the initial reference. The returned boxes keep their gradient, so the
-detector does not evaluate the box heads a second time.
+``box_l = sigmoid(head_l(h_l) + inverse_sigmoid(ref_l))`` (for a 2-d reference point the head's full
+(cx, cy, w, h) output is used and only its centre gets the reference added, so the box size is the head's own).
+With refinement, ``ref_{l+1} = box_l.detach()`` (gradient does not flow across layers through the boxes); without
+it every layer keeps the initial reference. Plain queries + refinement (the "Deformable DETR + iterative bounding
+box refinement" recipe) therefore attend around 2-d points in layer 0 and around boxes from layer 1 on. The returned
+boxes keep their gradient, so the detector does not evaluate the box heads a second time.
 
 For the DAM (method §6) the decoder can return every layer's cross-attention sampling locations and weights.
 """
@@ -93,13 +95,14 @@ class DecoderOutput:
 
     hidden: (Ld, B, Q, d) every layer's output.
     boxes: (Ld, B, Q, 4) every layer's predicted boxes, cxcywh in [0, 1], with gradient.
-    references: (Ld, B, Q, 4|2) the reference each layer attended around (its input).
+    references: Ld tensors (B, Q, 4|2), the reference each layer attended around (its input). A tuple, not a
+        stacked tensor: with plain queries and refinement, layer 0 has 2-d points and the later layers boxes.
     sampling_locations: (B, Ld, Q, H, L, P, 2) or None; attention_weights: (B, Ld, Q, H, L, P) or None.
     """
 
     hidden: Tensor
     boxes: Tensor
-    references: Tensor
+    references: tuple[Tensor, ...]
     sampling_locations: Optional[Tensor] = None
     attention_weights: Optional[Tensor] = None
 
@@ -149,7 +152,7 @@ class Decoder(nn.Module):
                 if ratios.shape[-1] == 2:
                     ratios = torch.cat((valid_ratios, valid_ratios), -1)
         return DecoderOutput(
-            hidden=torch.stack(hidden), boxes=torch.stack(boxes), references=torch.stack(references),
+            hidden=torch.stack(hidden), boxes=torch.stack(boxes), references=tuple(references),
             sampling_locations=torch.stack(locations, dim=1) if return_sampling else None,
             attention_weights=torch.stack(weights, dim=1) if return_sampling else None,
         )

@@ -234,6 +234,17 @@ class SparseDETR(nn.Module):
             t.backbone_class_embed, t.backbone_bbox_embed = self._class_head(), self._box_head()
         return t
 
+    def has_unused_parameters(self) -> bool:
+        """Whether a training step leaves some trainable parameters without a gradient (DDP then needs
+        ``find_unused_parameters=True``, an extra graph walk per step, so it is asked for only when needed).
+
+        The one such case: box refinement without ``aux_loss``. Each decoder layer then has its own heads, but only
+        the last layer's predictions reach a loss (the refined boxes are detached between layers), so the class
+        heads of layers 0..Ld-2 are outside the loss's graph. Everything else is used by every step (checked for
+        every shipped config family, and this answer against the real gradients, in tests/test_gradients.py).
+        """
+        return self.with_box_refine and not self.aux_loss and self.dec_layers > 1
+
     def _register_checkpoint_aliases(self, dec_layers: int) -> None:
         """Second names of the heads, as the official code registers them (see the module docstring)."""
         if self.two_stage:
