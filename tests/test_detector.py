@@ -192,3 +192,24 @@ def test_two_stage_never_selects_padding_or_invalid_tokens():
     assert valid.gather(1, chosen).all()
     assert (reference < 1).all() and tgt.shape == query_pos.shape == (2, 10, dim)
     assert torch.equal(enc["valid"], valid)
+
+
+def test_encoder_aux_heads_are_training_only():
+    """The encoder aux heads only feed losses: inference skips them, and their absence changes no prediction."""
+    model, _, _ = _build("sparse_detr_r50_rho0.1", "model.train_backbone=false")
+    images = [torch.randn(*s, generator=torch.Generator().manual_seed(3)) for s in IMAGES]
+    calls = []
+    hook = model.class_embed[-1].register_forward_hook(lambda *a: calls.append(1))  # the last encoder aux head
+    model.train()
+    with torch.no_grad():
+        train_out = model(images)
+    assert calls and len(train_out["enc_aux_outputs"]) == 1
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        eval_out = model(images)
+    hook.remove()
+    assert not calls and "enc_aux_outputs" not in eval_out
+    # dropout is 0, so train and eval modes compute the same detections
+    torch.testing.assert_close(eval_out["pred_boxes"], train_out["pred_boxes"])
+    torch.testing.assert_close(eval_out["pred_logits"], train_out["pred_logits"])

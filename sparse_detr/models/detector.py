@@ -11,7 +11,7 @@ Output dict of ``SparseDETR.forward`` (B images, Q queries, K classes, S tokens,
     aux_outputs        list of Ld-1 {pred_logits, pred_boxes} for decoder layers 0..Ld-2   (aux_loss)
     enc_outputs        {pred_logits (B, S, K), pred_boxes (B, S, 4), valid (B, S) bool}   (two_stage)
     enc_aux_outputs    list of enc_layers-1 {pred_logits (B, k, K), pred_boxes (B, k, 4), valid (B, k)}
-                                                                                           (use_enc_aux_loss)
+                                                                             (use_enc_aux_loss, training only)
     backbone_outputs   {pred_logits (B, S, K), pred_boxes (B, S, 4), valid (B, S)}         (rho > 0, scorer os)
     mask_logits        (B, S)  scorer logits (official padding mode: padding filled with their batch minimum)
     mask_targets       (B, S)  float 0/1, top-k_b tokens of the DAM (no gradient)
@@ -328,7 +328,7 @@ class SparseDETR(nn.Module):
 
         # §4: the (sparse) encoder, with aux heads on the kept tokens.
         aux_heads = None
-        if self.use_enc_aux_loss:
+        if self.use_enc_aux_loss and self.training:  # the aux heads only feed losses: skip them at inference
             aux_heads = (list(self.class_embed)[Ld + 1:], list(self.bbox_embed)[Ld + 1:])
         reference_points = dense_reference_points(tok["shapes"], tok["valid_ratios"])
         memory, enc_aux = t.encoder(tok["src"], tok["pos"], reference_points, tok["spatial_shapes"],
