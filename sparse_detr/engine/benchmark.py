@@ -1,0 +1,403 @@
+"""Model cost benchmark: parameters, GFLOPs (split by part), inference FPS and a training step, per config.
+
+`benchmark_configs(paths, options)` builds every config in turn, in one process, and measures it on the same
+inputs; the first config is the baseline of the ratios. `tools/benchmark.py` is the command line over it.
+One record per config (see `benchmark_config`):
+
+* `params_total` (unique parameters), `params_trainable`, and `params`: what inference needs, i.e. without the
+  encoder aux heads (they only feed training losses, although our forward, like the official one, still runs them
+  in eval mode) and without heads that never run in eval.
+* GFLOPs by `torch.utils.flop_counter.FlopCounterMode` with the op formula of `sparse_detr.ops.flops`, one image at
+  a time, MEAN over the images (the official tool prints the mean but reports the last image). `gflops`: torch's
+  convention (1 multiply-add = 2 FLOPs); `gflops_official`: halved, the fvcore convention of the paper;
+  `*_without_op`: the deformable attention op left out, close to what fvcore counts (it sees only grid_sample).
+  `gflops_parts`: backbone / encoder (input projections, encoder layers, token scorer) / decoder (decoder layers,
+  query initialisation) / heads (every class and box head, wherever called) / enc_aux_heads (the encoder aux
+  heads: training-only, but run by the eval forward) / other (the proposal projection `enc_output`, shared by
+  the scorer input and the two-stage proposals).
+* `fps_bs{n}`: images/s in eval mode under `torch.inference_mode` after warm-up, median run (CUDA synced).
+* `train_step_s`, `train_peak_mem_mb`, `train_gflops_per_image` (`options.train_step`): forward + criterion +
+  backward on random targets; memory = CUDA max allocated, or on the CPU the growth of the resident set size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from sparse_detr.config import load_config
+from sparse_detr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from sparse_detr.ops import backend_for
+from sparse_detr.ops import flops as op_flops  # registers the op's FLOP formulas
+
+__all__ = ["BenchmarkOptions", "load_images", "count_parameters", "count_flops", "measure_fps",
+           "measure_train_step", "benchmark_config", "benchmark_configs", "add_ratios", "format_markdown"]
+
+PARTS = ("backbone", "encoder", "decoder", "heads", "enc_aux_heads", "other")
+# Module-name prefixes (as `named_modules` spells them) -> part. A module registered under several names (the
+# heads are aliased under transformer.decoder / transformer.encoder for the checkpoint layout) takes the part
+# that comes first in PARTS_PRIORITY, so a head is a head wherever it is called from.
+PART_PREFIXES = {
+    "backbone": "backbone",
+    "input_proj": "encoder", "transformer.encoder": "encoder", "transformer.enc_mask_predictor": "encoder",
+    "transformer.backbone_class_embed": "heads", "transformer.backbone_bbox_embed": "heads",
+    "transformer.decoder": "decoder", "transformer.pos_trans": "decoder", "transformer.pos_trans_norm": "decoder",
+    "transformer.reference_points": "decoder", "query_embed": "decoder",
+    "class_embed": "heads", "bbox_embed": "heads",
+}
+PARTS_PRIORITY = ("heads", "backbone", "encoder", "decoder")
+HEAD_LISTS = ("class_embed", "bbox_embed", "backbone_class_embed", "backbone_bbox_embed")
+
+
+@dataclass
+class BenchmarkOptions:
+    device: str = "cpu"
+    batch_sizes: Sequence[int] = (1, 4)
+    num_images: int = 2  # images for the FLOP mean (and the pool the FPS batches are drawn from)
+    height: int = 800
+    width: int = 1333
+    coco_dir: Optional[str] = None  # a folder of images (or a COCO root with val2017/) instead of random ones
+    warmup: int = 1
+    timed_runs: int = 3
+    train_step: bool = False
+    train_runs: int = 2
+    seed: int = 0
+    overrides: Sequence[str] = field(default_factory=tuple)  # key=value for every config
+
+
+def load_images(num_images: int, height: int, width: int, coco_dir: Optional[str] = None,
+                seed: int = 0) -> list[Tensor]:
+    """`num_images` normalised (3, H, W) float images: uniform noise of height x width, or the first images of
+    `coco_dir` (sorted by name) resized as the val transform does (shorter side `height`, longer <= `width`)."""
+    if coco_dir is None:
+        g = torch.Generator().manual_seed(seed)
+        mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        return [(torch.rand(3, height, width, generator=g) - mean) / std for _ in range(num_images)]
+    from PIL import Image
+
+    from sparse_detr.engine.visualize import list_images, prepare_image
+
+    subs = [os.path.join(coco_dir, s) for s in ("val2017", "val") if os.path.isdir(os.path.join(coco_dir, s))]
+    folder = subs[0] if subs else coco_dir  # a COCO root (val2017/), our synthetic root (val/), or a folder
+    images = []
+    for path in list_images(folder)[:num_images]:
+        with Image.open(path) as im:
+            images.append(prepare_image(im, height, max(width, height))[0])
+    return images
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _modules_that_run(model: nn.Module) -> Iterator[set[int]]:
+    """Collects the ids of the modules whose forward runs inside the block."""
+    ran: set[int] = set()
+    handles = [m.register_forward_pre_hook(lambda mod, args: ran.add(id(mod))) for m in model.modules()]
+    try:
+        yield ran
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _training_only_heads(model: nn.Module) -> set[int]:
+    """ids of the encoder aux heads: the heads the detector also registers under transformer.encoder.* (they
+    only feed the encoder aux losses), unless the same object also fills a decoder slot (one shared head)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    aux: set[int] = set()
+    for kind in ("class_embed", "bbox_embed"):
+        alias, full = modules.get(f"transformer.encoder.{kind}"), modules.get(kind)
+        if isinstance(alias, nn.ModuleList) and isinstance(full, nn.ModuleList):
+            other_slots = {id(m) for m in list(full)[:len(full) - len(alias)]}
+            aux.update(id(m) for m in alias if id(m) not in other_slots)
+    return aux
+
+
+def count_parameters(model: nn.Module, ran: set[int]) -> dict[str, int]:
+    """Total, trainable and inference parameter counts (shared parameters counted once). Inference excludes the
+    encoder aux heads and any head that does not run in an eval forward (`ran`: ids of the modules that ran in
+    one, as `count_flops` returns them)."""
+    unique = {id(p): p for p in model.parameters()}
+    aux = _training_only_heads(model)
+    heads = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name.split(".")[-1] in HEAD_LISTS and isinstance(module, nn.ModuleList):
+            heads.update((id(h), h) for h in module)
+    used = {id(p) for k, h in heads.items() if k in ran and k not in aux for p in h.parameters()}
+    unused = {id(p): p for k, h in heads.items() for p in h.parameters() if id(p) not in used}
+    total = sum(p.numel() for p in unique.values())
+    return {"params_total": total, "params_trainable": sum(p.numel() for p in unique.values() if p.requires_grad),
+            "params": total - sum(p.numel() for p in unused.values())}
+
+
+def _module_parts(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
+    """id -> (module, part) for every module under a PART_PREFIXES entry (all names of aliased modules)."""
+    found: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for prefix, part in PART_PREFIXES.items():
+            if name == prefix or name.startswith(prefix + "."):
+                found.setdefault(id(module), (module, []))[1].append(part)
+    rank = {p: i for i, p in enumerate(PARTS_PRIORITY)}
+    # Encoder aux heads (and their layers) are charged apart: what inference would save by skipping them.
+    heads = _training_only_heads(model)
+    aux = {id(sub) for m in model.modules() if id(m) in heads for sub in m.modules()}
+    return {k: (m, "enc_aux_heads" if k in aux else min(parts, key=rank.__getitem__))
+            for k, (m, parts) in found.items()}
+
+
+class _PartAttribution:
+    """Forward hooks that charge every FLOP to the innermost part being executed ("other" outside all parts).
+
+    Uses only `FlopCounterMode.get_total_flops()`: the growth of the total between two hook events belongs to
+    the part on top of the stack at that moment. Ops in a part's forward that run after one of its children
+    returned are still charged correctly, because every pre- and post-hook settles the account first."""
+
+    def __init__(self, model: nn.Module, counter: FlopCounterMode) -> None:
+        self.counter, self.stack, self.last = counter, ["other"], 0
+        self.totals = dict.fromkeys(PARTS, 0)
+        self.handles = []
+        for module, part in _module_parts(model).values():
+            self.handles.append(module.register_forward_pre_hook(lambda m, a, part=part: self._move(part)))
+            self.handles.append(module.register_forward_hook(lambda m, a, o: self._move(None)))
+
+    def _settle(self) -> None:
+        now = self.counter.get_total_flops()
+        self.totals[self.stack[-1]] += now - self.last
+        self.last = now
+
+    def _move(self, part: Optional[str]) -> None:
+        self._settle()  # what ran since the last hook belongs to the part that was on top until now
+        self.stack.append(part) if part else self.stack.pop()
+
+    def close(self) -> dict[str, int]:
+        self._settle()
+        for h in self.handles:
+            h.remove()
+        return self.totals
+
+
+def _count_one(model: nn.Module, image: Tensor) -> dict:
+    with torch.no_grad(), _modules_that_run(model) as ran, FlopCounterMode(display=False) as counter:
+        parts = _PartAttribution(model, counter)
+        try:
+            out = model([image])
+        finally:
+            split = parts.close()
+    counts = counter.get_flop_counts()["Global"]
+    kept = out.get("kept_token_counts")
+    return {"total": counter.get_total_flops(), "op": sum(counts.get(p, 0) for p in op_flops.OP_PACKETS),
+            "parts": split, "tokens": int(out["padding_mask"].shape[1]), "ran": ran,
+            "kept": float(kept.float().mean()) if kept is not None else None}
+
+
+def count_flops(model: nn.Module, images: list[Tensor]) -> dict:
+    """Mean per-image FLOPs of an eval forward, one image at a time (torch convention), with the part split,
+    the op's own share, the mean number of tokens and kept tokens, and the ids of the modules that ran."""
+    model.eval()
+    # FlopCounterMode's module tracker asserts on tensors that require grad but have no autograd history (views
+    # of parameters made under no_grad, e.g. learned query embeddings): freeze the parameters while counting.
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        runs = [_count_one(model, image) for image in images]
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    n = len(runs)
+    mean = lambda key: sum(r[key] for r in runs) / n  # noqa: E731
+    return {
+        "flops": mean("total"), "op_flops": mean("op"),
+        "parts": {p: sum(r["parts"][p] for r in runs) / n for p in PARTS},
+        "tokens": runs[0]["tokens"], "kept_tokens": None if runs[0]["kept"] is None else mean("kept"),
+        "ran": runs[0]["ran"],
+    }
+
+
+def measure_fps(model: nn.Module, images: list[Tensor], batch_size: int, warmup: int, runs: int,
+                device: torch.device) -> float:
+    """Images per second of eval forwards on batches of `batch_size` images (the pool cycled if too small), from
+    the MEDIAN run time: robust to the load spikes of a shared machine, which a mean would absorb."""
+    batch = [images[i % len(images)].to(device) for i in range(batch_size)]
+    model.eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + runs):
+            _synchronize(device)
+            start = time.perf_counter()
+            model(batch)
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+    return batch_size / statistics.median(times[warmup:])
+
+
+@contextlib.contextmanager
+def _rss_growth() -> Iterator[dict]:
+    """Peak growth of the resident set size (bytes) while the block runs, sampled every 2 ms by a thread (torch
+    ops release the GIL, so the sampler runs during them). Linux only (/proc); elsewhere it reports 0."""
+    page, statm = os.sysconf("SC_PAGE_SIZE"), "/proc/self/statm"
+    rss = (lambda: int(open(statm).read().split()[1]) * page) if os.path.exists(statm) else (lambda: 0)
+    stats, stop = {"start": rss(), "peak": 0}, threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.002):
+            stats["peak"] = max(stats["peak"], rss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield stats
+    finally:
+        stop.set()
+        thread.join()
+        stats["growth"] = max(stats["peak"], rss()) - stats["start"]
+
+
+def _random_targets(num: int, num_classes: int, device: torch.device, seed: int) -> list[dict[str, Tensor]]:
+    """Five random boxes (cxcywh in [0, 1]) with random labels per image: enough for the matcher and losses."""
+    g = torch.Generator().manual_seed(seed)
+    centres, sizes = 0.2 + 0.6 * torch.rand(num, 5, 2, generator=g), 0.05 + 0.3 * torch.rand(num, 5, 2, generator=g)
+    boxes = torch.cat([centres, sizes], -1)
+    labels = torch.randint(0, num_classes, (num, 5), generator=g)
+    return [{"labels": lab.to(device), "boxes": box.to(device)} for lab, box in zip(labels, boxes)]
+
+
+def measure_train_step(model: nn.Module, criterion: nn.Module, images: list[Tensor], device: torch.device,
+                       runs: int = 2, seed: int = 0) -> dict:
+    """Seconds per forward + weighted loss + backward on `images` as one batch, its peak memory and FLOPs."""
+    from sparse_detr.models.criterion import weighted_total
+
+    batch = [im.to(device) for im in images]
+    targets = _random_targets(len(batch), model.num_classes, device, seed)
+    model.train()
+
+    def step() -> None:
+        loss = weighted_total(criterion(model(batch), targets), criterion.weight_dict)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:  # the warm-up step, counted
+        step()
+    _synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with _rss_growth() as rss:
+        start = time.perf_counter()
+        for _ in range(runs):
+            step()
+        _synchronize(device)
+        elapsed = (time.perf_counter() - start) / runs
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss["growth"]
+    model.eval()
+    return {"train_step_s": elapsed, "train_peak_mem_mb": peak / 2**20,
+            "train_gflops_per_image": counter.get_total_flops() / len(batch) / 1e9}
+
+
+def benchmark_config(path: str, images: list[Tensor], options: BenchmarkOptions) -> dict:
+    """Every measurement of one config (see the module docstring for the keys)."""
+    from sparse_detr.models import build_model
+
+    # Random weights are fine for cost: a pretrained-backbone file would only slow the build (or be missing).
+    cfg = load_config(path, list(options.overrides) + ["model.pretrained_backbone=null"])
+    device = torch.device(options.device)
+    torch.manual_seed(options.seed)
+    model, criterion, _ = build_model(cfg)
+    model, criterion = model.to(device).eval(), criterion.to(device)
+    pool = [im.to(device) for im in images]
+
+    backend = backend_for(device, pool[0].dtype)
+    if backend == "reference":
+        warnings.warn(f"{path}: ms_deform_attn runs on the grid_sample reference on {device}; its FLOPs are not "
+                      "counted and timings are not representative. Build the kernels first.", stacklevel=2)
+    record = {"config": path, "name": os.path.splitext(os.path.basename(path))[0], "rho": cfg.model.rho,
+              "device": str(device), "op_backend": backend, "image_hw": list(pool[0].shape[-2:]),
+              "num_images": len(pool)}
+    fl = count_flops(model, pool)
+    record.update(count_parameters(model, fl["ran"]))
+    parts = {p: v / 1e9 for p, v in fl["parts"].items()}
+    record.update({
+        "gflops": fl["flops"] / 1e9, "gflops_official": op_flops.to_official(fl["flops"]) / 1e9,
+        "gflops_without_op": (fl["flops"] - fl["op_flops"]) / 1e9,
+        "gflops_official_without_op": op_flops.to_official(fl["flops"] - fl["op_flops"]) / 1e9,
+        "gflops_parts": parts, "gflops_parts_official": {p: op_flops.to_official(v) for p, v in parts.items()},
+        "tokens": fl["tokens"], "kept_tokens": fl["kept_tokens"],
+    })
+    for bs in options.batch_sizes:
+        record[f"fps_bs{bs}"] = measure_fps(model, pool, bs, options.warmup, options.timed_runs, device)
+    if options.train_step:
+        record.update(measure_train_step(model, criterion, pool[:1], device, options.train_runs, options.seed))
+    return record  # the model is freed here; CUDA's cache then serves the next config
+
+
+RATIO_KEYS = ("params", "gflops", "gflops_official", "gflops_official_without_op", "train_step_s", "train_peak_mem_mb")
+
+
+def add_ratios(records: list[dict]) -> list[dict]:
+    """Add `ratios` {key: value / baseline value} to every record; the baseline is the first record."""
+    base = records[0]
+    for r in records:
+        keys = list(RATIO_KEYS) + [k for k in base if k.startswith("fps_bs")]
+        r["ratios"] = {k: r[k] / base[k] for k in keys if k in r and k in base and base[k]}
+        r["ratios"].update({f"{p}_gflops": r["gflops_parts"][p] / base["gflops_parts"][p]
+                            for p in PARTS if base["gflops_parts"][p]})
+    return records
+
+
+def benchmark_configs(paths: Sequence[str], options: BenchmarkOptions, log=print,
+                      on_record=lambda records: None) -> list[dict]:
+    """Benchmark every config on the same inputs; the first is the baseline of the ratios. `on_record(records)`
+    runs after each config (e.g. to save the partial results of a long CPU run)."""
+    images = load_images(options.num_images, options.height, options.width, options.coco_dir, options.seed)
+    records = []
+    for path in paths:
+        start = time.perf_counter()
+        records.append(benchmark_config(path, images, options))
+        log(f"{path}: {records[-1]['gflops_official']:.1f} GFLOPs (official convention), "
+            f"{records[-1].get('fps_bs1', float('nan')):.2f} FPS at batch 1 [{time.perf_counter() - start:.0f} s]")
+        on_record(add_ratios(records))
+    return add_ratios(records)
+
+
+def _g(x: float) -> str:
+    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"  # tiny test models still show their digits
+
+
+def format_markdown(records: list[dict]) -> str:
+    """Two markdown tables: cost with ratios to the first row, and the per-part GFLOPs split."""
+    bs = sorted(int(k[6:]) for k in records[0] if k.startswith("fps_bs"))
+    train = "train_step_s" in records[0]
+    head = ["config", "ρ", "params (M)", "GFLOPs torch", "GFLOPs official", "× base", "official w/o op"]
+    head += [f"FPS bs{b}" for b in bs] + [f"× base bs{b}" for b in bs]
+    head += ["train s/iter", "train peak MB"] if train else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        ra = r["ratios"]
+        row = [r["name"], f"{r['rho']:g}", f"{r['params'] / 1e6:.1f}", _g(r["gflops"]), _g(r["gflops_official"]),
+               f"{ra['gflops_official']:.3f}", _g(r["gflops_official_without_op"])]
+        row += [f"{r[f'fps_bs{b}']:.2f}" for b in bs] + [f"{ra.get(f'fps_bs{b}', float('nan')):.2f}" for b in bs]
+        row += [f"{r['train_step_s']:.2f}", f"{r['train_peak_mem_mb']:.0f}"] if train else []
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "GFLOPs per part (official convention, 1 multiply-add = 1 FLOP; torch convention = 2×), "
+              "with the ratio to the baseline:", "",
+              "| config | tokens | kept | " + " | ".join(PARTS) + " | total |", "|" + "---|" * (len(PARTS) + 4)]
+    for r in records:
+        po, ra = r["gflops_parts_official"], r["ratios"]
+        cells = [f"{_g(po[p])} ({ra[f'{p}_gflops']:.2f}×)" if f"{p}_gflops" in ra else _g(po[p])
+                 for p in PARTS]
+        kept = "all" if r["kept_tokens"] is None else f"{r['kept_tokens']:.0f}"
+        lines.append(f"| {r['name']} | {r['tokens']} | {kept} | " + " | ".join(cells)
+                     + f" | {_g(r['gflops_official'])} |")
+    return "\n".join(lines) + "\n"
