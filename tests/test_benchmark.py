@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from sparse_detr.engine import benchmark as bm
+from tools.benchmark import format_markdown
 from sparse_detr.ops import backend_for
 
 TINY = ("model.hidden_dim=64", "model.nheads=2", "model.dim_feedforward=8192", "model.enc_layers=6",
@@ -77,7 +78,7 @@ def test_inference_params_leave_out_the_encoder_aux_heads(records):
 
 
 def test_markdown_tables(records):
-    text = bm.format_markdown(records)
+    text = format_markdown(records)
     assert "efficient_detr_r50" in text and "sparse_detr_r50_rho0.1" in text
     rows = [line for line in text.splitlines() if line.startswith("| efficient_detr_r50")]
     assert len(rows) == 2 and "| 1.000 |" in rows[0]  # the baseline's ratio column

@@ -25,8 +25,8 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sparse_detr.config import load_config  # noqa: E402
-from sparse_detr.engine.benchmark import (BenchmarkOptions, add_ratios, benchmark_config,  # noqa: E402
-                                          format_markdown, load_images)
+from sparse_detr.engine.benchmark import BenchmarkOptions, add_ratios, benchmark_config, load_images  # noqa: E402
+from tools.benchmark import format_markdown  # noqa: E402
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 

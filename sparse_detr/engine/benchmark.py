@@ -1,7 +1,7 @@
 """Model cost benchmark: parameters, GFLOPs (split by part), inference FPS and a training step, per config.
 
-`benchmark_configs(paths, options)` builds every config in turn, in one process, and measures it on the same
-inputs; the first config is the baseline of the ratios. `tools/benchmark.py` is the command line over it.
+`benchmark_configs(paths, options)` builds every config in one process and measures them on the same inputs,
+their timed runs taking turns; the first config is the baseline of the ratios. `tools/benchmark.py` is the CLI.
 One record per config (see `benchmark_config`):
 
 * `params_total` (unique parameters), `params_trainable`, and `params`: what inference needs, i.e. without the
@@ -15,7 +15,8 @@ One record per config (see `benchmark_config`):
   query initialisation) / heads (every class and box head, wherever called) / enc_aux_heads (the encoder aux
   heads: training-only, but run by the eval forward) / other (the proposal projection `enc_output`, shared by
   the scorer input and the two-stage proposals).
-* `fps_bs{n}`: images/s in eval mode under `torch.inference_mode` after warm-up, median run (CUDA synced).
+* `fps_bs{n}`: images/s in eval mode under `torch.inference_mode` after warm-up; median run, configs timed in
+  turns (CUDA synchronised).
 * `train_step_s`, `train_peak_mem_mb`, `train_gflops_per_image` (`options.train_step`): forward + criterion +
   backward on random targets; memory = CUDA max allocated, or on the CPU the growth of the resident set size.
 """
@@ -23,6 +24,8 @@ One record per config (see `benchmark_config`):
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import os
 import statistics
 import threading
@@ -37,11 +40,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sparse_detr.config import load_config
 from sparse_detr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from sparse_detr.ops import backend_for
-from sparse_detr.ops import flops as op_flops  # registers the op's FLOP formulas
+from sparse_detr.ops import backend_for, flops as op_flops  # importing flops registers the op's FLOP formulas
 
-__all__ = ["BenchmarkOptions", "load_images", "count_parameters", "count_flops", "measure_fps",
-           "measure_train_step", "benchmark_config", "benchmark_configs", "add_ratios", "format_markdown"]
+__all__ = ["BenchmarkOptions", "PARTS", "load_images", "count_parameters", "count_flops", "measure_fps",
+           "measure_train_step", "benchmark_config", "benchmark_configs", "add_ratios"]
 
 PARTS = ("backbone", "encoder", "decoder", "heads", "enc_aux_heads", "other")
 # Module-name prefixes (as `named_modules` spells them) -> part. A module registered under several names (the
@@ -227,29 +229,37 @@ def count_flops(model: nn.Module, images: list[Tensor]) -> dict:
     }
 
 
-def measure_fps(model: nn.Module, images: list[Tensor], batch_size: int, warmup: int, runs: int,
-                device: torch.device) -> float:
-    """Images per second of eval forwards on batches of `batch_size` images (the pool cycled if too small), from
-    the MEDIAN run time: robust to the load spikes of a shared machine, which a mean would absorb."""
+def measure_fps(models: Sequence[nn.Module], images: list[Tensor], batch_size: int, warmup: int, runs: int,
+                device: torch.device) -> list[float]:
+    """Images per second of each model's eval forward on one batch of `batch_size` images (the pool cycled).
+
+    The models take turns run by run (A B C A B C ...), and each gets the MEDIAN of its run times: on a shared
+    machine the load drifts, and a config timed alone would inherit whatever load its minutes happened to see."""
     batch = [images[i % len(images)].to(device) for i in range(batch_size)]
-    model.eval()
-    times = []
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
         for i in range(warmup + runs):
-            _synchronize(device)
-            start = time.perf_counter()
-            model(batch)
-            _synchronize(device)
-            times.append(time.perf_counter() - start)
-    return batch_size / statistics.median(times[warmup:])
+            for model, record in zip(models, times):
+                model.eval()
+                _synchronize(device)
+                start = time.perf_counter()
+                model(batch)
+                _synchronize(device)
+                record.append(time.perf_counter() - start)
+    return [batch_size / statistics.median(t[warmup:]) for t in times]
 
 
 @contextlib.contextmanager
 def _rss_growth() -> Iterator[dict]:
     """Peak growth of the resident set size (bytes) while the block runs, sampled every 2 ms by a thread (torch
-    ops release the GIL, so the sampler runs during them). Linux only (/proc); elsewhere it reports 0."""
+    ops release the GIL, so the sampler runs during them). Linux only (/proc); elsewhere it reports 0.
+    glibc keeps freed memory resident, which would hide the peak of a step that fits in what an earlier config
+    freed: `malloc_trim` hands it back to the OS first."""
     page, statm = os.sysconf("SC_PAGE_SIZE"), "/proc/self/statm"
     rss = (lambda: int(open(statm).read().split()[1]) * page) if os.path.exists(statm) else (lambda: 0)
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the growth may then be underestimated
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     stats, stop = {"start": rss(), "peak": 0}, threading.Event()
 
     def sample() -> None:
@@ -306,18 +316,19 @@ def measure_train_step(model: nn.Module, criterion: nn.Module, images: list[Tens
             "train_gflops_per_image": counter.get_total_flops() / len(batch) / 1e9}
 
 
-def benchmark_config(path: str, images: list[Tensor], options: BenchmarkOptions) -> dict:
-    """Every measurement of one config (see the module docstring for the keys)."""
+def _build(path: str, options: BenchmarkOptions) -> tuple:
     from sparse_detr.models import build_model
 
     # Random weights are fine for cost: a pretrained-backbone file would only slow the build (or be missing).
     cfg = load_config(path, list(options.overrides) + ["model.pretrained_backbone=null"])
-    device = torch.device(options.device)
     torch.manual_seed(options.seed)
     model, criterion, _ = build_model(cfg)
-    model, criterion = model.to(device).eval(), criterion.to(device)
-    pool = [im.to(device) for im in images]
+    return cfg, model.to(options.device).eval(), criterion.to(options.device)
 
+
+def _cost_record(path: str, cfg, model: nn.Module, pool: list[Tensor]) -> dict:
+    """Parameters and FLOPs of one built config (the keys of the module docstring but FPS and training)."""
+    device = pool[0].device
     backend = backend_for(device, pool[0].dtype)
     if backend == "reference":
         warnings.warn(f"{path}: ms_deform_attn runs on the grid_sample reference on {device}; its FLOPs are not "
@@ -335,11 +346,12 @@ def benchmark_config(path: str, images: list[Tensor], options: BenchmarkOptions)
         "gflops_parts": parts, "gflops_parts_official": {p: op_flops.to_official(v) for p, v in parts.items()},
         "tokens": fl["tokens"], "kept_tokens": fl["kept_tokens"],
     })
-    for bs in options.batch_sizes:
-        record[f"fps_bs{bs}"] = measure_fps(model, pool, bs, options.warmup, options.timed_runs, device)
-    if options.train_step:
-        record.update(measure_train_step(model, criterion, pool[:1], device, options.train_runs, options.seed))
-    return record  # the model is freed here; CUDA's cache then serves the next config
+    return record
+
+
+def benchmark_config(path: str, images: list[Tensor], options: BenchmarkOptions) -> dict:
+    """Every measurement of one config, alone (see the module docstring for the keys)."""
+    return benchmark_configs([path], options, log=lambda message: None, images=images)[0]
 
 
 RATIO_KEYS = ("params", "gflops", "gflops_official", "gflops_official_without_op", "train_step_s", "train_peak_mem_mb")
@@ -357,47 +369,31 @@ def add_ratios(records: list[dict]) -> list[dict]:
 
 
 def benchmark_configs(paths: Sequence[str], options: BenchmarkOptions, log=print,
-                      on_record=lambda records: None) -> list[dict]:
-    """Benchmark every config on the same inputs; the first is the baseline of the ratios. `on_record(records)`
-    runs after each config (e.g. to save the partial results of a long CPU run)."""
-    images = load_images(options.num_images, options.height, options.width, options.coco_dir, options.seed)
+                      on_record=lambda records: None, images: Optional[list[Tensor]] = None) -> list[dict]:
+    """Benchmark every config on the same inputs (`images`, default `load_images` of the options); the first is
+    the baseline of the ratios. All models are built up front so that their timed runs can take turns
+    (`measure_fps`). `on_record(records)` runs after every phase (e.g. to save partial results of a long run)."""
+    if images is None:
+        images = load_images(options.num_images, options.height, options.width, options.coco_dir, options.seed)
+    pool = [im.to(options.device) for im in images]
+    built = [_build(path, options) for path in paths]
     records = []
-    for path in paths:
-        start = time.perf_counter()
-        records.append(benchmark_config(path, images, options))
-        log(f"{path}: {records[-1]['gflops_official']:.1f} GFLOPs (official convention), "
-            f"{records[-1].get('fps_bs1', float('nan')):.2f} FPS at batch 1 [{time.perf_counter() - start:.0f} s]")
+    for path, (cfg, model, _) in zip(paths, built):
+        records.append(_cost_record(path, cfg, model, pool))
+        log(f"{path}: {records[-1]['gflops_official']:.1f} GFLOPs (official convention)")
         on_record(add_ratios(records))
+    for bs in options.batch_sizes:
+        start = time.perf_counter()
+        fps = measure_fps([m for _, m, _ in built], pool, bs, options.warmup, options.timed_runs, pool[0].device)
+        for record, value in zip(records, fps):
+            record[f"fps_bs{bs}"] = value
+        log(f"FPS at batch {bs}: " + ", ".join(f"{r['name']} {v:.3g}" for r, v in zip(records, fps))
+            + f" [{time.perf_counter() - start:.0f} s]")
+        on_record(add_ratios(records))
+    if options.train_step:
+        for record, (_, model, criterion) in zip(records, built):
+            record.update(measure_train_step(model, criterion, pool[:1], pool[0].device, options.train_runs,
+                                             options.seed))
+            log(f"{record['config']}: train step {record['train_step_s']:.2f} s")
+            on_record(add_ratios(records))
     return add_ratios(records)
-
-
-def _g(x: float) -> str:
-    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"  # tiny test models still show their digits
-
-
-def format_markdown(records: list[dict]) -> str:
-    """Two markdown tables: cost with ratios to the first row, and the per-part GFLOPs split."""
-    bs = sorted(int(k[6:]) for k in records[0] if k.startswith("fps_bs"))
-    train = "train_step_s" in records[0]
-    head = ["config", "ρ", "params (M)", "GFLOPs torch", "GFLOPs official", "× base", "official w/o op"]
-    head += [f"FPS bs{b}" for b in bs] + [f"× base bs{b}" for b in bs]
-    head += ["train s/iter", "train peak MB"] if train else []
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in records:
-        ra = r["ratios"]
-        row = [r["name"], f"{r['rho']:g}", f"{r['params'] / 1e6:.1f}", _g(r["gflops"]), _g(r["gflops_official"]),
-               f"{ra['gflops_official']:.3f}", _g(r["gflops_official_without_op"])]
-        row += [f"{r[f'fps_bs{b}']:.2f}" for b in bs] + [f"{ra.get(f'fps_bs{b}', float('nan')):.2f}" for b in bs]
-        row += [f"{r['train_step_s']:.2f}", f"{r['train_peak_mem_mb']:.0f}"] if train else []
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "GFLOPs per part (official convention, 1 multiply-add = 1 FLOP; torch convention = 2×), "
-              "with the ratio to the baseline:", "",
-              "| config | tokens | kept | " + " | ".join(PARTS) + " | total |", "|" + "---|" * (len(PARTS) + 4)]
-    for r in records:
-        po, ra = r["gflops_parts_official"], r["ratios"]
-        cells = [f"{_g(po[p])} ({ra[f'{p}_gflops']:.2f}×)" if f"{p}_gflops" in ra else _g(po[p])
-                 for p in PARTS]
-        kept = "all" if r["kept_tokens"] is None else f"{r['kept_tokens']:.0f}"
-        lines.append(f"| {r['name']} | {r['tokens']} | {kept} | " + " | ".join(cells)
-                     + f" | {_g(r['gflops_official'])} |")
-    return "\n".join(lines) + "\n"
