@@ -69,7 +69,7 @@ def plot_sweep(records: list, path: str) -> None:
     axes[1].legend()
     if trained:
         axes[2].plot([r["rho"] for r in trained], [100 * r["AP"] for r in trained], "o-")
-        axes[2].set(xlabel="keep ratio ρ", ylabel="AP", title="COCO box AP")
+        axes[2].set(xlabel="keep ratio ρ", ylabel="AP (%)", title="COCO box AP (%)")
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
