@@ -5,16 +5,16 @@ their timed runs taking turns; the first config is the baseline of the ratios. `
 One record per config (see `benchmark_config`):
 
 * `params_total` (unique parameters), `params_trainable`, and `params`: what inference needs, i.e. without the
-  encoder aux heads (they only feed training losses, although our forward, like the official one, still runs them
-  in eval mode) and without heads that never run in eval.
+  encoder aux heads (they only feed training losses; the eval forward skips them) and without heads that never
+  run in eval.
 * GFLOPs by `torch.utils.flop_counter.FlopCounterMode` with the op formula of `sparse_detr.ops.flops`, one image at
   a time, MEAN over the images (the official tool prints the mean but reports the last image). `gflops`: torch's
   convention (1 multiply-add = 2 FLOPs); `gflops_official`: halved, the fvcore convention of the paper;
   `*_without_op`: the deformable attention op left out, close to what fvcore counts (it sees only grid_sample).
   `gflops_parts`: backbone / encoder (input projections, encoder layers, token scorer) / decoder (decoder layers,
-  query initialisation) / heads (every class and box head, wherever called) / enc_aux_heads (the encoder aux
-  heads: training-only, but run by the eval forward) / other (the proposal projection `enc_output`, shared by
-  the scorer input and the two-stage proposals).
+  query initialisation) / heads (every class and box head, wherever called) / enc_aux_heads (training-only;
+  non-zero only if an eval forward runs them) / other (the proposal projection `enc_output`, shared by the
+  scorer input and the two-stage proposals).
 * `fps_bs{n}`: images/s in eval mode under `torch.inference_mode` after warm-up; median run, configs timed in
   turns (CUDA synchronised).
 * `train_step_s`, `train_peak_mem_mb`, `train_gflops_per_image` (`options.train_step`): forward + criterion +
