@@ -55,10 +55,20 @@ class ModelConfig:
     eff_query_init: bool = False  # Sparse DETR query initialisation (Sec. 4 / method §5)
     eff_specific_head: bool = False  # class-specific two-stage head, objectness = max class logit
     rho: float = 0.0  # keep ratio of encoder tokens; 0 = dense Deformable DETR encoder
+    # Optional budgets (models/selection.py): one ratio per feature level; one non-increasing ratio per encoder
+    # layer starting at rho (a cascade: each layer keeps the best-scored part of the previous layer's set).
+    rho_levels: Optional[list[float]] = None
+    rho_layers: Optional[list[float]] = None
     use_enc_aux_loss: bool = False
-    scorer_target: Literal["dam", "os"] = "dam"  # decoder attention map, or objectness score
+    # How tokens are selected (models/selection.py SELECTORS): dam (decoder attention map, official), os
+    # (objectness score), foreground (Focus-DETR), salience (Salience-DETR), random (the control).
+    scorer_target: Literal["dam", "os", "foreground", "salience", "random"] = "dam"
     dam_alignment: Literal["official", "aligned"] = "official"  # official: half-pixel shift quirk
     scorer_padding: Literal["official", "exclude"] = "official"  # official: padding in mean and loss
+    # official: the two-stage top-Q ranks padded / invalid tokens too; exclude: never picks them
+    query_padding: Literal["official", "exclude"] = "official"
+    # official: the two-stage and encoder-aux losses count every token and slot; exclude: only valid ones
+    enc_loss_padding: Literal["official", "exclude"] = "official"
 
 
 @dataclass
@@ -353,8 +363,21 @@ def validate(cfg: Config) -> None:
              "model.use_enc_aux_loss needs model.rho > 0 (aux heads score the kept tokens)")
     # A dense encoder keeps every token: there is nothing for the objectness head to select, so it would be dead
     # weight (and an unused parameter under DDP).
-    _require(m.scorer_target != "os" or m.rho > 0,
-             "model.scorer_target: os selects tokens for the sparse encoder and needs model.rho > 0")
+    _require(m.scorer_target == "dam" or m.rho > 0,
+             f"model.scorer_target: {m.scorer_target} selects tokens for the sparse encoder and needs model.rho > 0")
+    if m.rho_levels is not None:
+        _require(m.rho > 0, "model.rho_levels needs model.rho > 0 (a sparse encoder)")
+        _require(len(m.rho_levels) == m.num_feature_levels,
+                 f"model.rho_levels needs one ratio per feature level ({m.num_feature_levels}), got {m.rho_levels}")
+        _require(all(0 < r <= 1 for r in m.rho_levels), f"model.rho_levels must lie in (0, 1], got {m.rho_levels}")
+    if m.rho_layers is not None:
+        _require(m.rho > 0, "model.rho_layers needs model.rho > 0 (a sparse encoder)")
+        _require(len(m.rho_layers) == m.enc_layers,
+                 f"model.rho_layers needs one ratio per encoder layer ({m.enc_layers}), got {m.rho_layers}")
+        _require(all(0 < r <= 1 for r in m.rho_layers), f"model.rho_layers must lie in (0, 1], got {m.rho_layers}")
+        _require(m.rho_layers[0] == m.rho, f"model.rho_layers[0] must equal model.rho ({m.rho}), got {m.rho_layers}")
+        _require(all(b <= a for a, b in zip(m.rho_layers, m.rho_layers[1:])),
+                 f"model.rho_layers must be non-increasing, got {m.rho_layers}")
 
     _require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     _require(bool(d.train_scales) and min(d.train_scales) >= 1, "data.train_scales must be positive sizes")

@@ -26,9 +26,9 @@ def test_config_loads_and_builds(path):
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         model, criterion, postprocess = build_model(cfg)
     m = cfg.model
-    assert model.rho == m.rho and model.two_stage == m.two_stage
+    assert (model.selector is not None) == (m.rho > 0) and model.two_stage == m.two_stage
     assert criterion.num_classes == m.num_classes
-    assert ("loss_mask" in criterion.weight_dict) == (m.rho > 0 and m.scorer_target == "dam")
+    assert ("loss_mask" in criterion.weight_dict) == (m.rho > 0 and m.scorer_target != "os")
     assert ("loss_ce_enc_aux_0" in criterion.weight_dict) == m.use_enc_aux_loss
     assert criterion.class_agnostic_enc == (m.two_stage and not m.eff_specific_head)
     assert not model.has_unused_parameters()  # DDP's fast path (no find_unused_parameters) for every shipped config

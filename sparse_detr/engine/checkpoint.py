@@ -31,6 +31,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from sparse_detr.models.selection import SELECTORS
+
 __all__ = [
     "FORMAT_VERSION", "LAYOUT_FIELDS", "LAST", "BEST", "ConfigMismatchError", "save_checkpoint", "load_checkpoint",
     "check_config_compatible", "find_last_checkpoint", "get_rng_state", "set_rng_state",
@@ -160,7 +162,9 @@ def _layout_view(model_cfg: dict) -> dict:
     view = {k: model_cfg.get(k) for k in LAYOUT_FIELDS}
     scorer = float(model_cfg.get("rho", 0.0)) > 0.0
     view["rho"] = "> 0 (token scorer)" if scorer else "0 (no token scorer)"  # its value is free: 0.1 -> 0.3 loads
-    view["scorer_target"] = view["scorer_target"] if scorer else None  # the scorer's head, only when there is one
+    # What the selector's parameters are (dam / foreground / salience share one scorer), only when there is one.
+    target = view["scorer_target"]
+    view["scorer_target"] = (SELECTORS[target].layout if target in SELECTORS else target) if scorer else None
     if view["two_stage"]:
         view["num_queries"] = None  # two-stage queries are top-k proposals: no query embedding, k is free
     return view

@@ -1,14 +1,13 @@
-"""Training losses of Sparse DETR: set-prediction losses for every head plus the token-scorer's mask loss.
+"""Training losses of Sparse DETR: set-prediction losses for every head plus the token selector's own losses.
 
-``SetCriterion.forward`` returns a dict of named, UNWEIGHTED losses (method notes, Sec. 6-7):
+``SetCriterion.forward`` returns a dict of named, UNWEIGHTED losses (Sparse DETR Sec. 3.2-3.4):
 
     head                         keys                                                  matched on
     final decoder layer          loss_ce, loss_bbox, loss_giou                         its own predictions
     decoder layer i (aux)        loss_ce_{i}, loss_bbox_{i}, loss_giou_{i}              its own predictions
-    two-stage encoder head       loss_ce_enc, loss_bbox_enc, loss_giou_enc              all (valid) tokens
-    encoder aux layer i          loss_ce_enc_aux_{i}, loss_bbox_enc_aux_{i}, ...        its valid kept tokens
-    OS backbone head             loss_ce_backbone, loss_bbox_backbone, ...              all (valid) backbone tokens
-    token scorer                 loss_mask                                             (no matching)
+    two-stage encoder head       loss_ce_enc, loss_bbox_enc, loss_giou_enc              the tokens its ``valid`` keeps
+    encoder aux layer i          loss_ce_enc_aux_{i}, loss_bbox_enc_aux_{i}, ...        the slots its ``valid`` keeps
+    the token selector           its own (``selection.py``): loss_mask, or the OS head's ``_backbone`` terms
 
 plus logging-only ``stat_*`` values. Weights live in one dict (``build_weight_dict``) and are applied in one place
 (``weighted_total``), so the trainer can log raw and weighted values side by side.
@@ -21,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -30,38 +30,30 @@ from torchvision.ops import sigmoid_focal_loss
 
 from sparse_detr.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from sparse_detr.models.matcher import HungarianMatcher, MatchIndices, flatten_indices
+from sparse_detr.models.selection import TokenSelector
 
-HEAD_LOSSES = ("loss_ce", "loss_bbox", "loss_giou")
-BACKBONE_SUFFIX = "_backbone"  # loss-key suffix of the OS head (``backbone_outputs``)
-
-
-def build_weight_dict(cls: float = 2.0, bbox: float = 5.0, giou: float = 2.0, mask: float = 1.0,
-                      num_dec_layers: int = 6, num_enc_aux: int = 0, two_stage: bool = False,
-                      backbone_head: bool = False) -> dict[str, float]:
-    """Weight of every loss the criterion can return (Sec. 7: 2 / 5 / 2 for every head, mask 1).
+def build_weight_dict(cls: float = 2.0, bbox: float = 5.0, giou: float = 2.0, num_dec_layers: int = 6,
+                      num_enc_aux: int = 0, two_stage: bool = False) -> dict[str, float]:
+    """Weight of every detection-head loss (2 / 5 / 2 for every head, as Deformable DETR); the token selector
+    adds its own (``TokenSelector.loss_weights``).
 
     Args:
         num_dec_layers: decoder layers; the last one is the final head, the others give ``_{i}`` aux terms.
         num_enc_aux: encoder auxiliary heads (Sparse DETR: 5, after encoder layers 1..5; 0 when dense).
         two_stage: add the ``_enc`` terms of the two-stage head.
-        backbone_head: add the ``_backbone`` terms of the objectness-score (OS) selection head.
     """
     head = {"loss_ce": cls, "loss_bbox": bbox, "loss_giou": giou}
     suffixes = [""] + [f"_{i}" for i in range(num_dec_layers - 1)]
     if two_stage:
         suffixes.append("_enc")
     suffixes += [f"_enc_aux_{i}" for i in range(num_enc_aux)]
-    if backbone_head:
-        suffixes.append(BACKBONE_SUFFIX)
-    weights = {name + suffix: w for suffix in suffixes for name, w in head.items()}
-    weights["loss_mask"] = mask
-    return weights
+    return {name + suffix: w for suffix in suffixes for name, w in head.items()}
 
 
 def weighted_total(losses: dict[str, Tensor], weight_dict: dict[str, float]) -> Tensor:
     """THE place loss weights are applied: sum of ``weight * loss`` over the keys present in both dicts.
 
-    Keys missing from ``weight_dict`` (``stat_*`` logging values) are ignored; weights without a loss (e.g. the mask
+    Keys missing from ``weight_dict`` (``stat_*`` logging values) are ignored; weights without a loss (e.g. a head
     weight of a dense model) are skipped.
     """
     terms = [losses[k] * w for k, w in weight_dict.items() if k in losses]
@@ -84,28 +76,6 @@ def check_finite(losses: dict[str, Tensor]) -> None:
     raise FloatingPointError(f"non-finite loss terms: {', '.join(bad)}")
 
 
-def mask_prediction_loss(logits: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Binary cross-entropy of the token scorer against the DAM-derived top-k targets
-    (Sparse DETR's mask-prediction loss; method notes Sec. 6).
-
-    Args:
-        logits: (B, S) scorer logits.
-        targets: (B, S) float in {0, 1}, built by the model without gradient.
-        weights: optional (B, S) float, 1 for tokens that count (e.g. 0 on padding); absent = all tokens count.
-    Returns:
-        Scalar: mean over counted tokens of each image, then mean over images.
-    """
-    logits, targets = logits.float(), targets.to(logits.device, torch.float32)
-    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    if weights is None:
-        return bce.mean(dim=1).mean()
-    weights = weights.float()
-    # where(), so a garbage logit on an uncounted token cannot turn the sum into NaN.
-    bce = torch.where(weights > 0, bce * weights, torch.zeros_like(bce))
-    per_image = bce.sum(dim=1) / weights.sum(dim=1).clamp(min=torch.finfo(torch.float32).eps)
-    return per_image.mean()
-
-
 def _num_boxes(targets: list[dict[str, Tensor]], device: torch.device) -> Tensor | float:
     """Ground-truth boxes in the batch, averaged over processes, at least 1 (keeps gradients scale-invariant to
     how the boxes are spread over GPUs; as DETR and Deformable DETR do)."""
@@ -118,7 +88,7 @@ def _num_boxes(targets: list[dict[str, Tensor]], device: torch.device) -> Tensor
 
 
 class SetCriterion(nn.Module):
-    """Hungarian set loss for every prediction head plus the mask-prediction loss.
+    """Hungarian set loss for every prediction head plus the token selector's losses.
 
     Args:
         num_classes: K of the class heads (Sparse DETR on COCO: 91, ids used directly).
@@ -127,11 +97,14 @@ class SetCriterion(nn.Module):
         focal_alpha, focal_gamma: sigmoid focal loss parameters (Lin et al. 2017; 0.25 / 2).
         class_agnostic_enc: train the two-stage head with every label set to 0 (plain Deformable DETR two-stage,
             binary foreground head); False = Sparse DETR's class-specific encoder head.
+        selector: the model's ``TokenSelector`` (its losses and matched heads join these); None = dense.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, class_agnostic_enc: bool = False):
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, class_agnostic_enc: bool = False,
+                 selector: Optional[TokenSelector] = None):
         super().__init__()
+        self.selector = selector
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
@@ -212,8 +185,7 @@ class SetCriterion(nn.Module):
 
         Args:
             outputs: the model's output dict (``pred_logits``, ``pred_boxes``, optional ``aux_outputs``,
-                ``enc_outputs``, ``enc_aux_outputs``, ``backbone_outputs``, ``mask_logits`` / ``mask_targets`` /
-                ``mask_weights``; other keys are ignored).
+                ``enc_outputs``, ``enc_aux_outputs``, and what the selector reads).
             targets: B dicts with ``labels`` (T_b,) int64 and ``boxes`` (T_b, 4) cxcywh normalised.
         Returns:
             Named unweighted scalar losses and ``stat_*`` logging values.
@@ -239,21 +211,15 @@ class SetCriterion(nn.Module):
                 enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             losses.update(self.head_losses(outputs["enc_outputs"], enc_targets, num_boxes, suffix="_enc")[0])
 
-        # Sparse DETR encoder auxiliary loss (method notes Sec. 4): each layer's kept tokens are matched on their
-        # own, with real class labels; the `valid` mask hides the slots beyond each image's k_b.
+        # Sparse DETR encoder auxiliary loss (Sec. 3.3): each layer's kept tokens are matched on their own, with
+        # real class labels; `valid` says which slots count.
         for i, enc_aux in enumerate(outputs.get("enc_aux_outputs") or []):
             losses.update(self.head_losses(enc_aux, targets, num_boxes, suffix=f"_enc_aux_{i}")[0])
 
-        # OS token selection (method §6, the paper's ablation): the objectness head on the backbone tokens is a
-        # detection head like the two-stage one, class-specific (its max class logit ranks the tokens); `valid`
-        # hides padding and tokens whose grid proposal is invalid. Without this loss the head would never train.
-        if outputs.get("backbone_outputs") is not None:
-            losses.update(self.head_losses(outputs["backbone_outputs"], targets, num_boxes,
-                                           suffix=BACKBONE_SUFFIX)[0])
-
-        if outputs.get("mask_logits") is not None:
-            losses["loss_mask"] = mask_prediction_loss(outputs["mask_logits"], outputs["mask_targets"],
-                                                       outputs.get("mask_weights"))
+        if self.selector is not None:  # the selector's own losses (selection.py)
+            for suffix, head in self.selector.matched_heads(outputs):
+                losses.update(self.head_losses(head, targets, num_boxes, suffix=suffix)[0])
+            losses.update(self.selector.losses(outputs, targets))
 
         if not self._checked_keys:
             self._warn_unweighted(losses)

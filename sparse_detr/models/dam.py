@@ -1,11 +1,11 @@
-"""The decoder cross-attention map (DAM) and the scorer's binarised target (Sparse DETR Sec. 3.2; method §6).
+"""The decoder cross-attention map (DAM), the training signal of the Sparse DETR token scorer (Sec. 3.2).
 
 Every decoder layer, head, query, level and point samples the encoder memory at a fractional location with some
 attention weight. Spreading each weight bilinearly onto the 4 integer neighbours of the location and summing over
 everything gives one number per encoder token: how much the decoder looks at it. The scoring network is trained to
-predict the top-k_b tokens of this map per image; the map itself carries no gradient.
+predict the top-k_b tokens of this map per image (``selection.DAMSelector``); the map carries no gradient.
 
-Alignment (method §10): the official code splats at (x·W_l, y·H_l) while the sampler reads at
+Alignment: the official code splats at (x·W_l, y·H_l) while the sampler reads at
 (x·W_l − 0.5, y·H_l − 0.5) — a half-pixel shift. ``alignment="official"`` reproduces the official target (the
 default, so official checkpoints see the same target); ``"aligned"`` splats where the sampler actually reads.
 Corners outside the level map are dropped (not clamped).
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["decoder_attention_map", "dam_targets", "dam_coverage", "token_levels"]
+__all__ = ["decoder_attention_map", "dam_coverage", "token_levels"]
 
 _ALIGNMENTS = ("official", "aligned")
 
@@ -69,21 +69,6 @@ def decoder_attention_map(sampling_locations: Tensor, attention_weights: Tensor,
 
     dam = torch.zeros(batch, num_tokens, device=loc.device, dtype=torch.float32)
     return dam.scatter_add_(1, index.reshape(batch, -1), value.reshape(batch, -1))
-
-
-@torch.no_grad()
-def dam_targets(dam: Tensor, padding_mask: Tensor, counts: Tensor, k: int) -> Tensor:
-    """Binarise the DAM: the top-k_b tokens of image b → 1, the rest → 0 (method §6).
-
-    Args:
-        dam: (B, S); padding_mask: (B, S) bool (padding ranks below every real token).
-        counts: (B,) int64 k_b; k: host int ≥ max k_b.
-    Returns:
-        (B, S) float targets.
-    """
-    ranked = dam.masked_fill(padding_mask, float("-inf")).topk(k, dim=1).indices  # (B, k)
-    keep = (torch.arange(k, device=dam.device)[None, :] < counts[:, None]).to(dam.dtype)
-    return torch.zeros_like(dam).scatter_(1, ranked, keep)
 
 
 def token_levels(spatial_shapes: Tensor, num_tokens: int) -> Tensor:
