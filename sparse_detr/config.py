@@ -361,10 +361,7 @@ def validate(cfg: Config) -> None:
     _require(not m.eff_query_init or m.two_stage, "model.eff_query_init needs model.two_stage: true")
     _require(not m.use_enc_aux_loss or m.rho > 0,
              "model.use_enc_aux_loss needs model.rho > 0 (aux heads score the kept tokens)")
-    # A dense encoder keeps every token: there is nothing for the objectness head to select, so it would be dead
-    # weight (and an unused parameter under DDP).
-    _require(m.scorer_target == "dam" or m.rho > 0,
-             f"model.scorer_target: {m.scorer_target} selects tokens for the sparse encoder and needs model.rho > 0")
+    # model.scorer_target is ignored by a dense encoder (rho 0): it keeps every token and has no selector.
     if m.rho_levels is not None:
         _require(m.rho > 0, "model.rho_levels needs model.rho > 0 (a sparse encoder)")
         _require(len(m.rho_levels) == m.num_feature_levels,

@@ -103,7 +103,7 @@ def _padded_mask(sizes, canvas, shapes):
     return torch.cat([F.interpolate(mask[None].float(), size=s).to(torch.bool)[0].flatten(1) for s in shapes], 1)
 
 
-SHAPES = [(8, 12), (4, 6), (2, 3)]
+SHAPES = [(16, 24), (8, 12), (4, 6)]
 SPATIAL = torch.tensor(SHAPES)
 START = torch.cat((torch.zeros(1, dtype=torch.long), SPATIAL.prod(1).cumsum(0)[:-1]))
 
@@ -136,9 +136,9 @@ def test_foreground_and_salience_targets_equal_a_brute_force_loop():
     pad = _padded_mask([(64, 96), (40, 56)], (64, 96), SHAPES)
     gen = torch.Generator().manual_seed(0)
     targets = []
-    for count in (6, 4):  # boxes from 1 to 40 tokens of level 0: every level gets some
+    for count in (8, 5):  # boxes of 1 to 80 tokens of level 0: every level gets some
         centre = torch.rand(count, 2, generator=gen) * 0.8 + 0.1
-        size = torch.exp(torch.rand(count, 2, generator=gen) * math.log(40)) / 12
+        size = torch.exp(torch.rand(count, 2, generator=gen) * math.log(80)) / 24
         targets.append({"boxes": torch.cat((centre, size.clamp(max=0.9)), 1)})
     targets.append({"boxes": torch.zeros(0, 4)})  # an image without boxes
     pad = torch.cat((pad, pad[:1]))
@@ -294,3 +294,18 @@ def test_selection_lives_in_one_module():
             assert not re.search(r"""==\s*["'](dam|os|foreground|salience|random)["']""", text), path
         if path.parent.name == "models":
             assert not re.search(r"^\s*(from|import) sparse_detr\.(data|engine)", text, re.M), path
+
+
+def test_flop_counter_charges_each_selector_its_own_cost():
+    from sparse_detr.engine.benchmark import count_flops
+
+    image = [torch.randn(3, 64, 96)]
+    parts = {}
+    for name in CRITERIA:
+        _, model, _, _ = _build("demo_synthetic", f"model.scorer_target={name}")
+        parts[name] = count_flops(model, image)["parts"]
+    assert parts["random"]["selector"] == 0
+    assert parts["dam"]["selector"] == parts["foreground"]["selector"] == parts["salience"]["selector"] > 0
+    assert parts["os"]["selector"] > parts["dam"]["selector"]  # a K-way class head and a 3-layer box MLP
+    for name in CRITERIA:  # the rest of the model costs the same whatever selects the tokens
+        assert parts[name]["backbone"] == parts["dam"]["backbone"] and parts[name]["encoder"] == parts["dam"]["encoder"]
