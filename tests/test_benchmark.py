@@ -103,4 +103,5 @@ def test_part_attribution_charges_the_innermost_part():
         parts = bm._PartAttribution(toy, counter)
         toy(torch.randn(4, 8))
         split = parts.close()
-    assert split == {"backbone": 192, "encoder": 0, "decoder": 512, "heads": 48, "enc_aux_heads": 0, "other": 0}
+    assert split == {"backbone": 192, "selector": 0, "encoder": 0, "decoder": 512, "heads": 48, "enc_aux_heads": 0,
+                     "other": 0}

@@ -309,3 +309,34 @@ def test_flop_counter_charges_each_selector_its_own_cost():
     assert parts["os"]["selector"] > parts["dam"]["selector"]  # a K-way class head and a 3-layer box MLP
     for name in CRITERIA:  # the rest of the model costs the same whatever selects the tokens
         assert parts[name]["backbone"] == parts["dam"]["backbone"] and parts[name]["encoder"] == parts["dam"]["encoder"]
+
+
+def test_config_names_every_selector():
+    import typing
+
+    from sparse_detr.config import ModelConfig
+
+    assert set(typing.get_args(typing.get_type_hints(ModelConfig)["scorer_target"])) == set(SELECTORS)
+
+
+def test_the_readme_example_adds_a_working_criterion(monkeypatch):
+    """The README's "add a criterion" example, run as written: a new selector trains through the criterion."""
+    import sparse_detr.models.selection as selection
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("A new criterion is one class", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace = dict(vars(selection))
+    monkeypatch.setattr(selection, "SELECTORS", dict(SELECTORS))
+    namespace["SELECTORS"] = selection.SELECTORS
+    exec(block, namespace)
+    assert "centre" in selection.SELECTORS
+    cfg = load_config("configs/demo_synthetic.yaml", SMALL)
+    from sparse_detr.models.build import build_token_selector
+    cfg.model.scorer_target = "centre"  # past the config's Literal: the test registers the name itself
+    selector = build_token_selector(cfg.model)
+    assert type(selector).__name__ == "CentreSelector"
+    _, model, criterion, _ = _build("demo_synthetic")
+    out = model(_images())
+    target = selector.target(out, TARGETS)
+    foreground = foreground_target(out["padding_mask"], out["spatial_shapes"], out["level_start_index"], TARGETS)
+    assert target.sum() > 0 and (target <= foreground).all()  # the inner half of the foreground
