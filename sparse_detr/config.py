@@ -49,6 +49,7 @@ class ModelConfig:
     enc_n_points: int = 4
     dec_n_points: int = 4
     num_queries: int = 300
+    num_select: int = 100  # detections kept per image by the postprocessor (top (query, class) pairs, no NMS)
     aux_loss: bool = True
     with_box_refine: bool = False
     two_stage: bool = False
@@ -347,7 +348,7 @@ def validate(cfg: Config) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     # Sizes first: the divisibility checks below would divide by zero.
     for name in ("hidden_dim", "nheads", "dim_feedforward", "enc_layers", "dec_layers", "enc_n_points",
-                 "dec_n_points", "num_queries", "num_classes"):
+                 "dec_n_points", "num_queries", "num_classes", "num_select"):
         _require(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}")
     _require(0.0 <= m.rho <= 1.0, f"model.rho must be in [0, 1], got {m.rho}")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")

@@ -16,6 +16,8 @@ guide, rule 2). Backbones are chosen through a small explicit dict, not a regist
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Callable
 
 from torch import nn
@@ -64,19 +66,17 @@ def build_token_selector(m: ModelConfig) -> TokenSelector | None:
 
 
 def build_detector(m: ModelConfig) -> SparseDETR:
-    """The detector alone (no criterion), e.g. for export, FLOP counting or checkpoint conversion."""
+    """The detector alone (no criterion), e.g. for export, FLOP counting or checkpoint conversion.
+
+    Every ``ModelConfig`` field that ``SparseDETR`` takes as an argument is passed by name: a new model option is
+    a config field plus a detector argument of the same name, with no edit here.
+    """
     if m.backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {m.backbone!r}; choose one of {sorted(BACKBONES)}")
     backbone = BACKBONES[m.backbone](m)  # first: the random initialisation order is backbone, then the rest
-    return SparseDETR(
-        backbone, num_classes=m.num_classes, hidden_dim=m.hidden_dim, nheads=m.nheads,
-        num_feature_levels=m.num_feature_levels, enc_layers=m.enc_layers, dec_layers=m.dec_layers,
-        dim_feedforward=m.dim_feedforward, dropout=m.dropout, enc_n_points=m.enc_n_points,
-        dec_n_points=m.dec_n_points, num_queries=m.num_queries, aux_loss=m.aux_loss,
-        with_box_refine=m.with_box_refine, two_stage=m.two_stage, eff_query_init=m.eff_query_init,
-        eff_specific_head=m.eff_specific_head, selector=build_token_selector(m), use_enc_aux_loss=m.use_enc_aux_loss,
-        query_padding=m.query_padding, enc_loss_padding=m.enc_loss_padding,
-    )
+    accepted = set(inspect.signature(SparseDETR).parameters) - {"backbone", "selector"}  # built here, not copied
+    kwargs = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name in accepted}
+    return SparseDETR(backbone, selector=build_token_selector(m), **kwargs)
 
 
 def build_model(cfg: Config) -> tuple[SparseDETR, SetCriterion, nn.Module]:
@@ -97,4 +97,4 @@ def build_model(cfg: Config) -> tuple[SparseDETR, SetCriterion, nn.Module]:
     criterion = SetCriterion(m.num_classes, matcher, weight_dict, focal_alpha=loss.focal_alpha,
                              focal_gamma=loss.focal_gamma, class_agnostic_enc=m.two_stage and not m.eff_specific_head,
                              selector=model.selector)
-    return model, criterion, PostProcess(num_select=100)
+    return model, criterion, PostProcess(num_select=m.num_select)
