@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> None:
         summary = convert_official(args.input, args.output, cfg, config_name=args.config)
     except (RuntimeError, OSError) as err:  # a mismatch (StateDictMismatch), OUT exists, IN unreadable
         sys.exit(f"error: {err}")
-    print(f"wrote {args.output}: {summary['tensors']} tensors ({summary['elements']:,} elements), loads strictly "
-          f"into {args.config}")
+    renamed = ", official Swin-T backbone keys renamed to ours" if summary["swin_renamed"] else ""
+    print(f"wrote {args.output}: {summary['tensors']} tensors ({summary['elements']:,} elements){renamed}; loads "
+          f"strictly into {args.config}")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 2
+SWIN_RENAMED = "official Swin-T checkpoint: backbone keys renamed to ours"
 LAST = "checkpoint_last.pth"
 BEST = "checkpoint_best.pth"
 
@@ -172,8 +173,8 @@ def _upgrade(state: dict, path: str) -> dict:
     prefix = "backbone.0.body."
     if version == 0 and isinstance(state["model"], dict) and has_official_swin_keys(state["model"], prefix):
         state = {**state, "model": official_to_ours(state["model"], prefix)}
-        warnings.warn(f"{path}: official Swin-T checkpoint, its backbone keys converted to ours on the fly "
-                      f"(tools/convert_official.py writes the converted file once)", stacklevel=3)
+        warnings.warn(f"{path}: {SWIN_RENAMED} on load (tools/convert_official.py converts the file once)",
+                      stacklevel=3)
     model_cfg = (state.get("config") or {}).get("model") or {}
     if version == 1 and model_cfg.get("backbone") == "swin_t":
         state = {**state, "config": copy.deepcopy(state["config"])}

@@ -9,12 +9,13 @@ config — every missing, unexpected or mis-shaped key is listed — and written
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
 
 from sparse_detr.config import Config, to_dict
-from sparse_detr.engine.checkpoint import load_checkpoint, save_checkpoint
+from sparse_detr.engine.checkpoint import SWIN_RENAMED, load_checkpoint, save_checkpoint
 from sparse_detr.models import build_detector
 
 __all__ = ["StateDictMismatch", "state_dict_problems", "convert_official"]
@@ -43,11 +44,17 @@ def convert_official(src: str, dst: str, cfg: Config, config_name: str = "the co
     """Read ``src`` (official or ours), check its ``model`` against ``build_detector(cfg.model)`` and write ``dst``.
 
     Raises FileExistsError if ``dst`` exists (nothing is overwritten), StateDictMismatch listing every key that
-    does not fit. Returns a summary: ``tensors`` and ``elements`` written.
+    does not fit. Returns a summary: ``tensors`` and ``elements`` written, ``swin_renamed`` (official Swin-T
+    backbone keys were renamed to ours).
     """
     if os.path.exists(dst):
         raise FileExistsError(f"{dst} exists; choose another output path (nothing was written)")
-    ckpt = load_checkpoint(src)
+    with warnings.catch_warnings(record=True) as caught:  # the renaming notice: reported in the summary instead
+        warnings.simplefilter("always")
+        ckpt = load_checkpoint(src)
+    for w in caught:
+        if SWIN_RENAMED not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     state = ckpt["model"]
     model = build_detector(cfg.model)
     problems = state_dict_problems(model, state)
@@ -56,4 +63,5 @@ def convert_official(src: str, dst: str, cfg: Config, config_name: str = "the co
                                 + "\n".join(problems))
     model.load_state_dict(state, strict=True)
     save_checkpoint(dst, {"model": state, "config": to_dict(cfg), "converted_from": os.path.abspath(src)})
-    return {"tensors": len(state), "elements": sum(v.numel() for v in state.values())}
+    return {"tensors": len(state), "elements": sum(v.numel() for v in state.values()),
+            "swin_renamed": any(SWIN_RENAMED in str(w.message) for w in caught)}
