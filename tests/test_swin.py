@@ -234,7 +234,8 @@ def test_swin_t_sparse_detr_forward_backward_on_two_sizes():
     grads = dict(model.named_parameters())
     for name in ("backbone.0.body.norm1.weight", "backbone.0.body.features.3.0.attn.qkv.weight",
                  "backbone.0.body.features.7.1.mlp.3.weight", "input_proj.0.0.weight"):
-        assert grads[name].grad is not None and torch.isfinite(grads[name].grad).all() and grads[name].grad.abs().sum() > 0
+        grad = grads[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
     assert all(p.grad is None for n, p in grads.items() if n.startswith(("backbone.0.body.features.0.",
                                                                          "backbone.0.body.features.2.")))
 
