@@ -34,8 +34,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Architecture. Field names follow the official flags where there is one (e.g. `with_box_refine`)."""
 
-    backbone: Literal["resnet50", "swin_t", "tiny_cnn"] = "resnet50"  # tiny_cnn: CPU demos and tests
-    pretrained_backbone: Optional[str] = None  # local file with torchvision-layout weights; no hub download
+    # swin_t: the official detection Swin-T; swin_t_torchvision: torchvision's swin_t as it is (format-1 checkpoints)
+    backbone: Literal["resnet50", "swin_t", "swin_t_torchvision", "tiny_cnn"] = "resnet50"  # tiny_cnn: CPU demos
+    pretrained_backbone: Optional[str] = None  # local ImageNet weights (torchvision or official Swin layout)
     train_backbone: bool = True
     swin_drop_path_rate: float = 0.2
     hidden_dim: int = 256

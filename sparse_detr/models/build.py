@@ -43,6 +43,11 @@ def _swin_t(m: ModelConfig) -> Joiner:
                           drop_path_rate=m.swin_drop_path_rate)
 
 
+def _swin_t_torchvision(m: ModelConfig) -> Joiner:
+    return build_backbone("swin_t_torchvision", m.hidden_dim, m.train_backbone, m.num_feature_levels,
+                          m.pretrained_backbone, drop_path_rate=m.swin_drop_path_rate)
+
+
 def _tiny_cnn(m: ModelConfig) -> Joiner:
     return build_tiny_backbone(m.hidden_dim, m.train_backbone, m.num_feature_levels, m.pretrained_backbone)
 
@@ -51,6 +56,7 @@ def _tiny_cnn(m: ModelConfig) -> Joiner:
 BACKBONES: dict[str, Callable[[ModelConfig], Joiner]] = {
     "resnet50": _resnet50,
     "swin_t": _swin_t,
+    "swin_t_torchvision": _swin_t_torchvision,  # checkpoint format 1's swin_t (backbone.py)
     "tiny_cnn": _tiny_cnn,  # random-init GroupNorm CNN for CPU demos / fast tests (tiny_backbone.py)
 }
 
