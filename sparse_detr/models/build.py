@@ -1,17 +1,8 @@
-"""``build_model``: the one place that turns a ``Config`` into the model, its criterion and its postprocessor.
+"""``build_model(cfg) -> (model, criterion, postprocess)``: the only code of ``sparse_detr.models`` that reads the
+config; backbones are chosen from the explicit ``BACKBONES`` dict. Usage::
 
-Every class of ``sparse_detr.models`` takes plain keyword arguments; only this module reads the config (style
-guide, rule 2). Backbones are chosen through a small explicit dict, not a registry::
-
-    from sparse_detr.config import load_config
-    from sparse_detr.models import build_model
-
-    cfg = load_config("configs/sparse_detr_r50_rho0.1.yaml")
-    model, criterion, postprocess = build_model(cfg)
-    outputs = model(images, mask)                          # images (B, 3, H, W), mask (B, H, W) True = padding
-    losses = criterion(outputs, targets)                   # named, unweighted
-    loss = weighted_total(losses, criterion.weight_dict)   # the one place weights are applied
-    detections = postprocess(outputs, orig_sizes)          # (B, 2) (h, w)
+    model, criterion, postprocess = build_model(load_config("configs/sparse_detr_r50_rho0.1.yaml"))
+    loss = weighted_total(criterion(model(images, mask), targets), criterion.weight_dict)
 """
 
 from __future__ import annotations
@@ -56,8 +47,8 @@ def _tiny_cnn(m: ModelConfig) -> Joiner:
 BACKBONES: dict[str, Callable[[ModelConfig], Joiner]] = {
     "resnet50": _resnet50,
     "swin_t": _swin_t,
-    "swin_t_torchvision": _swin_t_torchvision,  # checkpoint format 1's swin_t (backbone.py)
-    "tiny_cnn": _tiny_cnn,  # random-init GroupNorm CNN for CPU demos / fast tests (tiny_backbone.py)
+    "swin_t_torchvision": _swin_t_torchvision,  # checkpoint format 1's swin_t
+    "tiny_cnn": _tiny_cnn,
 }
 
 
@@ -72,11 +63,8 @@ def build_token_selector(m: ModelConfig) -> TokenSelector | None:
 
 
 def build_detector(m: ModelConfig) -> SparseDETR:
-    """The detector alone (no criterion), e.g. for export, FLOP counting or checkpoint conversion.
-
-    Every ``ModelConfig`` field that ``SparseDETR`` takes as an argument is passed by name: a new model option is
-    a config field plus a detector argument of the same name, with no edit here.
-    """
+    """The detector alone. Every ``ModelConfig`` field named like a ``SparseDETR`` argument is passed by name, so a
+    new option is a config field plus a detector argument, with no edit here."""
     if m.backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {m.backbone!r}; choose one of {sorted(BACKBONES)}")
     backbone = BACKBONES[m.backbone](m)  # first: the random initialisation order is backbone, then the rest

@@ -1,19 +1,15 @@
-"""Training losses of Sparse DETR: set-prediction losses for every head plus the token selector's own losses.
+"""Training losses: a Hungarian set loss for every head plus the token selector's own losses.
 
-``SetCriterion.forward`` returns a dict of named, UNWEIGHTED losses (Sparse DETR Sec. 3.2-3.4):
+``SetCriterion.forward`` returns named, unweighted losses (Sparse DETR Sec. 3.2-3.4), each head matched on its own:
 
-    head                         keys                                                  matched on
-    final decoder layer          loss_ce, loss_bbox, loss_giou                         its own predictions
-    decoder layer i (aux)        loss_ce_{i}, loss_bbox_{i}, loss_giou_{i}              its own predictions
-    two-stage encoder head       loss_ce_enc, loss_bbox_enc, loss_giou_enc              the tokens its ``valid`` keeps
-    encoder aux layer i          loss_ce_enc_aux_{i}, loss_bbox_enc_aux_{i}, ...        the slots its ``valid`` keeps
-    the token selector           its own (``selection.py``): loss_mask, or the OS head's ``_backbone`` terms
+    final decoder layer      loss_ce, loss_bbox, loss_giou
+    decoder layer i (aux)    loss_ce_{i}, loss_bbox_{i}, loss_giou_{i}
+    two-stage head           loss_*_enc           (its ``valid`` masks tokens)
+    encoder aux layer i      loss_*_enc_aux_{i}   (its ``valid`` masks slots)
+    token selector           loss_mask, or the OS head's loss_*_backbone (selection.py)
 
-plus logging-only ``stat_*`` values. Weights live in one dict (``build_weight_dict``) and are applied in one place
-(``weighted_total``), so the trainer can log raw and weighted values side by side.
-
-Normalisation (Deformable DETR): every box/class term is SUMMED over predictions (and classes) and divided by
-``num_boxes``, the number of ground-truth boxes in the batch averaged over processes and clamped to >= 1.
+plus logging-only ``stat_*`` values; weights are applied by ``weighted_total`` only. Every term is summed and
+divided by ``num_boxes``, the batch's ground-truth boxes averaged over processes, at least 1 (Deformable DETR).
 """
 
 from __future__ import annotations
@@ -34,14 +30,7 @@ from sparse_detr.models.selection import TokenSelector
 
 def build_weight_dict(cls: float = 2.0, bbox: float = 5.0, giou: float = 2.0, num_dec_layers: int = 6,
                       num_enc_aux: int = 0, two_stage: bool = False) -> dict[str, float]:
-    """Weight of every detection-head loss (2 / 5 / 2 for every head, as Deformable DETR); the token selector
-    adds its own (``TokenSelector.loss_weights``).
-
-    Args:
-        num_dec_layers: decoder layers; the last one is the final head, the others give ``_{i}`` aux terms.
-        num_enc_aux: encoder auxiliary heads (Sparse DETR: 5, after encoder layers 1..5; 0 when dense).
-        two_stage: add the ``_enc`` terms of the two-stage head.
-    """
+    """Weight of every detection-head loss key (the selector adds its own: ``TokenSelector.loss_weights``)."""
     head = {"loss_ce": cls, "loss_bbox": bbox, "loss_giou": giou}
     suffixes = [""] + [f"_{i}" for i in range(num_dec_layers - 1)]
     if two_stage:
@@ -51,11 +40,7 @@ def build_weight_dict(cls: float = 2.0, bbox: float = 5.0, giou: float = 2.0, nu
 
 
 def weighted_total(losses: dict[str, Tensor], weight_dict: dict[str, float]) -> Tensor:
-    """THE place loss weights are applied: sum of ``weight * loss`` over the keys present in both dicts.
-
-    Keys missing from ``weight_dict`` (``stat_*`` logging values) are ignored; weights without a loss (e.g. a head
-    weight of a dense model) are skipped.
-    """
+    """The one place loss weights are applied: sum of ``weight * loss`` over the keys in both dicts."""
     terms = [losses[k] * w for k, w in weight_dict.items() if k in losses]
     if not terms:
         raise ValueError(f"weighted_total: no loss matches the weight dict (losses: {sorted(losses)})")
@@ -63,11 +48,7 @@ def weighted_total(losses: dict[str, Tensor], weight_dict: dict[str, float]) -> 
 
 
 def check_finite(losses: dict[str, Tensor]) -> None:
-    """Raise ``FloatingPointError`` naming every non-finite loss term.
-
-    One host sync in the common all-finite case (a single ``all()`` over the stacked values); the per-name scan only
-    runs once something is wrong, so a NaN is reported with the head it came from instead of an opaque assert later.
-    """
+    """Raise ``FloatingPointError`` naming every non-finite loss term (one host sync when all are finite)."""
     names = list(losses)
     values = torch.stack([losses[k].detach().float().reshape(()) for k in names])
     if bool(torch.isfinite(values).all()):
@@ -77,8 +58,7 @@ def check_finite(losses: dict[str, Tensor]) -> None:
 
 
 def _num_boxes(targets: list[dict[str, Tensor]], device: torch.device) -> Tensor | float:
-    """Ground-truth boxes in the batch, averaged over processes, at least 1 (keeps gradients scale-invariant to
-    how the boxes are spread over GPUs; as DETR and Deformable DETR do)."""
+    """Ground-truth boxes in the batch, averaged over processes, at least 1 (as DETR)."""
     count = float(sum(int(t["labels"].shape[0]) for t in targets))
     if dist.is_available() and dist.is_initialized():
         total = torch.tensor(count, device=device)
@@ -88,16 +68,10 @@ def _num_boxes(targets: list[dict[str, Tensor]], device: torch.device) -> Tensor
 
 
 class SetCriterion(nn.Module):
-    """Hungarian set loss for every prediction head plus the token selector's losses.
+    """Hungarian set loss for every head (each matched on its own) plus the token selector's losses.
 
-    Args:
-        num_classes: K of the class heads (Sparse DETR on COCO: 91, ids used directly).
-        matcher: the ``HungarianMatcher`` shared by all heads (each head is matched on its own).
-        weight_dict: from ``build_weight_dict``; stored for the trainer, NOT applied here (see ``weighted_total``).
-        focal_alpha, focal_gamma: sigmoid focal loss parameters (Lin et al. 2017; 0.25 / 2).
-        class_agnostic_enc: train the two-stage head with every label set to 0 (plain Deformable DETR two-stage,
-            binary foreground head); False = Sparse DETR's class-specific encoder head.
-        selector: the model's ``TokenSelector`` (its losses and matched heads join these); None = dense.
+    weight_dict: stored for the trainer, not applied here. class_agnostic_enc: the two-stage head learns label 0
+    only (Deformable DETR's binary foreground head). selector: the model's ``TokenSelector``, None = dense.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
@@ -115,22 +89,14 @@ class SetCriterion(nn.Module):
 
     def loss_labels(self, logits: Tensor, matched: tuple[Tensor, Tensor], labels: Tensor,
                     num_boxes: Tensor | float, valid: Tensor | None = None) -> Tensor:
-        """Sigmoid focal loss, summed over predictions and classes, divided by ``num_boxes``.
+        """Sigmoid focal loss summed over B·Q·K over ``num_boxes`` (Deformable DETR's ``mean(1).sum() * Q``).
 
-        Deformable DETR writes this as ``focal.mean(1).sum() / num_boxes * Q``, which is the same number: the sum
-        over all B*Q*K terms over ``num_boxes``. Unmatched predictions are trained towards all-zero targets
-        ("no object" has no class of its own with sigmoid classification).
-
-        Args:
-            logits: (B, Q, K) raw logits.
-            matched: (batch_idx, pred_idx), each (N,) on the logits' device.
-            labels: (N,) int64 target labels of the matched pairs.
-            valid: optional (B, Q) bool; invalid predictions contribute nothing, not even as negatives.
+        logits (B, Q, K); matched (batch_idx, pred_idx) (N,) each; labels (N,); valid (B, Q) or None: invalid
+        predictions count nothing, not even as negatives. Unmatched predictions have all-zero targets.
         """
         logits = logits.float()
         if valid is not None:
-            # Zero the invalid logits BEFORE the loss: masking afterwards would still propagate NaN gradients from
-            # inf/NaN logits on padding slots (0 * NaN = NaN in backward).
+            # Zero before the loss: masking after it still lets inf/NaN logits give NaN gradients (0 * NaN).
             logits = torch.where(valid[..., None], logits, torch.zeros_like(logits))
         target = torch.zeros_like(logits)
         target[matched[0], matched[1], labels] = 1.0
@@ -141,13 +107,7 @@ class SetCriterion(nn.Module):
 
     @staticmethod
     def loss_boxes(src_boxes: Tensor, tgt_boxes: Tensor, num_boxes: Tensor | float) -> tuple[Tensor, Tensor]:
-        """L1 on (cx, cy, w, h) and 1 - GIoU of matched pairs, each summed and divided by ``num_boxes``.
-
-        Args:
-            src_boxes, tgt_boxes: (N, 4) cxcywh in [0, 1] (N may be 0: the sums are then 0 but stay in the graph).
-        Returns:
-            (loss_bbox, loss_giou) scalars.
-        """
+        """(loss_bbox, loss_giou): L1 and 1 - GIoU of matched (N, 4) cxcywh pairs (N may be 0), over ``num_boxes``."""
         src_boxes, tgt_boxes = src_boxes.float(), tgt_boxes.float()
         loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_boxes
         giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes))
@@ -156,16 +116,8 @@ class SetCriterion(nn.Module):
 
     def head_losses(self, head: dict[str, Tensor], targets: list[dict[str, Tensor]], num_boxes: Tensor | float,
                     suffix: str = "") -> tuple[dict[str, Tensor], tuple[Tensor, Tensor, Tensor]]:
-        """Match one head and compute its three losses.
-
-        Args:
-            head: ``pred_logits`` (B, Q, K), ``pred_boxes`` (B, Q, 4), optional ``valid`` (B, Q) bool.
-            targets: the (possibly class-agnostic) targets.
-            suffix: appended to every key ("", "_0", "_enc", "_enc_aux_0", ...).
-        Returns:
-            (losses, (batch_idx, pred_idx, labels)): the matched pairs, (N,) each on the device, with their
-            target labels.
-        """
+        """Match one head {pred_logits (B, Q, K), pred_boxes (B, Q, 4), valid (B, Q) optional}; keys get ``suffix``.
+        Returns (losses, (batch_idx, pred_idx, labels)), the matched pairs (N,) each on the device."""
         logits, boxes, valid = head["pred_logits"], head["pred_boxes"], head.get("valid")
         device = logits.device
         indices: MatchIndices = self.matcher.match(logits, boxes, targets, valid)
@@ -181,17 +133,9 @@ class SetCriterion(nn.Module):
         return losses, (batch_idx, pred_idx, labels)
 
     def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Compute every loss the outputs allow (see the module docstring for the keys).
-
-        Args:
-            outputs: the model's output dict (``pred_logits``, ``pred_boxes``, optional ``aux_outputs``,
-                ``enc_outputs``, ``enc_aux_outputs``, and what the selector reads).
-            targets: B dicts with ``labels`` (T_b,) int64 and ``boxes`` (T_b, 4) cxcywh normalised.
-        Returns:
-            Named unweighted scalar losses and ``stat_*`` logging values.
-        """
+        """Every loss the model's outputs allow (keys: module docstring). targets: B dicts of ``labels`` (T_b,)
+        int64 and ``boxes`` (T_b, 4) cxcywh normalised."""
         if outputs["pred_logits"].shape[-1] != self.num_classes:
-            # The classic custom-dataset mistake: a head sized for one label map, targets from another.
             raise ValueError(f"SetCriterion: pred_logits has {outputs['pred_logits'].shape[-1]} classes, "
                              f"criterion built for num_classes={self.num_classes}")
         device = outputs["pred_logits"].device
@@ -207,16 +151,14 @@ class SetCriterion(nn.Module):
         if outputs.get("enc_outputs") is not None:
             enc_targets = targets
             if self.class_agnostic_enc:
-                # Deformable DETR two-stage: the encoder head only separates objects from background.
                 enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             losses.update(self.head_losses(outputs["enc_outputs"], enc_targets, num_boxes, suffix="_enc")[0])
 
-        # Sparse DETR encoder auxiliary loss (Sec. 3.3): each layer's kept tokens are matched on their own, with
-        # real class labels; `valid` says which slots count.
+        # Sparse DETR Sec. 3.3: encoder aux loss on each layer's kept tokens.
         for i, enc_aux in enumerate(outputs.get("enc_aux_outputs") or []):
             losses.update(self.head_losses(enc_aux, targets, num_boxes, suffix=f"_enc_aux_{i}")[0])
 
-        if self.selector is not None:  # the selector's own losses (selection.py)
+        if self.selector is not None:
             for suffix, head in self.selector.matched_heads(outputs):
                 losses.update(self.head_losses(head, targets, num_boxes, suffix=suffix)[0])
             losses.update(self.selector.losses(outputs, targets))
@@ -234,8 +176,7 @@ class SetCriterion(nn.Module):
         return 100.0 * (top != labels).float().mean()
 
     def _warn_unweighted(self, losses: dict[str, Tensor]) -> None:
-        # A loss that is computed but has no weight would silently not train (e.g. enc_aux heads with a weight dict
-        # built for a dense model): say so once, on the first step.
+        # A loss without a weight would silently not train: say so once.
         self._checked_keys = True
         missing = [k for k in losses if not k.startswith("stat_") and k not in self.weight_dict]
         if missing:

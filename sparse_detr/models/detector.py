@@ -1,7 +1,4 @@
-"""The top-level detector: Sparse DETR, and Deformable DETR (plain, two-stage, "Efficient DETR") as special cases.
-
-backbone → input projections + level embedding → flattened tokens → [token selection, ``selection.py``] →
-(sparse) encoder → queries (two-stage top-Q or learned) → decoder with box refinement → heads.
+"""Sparse DETR, with Deformable DETR (plain, two-stage) as special cases; the data flow is in ``docs/design.md``.
 
 Output dict of ``SparseDETR.forward`` (B images, Q queries, K classes, S tokens, k kept slots, L levels):
 
@@ -21,15 +18,11 @@ Output dict of ``SparseDETR.forward`` (B images, Q queries, K classes, S tokens,
                                training or ``return_maps``
     spatial_shapes     (L, 2) int64; level_start_index (L,) int64; padding_mask (B, S) bool
 
-``valid`` of ``enc_outputs`` / ``enc_aux_outputs`` is the loss mask of matching and focal negatives:
-``enc_loss_padding="official"`` counts every token and every slot up to the batch's largest k_b, as the official
-code; ``"exclude"`` leaves padding, invalid proposals and the slots past each image's k_b out.
+``valid`` (enc_outputs, enc_aux_outputs) masks matching and focal negatives: ``enc_loss_padding="official"``
+counts every token and every slot up to the batch's largest k_b; ``"exclude"`` drops padding and slots past k_b.
 
-State-dict layout: exactly the official one (``tests/data/official_keys``). With box refinement the per-layer heads
-are separate modules and, as in the official code, the same modules are registered a second time under
-``transformer.decoder.*`` (two-stage: ``class_embed``; refinement: ``bbox_embed``) and the encoder aux heads a
-third time under ``transformer.encoder.*``. Those aliases exist for the checkpoint layout only; ``forward`` uses
-``self.class_embed`` / ``self.bbox_embed``. A selector's modules sit under ``transformer.*`` (``selection.py``).
+State dict: the official layout (``tests/data/official_keys``). The heads are registered again under
+``transformer.decoder.*`` / ``transformer.encoder.*`` for that layout only; ``forward`` uses ``self.class_embed``.
 """
 
 from __future__ import annotations
@@ -52,12 +45,8 @@ __all__ = ["MLP", "SparseDETR", "batch_images"]
 def batch_images(images: Union[Tensor, Sequence[Tensor]], mask: Optional[Tensor] = None,
                  image_sizes: Optional[Sequence[tuple[int, int]]] = None,
                  ) -> tuple[Tensor, Tensor, Optional[list[tuple[int, int]]]]:
-    """Normalise the model input to a padded batch.
-
-    A list of (3, H_i, W_i) images is padded bottom/right to the largest size (a host-side packing step, as the
-    data collate does) and its sizes are returned; a (B, 3, H, W) tensor without a mask is unpadded.
-    Returns: images (B, 3, H, W), mask (B, H, W) bool True = padding, image sizes [(h, w)] or None if unknown.
-    """
+    """A list of (3, H_i, W_i) images (padded bottom/right) or a (B, 3, H, W) batch (no mask = unpadded) →
+    images (B, 3, H, W), mask (B, H, W) True = padding, image sizes [(h, w)] or None if unknown."""
     if isinstance(images, Tensor):
         if mask is None:
             batch, _, height, width = images.shape
@@ -84,27 +73,14 @@ def _valid_ratio(mask: Tensor) -> Tensor:
 
 
 class TransformerParts(nn.Module):
-    """The parameters official checkpoints store under ``transformer.*``; ``SparseDETR.forward`` drives them.
-
-    Always: ``level_embed`` (L, d), ``encoder``, ``decoder``. Two-stage: ``enc_output`` (d→d) + ``enc_output_norm``,
-    ``pos_trans`` (2d→d with Sparse DETR query init, else 2d→2d) + ``pos_trans_norm``. Plain: ``reference_points``
-    (d→2). Sparse DETR: ``enc_mask_predictor`` (DAM target) or ``backbone_class_embed`` / ``backbone_bbox_embed``
-    (OS target; not in any official checkpoint).
-    """
+    """Container of the modules official checkpoints store under ``transformer.*``; ``SparseDETR`` runs them."""
 
 
 class SparseDETR(nn.Module):
-    """Sparse DETR / Deformable DETR detector. Arguments mirror ``ModelConfig`` (see ``build_model``).
+    """Sparse DETR / Deformable DETR detector; arguments are ``ModelConfig`` fields (documented in config.py).
 
-    Args:
-        backbone: a ``Joiner`` (``[0]`` the network with ``num_channels``, ``[1]`` the sine position encoding).
-        num_classes: K class logits. num_queries: Q. hidden_dim: d. num_feature_levels: L (1..4).
-        with_box_refine, two_stage, eff_query_init, eff_specific_head: the official flags.
-        selector: the token selection of the sparse encoder (``selection.build_selector``); None = dense encoder.
-        use_enc_aux_loss: encoder aux heads on the kept tokens (needs a selector).
-        query_padding: "official" | "exclude" — whether the two-stage top-Q may pick padded / invalid tokens.
-        enc_loss_padding: "official" | "exclude" — whether the two-stage and encoder-aux losses count padded /
-            invalid tokens and the slots past each image's k_b (see ``valid`` in the module docstring).
+    backbone: a ``Joiner`` ([0] the network, [1] the position encoding); selector: the sparse encoder's token
+    selection (``selection.build_selector``), None = dense encoder.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int = 91, hidden_dim: int = 256, nheads: int = 8,
@@ -161,8 +137,7 @@ class SparseDETR(nn.Module):
 
     @staticmethod
     def _make_input_proj(channels: Sequence[int], dim: int, num_levels: int) -> nn.ModuleList:
-        """1×1 conv + GN on the last min(L, 3) backbone levels, then 3×3 stride-2 conv + GN levels (the first on
-        the raw C5) up to L levels (Deformable DETR Sec. 4.1)."""
+        """1×1 conv + GN per backbone level, then 3×3 stride-2 conv + GN levels up to L (Deformable DETR Sec. 4.1)."""
         used = list(channels)[-min(num_levels, len(channels)):]
         layers = [nn.Sequential(nn.Conv2d(c, dim, kernel_size=1), nn.GroupNorm(32, dim)) for c in used]
         in_ch = channels[-1]
@@ -204,14 +179,7 @@ class SparseDETR(nn.Module):
         return t
 
     def has_unused_parameters(self) -> bool:
-        """Whether a training step leaves some trainable parameters without a gradient (DDP then needs
-        ``find_unused_parameters=True``, an extra graph walk per step, so it is asked for only when needed).
-
-        The one such case: box refinement without ``aux_loss``. Each decoder layer then has its own heads, but only
-        the last layer's predictions reach a loss (the refined boxes are detached between layers), so the class
-        heads of layers 0..Ld-2 are outside the loss's graph. Everything else is used by every step (checked for
-        every shipped config family, and this answer against the real gradients, in tests/test_gradients.py).
-        """
+        """Whether DDP needs ``find_unused_parameters``: only refinement without aux loss leaves heads unused."""
         return self.with_box_refine and not self.aux_loss and self.dec_layers > 1
 
     def _register_checkpoint_aliases(self, dec_layers: int) -> None:
@@ -226,11 +194,8 @@ class SparseDETR(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ forward
     def _tokens(self, images: Tensor, mask: Tensor) -> dict:
-        """Backbone → projections → flattened token map (Deformable DETR Sec. 4.1).
-
-        Returns a dict: src, pos (B, S, d) (pos includes the level embedding), padding_mask (B, S),
-        shapes [(h_l, w_l)] host ints, spatial_shapes (L, 2), level_start_index (L,), valid_ratios (B, L, 2).
-        """
+        """Backbone → projections → flat tokens: src, pos (B, S, d) (with level embedding), padding_mask (B, S),
+        shapes [(h_l, w_l)] host ints, spatial_shapes (L, 2), level_start_index (L,), valid_ratios (B, L, 2)."""
         features, masks, pos = self.backbone(images, mask)
         num_backbone = min(self.num_feature_levels, len(features))  # the rest are extra stride-2 levels
         features, masks, pos = features[-num_backbone:], list(masks[-num_backbone:]), list(pos[-num_backbone:])
@@ -243,7 +208,7 @@ class SparseDETR(nn.Module):
             pos.append(self.backbone[1](level_mask).to(src.dtype))
 
         shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]  # host ints from tensor shapes: no sync
-        # non_blocking: a pageable host-to-device copy is staged without waiting for the queued backbone work.
+        # non_blocking: the copy need not wait for the queued backbone work.
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long).to(images.device, non_blocking=True)
         sizes = spatial_shapes.prod(1)
         return {
@@ -259,16 +224,9 @@ class SparseDETR(nn.Module):
 
     def forward(self, images: Union[Tensor, Sequence[Tensor]], mask: Optional[Tensor] = None,
                 image_sizes: Optional[Sequence[tuple[int, int]]] = None, return_maps: bool = False) -> dict:
-        """Detect objects.
-
-        Args:
-            images: a list of (3, H_i, W_i) images, or a padded batch (B, 3, H, W).
-            mask: (B, H, W) bool, True = padding, with a padded batch (None = no padding).
-            image_sizes: unpadded (h, w) of every image of a padded batch, if known on the host; only tightens the
-                kept-token bound k (``selection.max_kept_tokens``). Lists of images provide it themselves.
-            return_maps: return what the selector's target needs outside training too (visualisation).
-        Returns:
-            The output dict documented in the module docstring.
+        """images: a list of (3, H_i, W_i) or a padded (B, 3, H, W) with ``mask`` (B, H, W) True = padding.
+        image_sizes: host (h, w) of a padded batch's images, only tightens the kept-slot bound k.
+        return_maps: return the selector's target inputs outside training too. Returns: the module docstring's dict.
         """
         images, mask, image_sizes = batch_images(images, mask, image_sizes)
         tok = self._tokens(images, mask)
@@ -276,12 +234,12 @@ class SparseDETR(nn.Module):
         out: dict = {"spatial_shapes": tok["spatial_shapes"], "level_start_index": tok["level_start_index"],
                      "padding_mask": pad}
 
-        # Sec. 3.2: score the backbone tokens and keep the best of every image (selection.py).
+        # Sparse DETR Sec. 3.2: score the backbone tokens and keep the best of every image.
         proposals = valid = selection = layer_valid = None
         if self.two_stage:
             proposals, valid = grid_proposals(pad, tok["shapes"])
         if self.selector is not None:
-            def features() -> Tensor:  # the scorer's input, computed only by selectors that need it
+            def features() -> Tensor:  # lazy: only selectors that need it compute it
                 return proposal_features(tok["src"] + tok["pos"], valid, t.enc_output, t.enc_output_norm)
 
             scores, extra = self.selector.score(features, proposals, pad)
@@ -296,9 +254,9 @@ class SparseDETR(nn.Module):
             if selection.level_counts is not None:
                 out["kept_level_counts"] = selection.level_counts
 
-        # Sec. 3.3: the (sparse) encoder, with aux heads on the kept tokens.
+        # Sparse DETR Sec. 3.3: the (sparse) encoder, with aux heads on the kept tokens.
         aux_heads = None
-        if self.use_enc_aux_loss and self.training:  # the aux heads only feed losses: skip them at inference
+        if self.use_enc_aux_loss and self.training:  # they only feed losses
             aux_heads = (list(self.class_embed)[Ld + 1:], list(self.bbox_embed)[Ld + 1:])
         reference_points = dense_reference_points(tok["shapes"], tok["valid_ratios"])
         memory, enc_aux = t.encoder(tok["src"], tok["pos"], reference_points, tok["spatial_shapes"],
@@ -311,7 +269,6 @@ class SparseDETR(nn.Module):
                     aux["valid"] = slots.expand(pad.shape[0], -1)
             out["enc_aux_outputs"] = enc_aux
 
-        # Queries and decoder.
         if self.two_stage:
             tgt, query_pos, reference, out["enc_outputs"] = two_stage_queries(
                 memory, proposals, valid, t.enc_output, t.enc_output_norm, self.class_embed[Ld],
@@ -329,6 +286,6 @@ class SparseDETR(nn.Module):
         out["pred_logits"], out["pred_boxes"] = logits[-1], dec.boxes[-1]
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": logits[lvl], "pred_boxes": dec.boxes[lvl]} for lvl in range(Ld - 1)]
-        if need_sampling:  # for the selector's target (the DAM), built by the criterion
+        if need_sampling:  # the criterion builds the DAM from them
             out["dec_sampling_locations"], out["dec_attention_weights"] = dec.sampling_locations, dec.attention_weights
         return out

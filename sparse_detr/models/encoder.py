@@ -1,13 +1,5 @@
-"""The (sparse) deformable encoder of Sparse DETR (Sec. 3.1-3.3) and the token geometry it needs.
-
-* ``grid_proposals``: one fixed box per token, the two-stage proposals (Deformable DETR App. A.4).
-* ``proposal_features``: ``norm(proj(tokens))`` with padded / invalid tokens zeroed, the input of the token scorer
-  and of the two-stage head.
-* ``dense_reference_points``: every token's reference point on every level.
-* ``SparseEncoder``: each layer updates only the kept tokens (chosen by ``selection.py``), attending to the whole
-  current token map; updated tokens are scattered back in one batched op. ρ = 0 is the dense Deformable DETR
-  encoder. Optional auxiliary heads score the kept tokens after every layer but the last.
-"""
+"""The (sparse) deformable encoder (Sparse DETR Sec. 3.3) and the token geometry it needs: grid proposals,
+the scorer / two-stage input features, reference points, gather / scatter of the kept tokens."""
 
 from __future__ import annotations
 
@@ -24,29 +16,17 @@ __all__ = [
 ]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# grid proposals and the features the scorer and the two-stage head see
-
 def grid_proposals(padding_mask: Tensor, shapes: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor]:
-    """One fixed box per token, as inverse-sigmoid logits (Deformable DETR App. A.4).
-
-    Token (x, y) of level l gets centre ((x + 0.5) / valid_W_l, (y + 0.5) / valid_H_l), relative to the image's
-    unpadded part of that level, and width = height = 0.05 · 2^l.
-
-    Args:
-        padding_mask: (B, S) bool, True = padding.
-        shapes: the L level shapes (h_l, w_l) as Python ints, S = Σ h_l · w_l.
-    Returns:
-        proposals (B, S, 4) cxcywh logits, +inf where invalid (sigmoid(inf) = 1, so boxes stay finite);
-        valid (B, S) bool: not padding and every coordinate inside (0.01, 0.99).
-    """
+    """One box per token as logits (Deformable DETR App. A.4): the token centre in the level's unpadded part, size
+    0.05 · 2^l. padding_mask (B, S); shapes: L host (h, w). Returns proposals (B, S, 4), +inf where invalid
+    (sigmoid stays finite), and valid (B, S): not padding and every coordinate in (0.01, 0.99)."""
     batch = padding_mask.shape[0]
     device = padding_mask.device
     boxes, start = [], 0
     for lvl, (h, w) in enumerate(shapes):  # a loop over levels only: their grids differ in shape
         level_mask = padding_mask[:, start:start + h * w].view(batch, h, w)
-        valid_h = (~level_mask[:, :, 0]).sum(1).float().clamp(min=1)  # (B,) unpadded rows of this level
-        valid_w = (~level_mask[:, 0, :]).sum(1).float().clamp(min=1)  # (B,) unpadded columns
+        valid_h = (~level_mask[:, :, 0]).sum(1).float().clamp(min=1)  # (B,) unpadded rows
+        valid_w = (~level_mask[:, 0, :]).sum(1).float().clamp(min=1)
         ys = torch.arange(h, device=device, dtype=torch.float32) + 0.5
         xs = torch.arange(w, device=device, dtype=torch.float32) + 0.5
         cx = (xs[None, None, :] / valid_w[:, None, None]).expand(batch, h, w)
@@ -61,29 +41,13 @@ def grid_proposals(padding_mask: Tensor, shapes: Sequence[tuple[int, int]]) -> t
 
 
 def proposal_features(tokens: Tensor, valid: Tensor, proj: nn.Linear, norm: nn.LayerNorm) -> Tensor:
-    """``norm(proj(tokens))`` with padded / invalid-proposal tokens zeroed first (the official two-stage input).
-
-    Args:
-        tokens: (B, S, d) token features (backbone tokens + position before the encoder; memory after it).
-        valid: (B, S) bool from ``grid_proposals``.
-    Returns:
-        (B, S, d).
-    """
+    """``norm(proj(tokens))`` (B, S, d) with tokens not ``valid`` (B, S) zeroed first, as the official code."""
     return norm(proj(tokens.masked_fill(~valid[..., None], 0.0)))
 
 
 def dense_reference_points(shapes: Sequence[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
-    """Every token's reference point on every level (Deformable DETR encoder).
-
-    The token centre is normalised by its level's *valid* size, then scaled by each level's valid ratio, so the
-    point is expressed in each level's padded [0, 1] frame.
-
-    Args:
-        shapes: the L level shapes (h_l, w_l).
-        valid_ratios: (B, L, 2) unpadded fraction (w, h) of every level.
-    Returns:
-        (B, S, L, 2) normalised (x, y).
-    """
+    """(B, S, L, 2) (x, y): every token's centre, relative to its level's valid size, in each level's padded [0, 1]
+    frame. valid_ratios (B, L, 2) is the unpadded fraction (w, h) of every level."""
     device = valid_ratios.device
     points = []
     for lvl, (h, w) in enumerate(shapes):
@@ -96,9 +60,6 @@ def dense_reference_points(shapes: Sequence[tuple[int, int]], valid_ratios: Tens
     return points[:, :, None] * valid_ratios[:, None]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# gather / scatter of the kept tokens
-
 def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
     """x (B, S, *rest) at indices (B, k) → (B, k, *rest)."""
     rest = x.shape[2:]
@@ -108,20 +69,12 @@ def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
 
 
 def scatter_tokens(full: Tensor, indices: Tensor, kept: Tensor, valid: Tensor) -> Tensor:
-    """Write the valid kept tokens back into the full map (Sec. 3.3), batched, out of place.
-
-    Slots beyond k_b write back the value already there, so they change nothing. ``topk`` indices are unique per
-    image, hence the scatter has no write conflicts and is deterministic.
-
-    Args: full (B, S, d); indices (B, k); kept (B, k, d); valid (B, k). Returns: (B, S, d).
-    """
+    """full (B, S, d) with the ``valid`` (B, k) rows of kept (B, k, d) written at indices (B, k), out of place.
+    Invalid slots rewrite the old value; ``topk`` indices are unique, so the scatter is deterministic."""
     index = indices[..., None].expand_as(kept)
     src = torch.where(valid[..., None], kept, full.gather(1, index))
     return full.scatter(1, index, src)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# the encoder
 
 class EncoderLayer(nn.Module):
     """Post-norm deformable encoder layer: self-attention → add & norm1 → FFN → add & norm2."""
@@ -140,8 +93,7 @@ class EncoderLayer(nn.Module):
 
     def forward(self, query: Tensor, query_pos: Tensor, reference_points: Tensor, value: Tensor,
                 spatial_shapes: Tensor, level_start_index: Tensor, padding_mask: Tensor) -> Tensor:
-        """Args: query, query_pos (B, k, d); reference_points (B, k, L, 2); value (B, S, d) the full token map;
-        spatial_shapes (L, 2); level_start_index (L,); padding_mask (B, S). Returns: updated query (B, k, d)."""
+        """query, query_pos (B, k, d); reference_points (B, k, L, 2); value (B, S, d) → query (B, k, d)."""
         attn = self.self_attn(query + query_pos, reference_points, value, spatial_shapes, level_start_index,
                               padding_mask)
         query = self.norm1(query + self.dropout1(attn))
@@ -150,12 +102,8 @@ class EncoderLayer(nn.Module):
 
 
 class SparseEncoder(nn.Module):
-    """A stack of ``EncoderLayer`` that updates either every token (dense) or only the kept ones (Sec. 3.3).
-
-    Sparse: the kept tokens, their position and reference points are gathered once; layer i attends from the first
-    k_i current kept tokens to the whole current map, its valid results are written back, and the updated kept
-    tokens (not a re-gather) are the next layer's queries. Tokens a layer does not keep keep their values.
-    """
+    """Encoder layers that update every token (dense) or only the kept ones (Sparse DETR Sec. 3.3): gathered once,
+    each layer's valid outputs scattered back and fed on (not re-gathered) to the next layer."""
 
     def __init__(self, num_layers: int, **layer_kwargs) -> None:
         super().__init__()
@@ -166,20 +114,13 @@ class SparseEncoder(nn.Module):
                 layer_valid: Optional[Sequence[Tensor]] = None, proposals: Optional[Tensor] = None,
                 aux_heads: Optional[tuple[Sequence[nn.Module], Sequence[nn.Module]]] = None,
                 ) -> tuple[Tensor, list[dict[str, Tensor]]]:
-        """Run the encoder.
-
-        Args:
-            src, pos: (B, S, d) backbone tokens and position + level embedding.
-            reference_points: (B, S, L, 2) from ``dense_reference_points``.
-            spatial_shapes (L, 2), level_start_index (L,), padding_mask (B, S) bool.
-            kept_indices: (B, k) kept tokens sorted by decreasing score; None = dense encoder.
-            layer_valid: one (B, k_i) bool per layer, k_i non-increasing ≤ k: layer i updates the first k_i kept
-                tokens where True (``selection.Selection.layers``).
-            proposals: (B, S, 4) grid-proposal logits, needed by ``aux_heads``.
-            aux_heads: (class heads, box heads), one pair per layer but the last (Sparse DETR Sec. 3.3).
+        """Args:
+            src, pos: (B, S, d) tokens and position + level embedding; reference_points (B, S, L, 2).
+            kept_indices: (B, k) sorted by decreasing score; None = dense.
+            layer_valid: one (B, k_i) per layer, k_i non-increasing: layer i updates its first k_i kept tokens.
+            proposals: (B, S, 4) grid-proposal logits; aux_heads: (class heads, box heads), one per layer but the last.
         Returns:
-            memory (B, S, d); aux outputs, one dict per layer but the last: ``pred_logits`` (B, k_i, K),
-            ``pred_boxes`` (B, k_i, 4) = sigmoid(proposal + offset), ``valid`` (B, k_i) (empty list without heads).
+            memory (B, S, d); per layer but the last {pred_logits (B, k_i, K), pred_boxes (B, k_i, 4), valid (B, k_i)}.
         """
         sparse = kept_indices is not None
         if sparse:
@@ -197,7 +138,7 @@ class SparseEncoder(nn.Module):
 
         memory, aux_outputs, indices = src, [], kept_indices
         for i, layer in enumerate(self.layers):
-            if sparse:  # the cascade: layer i's set is a prefix of layer i-1's (a no-op slice without one)
+            if sparse:  # layer i's set is a prefix of layer i-1's
                 k_i = layer_valid[i].shape[1]
                 query, query_pos, reference_points = query[:, :k_i], query_pos[:, :k_i], reference_points[:, :k_i]
                 indices = indices[:, :k_i]

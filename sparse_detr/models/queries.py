@@ -1,17 +1,8 @@
-"""Decoder queries: two-stage top-Q selection with its two initialisations, and learned queries (Sparse DETR Sec. 3.4; Deformable DETR Sec. 4.2).
+"""Decoder queries: two-stage top-Q tokens (Sparse DETR Sec. 3.4; Deformable DETR Sec. 4.2) or learned ones.
 
-* ``two_stage_queries``: the two-stage head (class + box, head number Ld) scores every encoder token on
-  ``enc_output_norm(enc_output(memory))``; the top-Q tokens by objectness become queries. Objectness is the max class
-  logit (Sparse DETR / Efficient DETR ``eff_specific_head``) or the class-0 logit (Deformable DETR's binary
-  foreground head). ``query_padding="official"`` ranks every token as the official code does: a padded or
-  invalid-proposal token has one constant objectness (its features are ``enc_output_norm(enc_output(0))``) and
-  becomes a query with reference box 1 when it beats the Q-th valid token; ``"exclude"`` never picks one unless
-  fewer than Q valid tokens exist.
-  Reference boxes are the detached proposals refined by the head. Position query = norm(Linear(sine(boxes)));
-  content query = the encoder output at those tokens (Sparse DETR ``eff_query_init``, not detached), or the second
-  half of a 2d→2d projection whose first half is the position (Deformable DETR two-stage).
-* ``learned_queries``: plain Deformable DETR — an embedding (Q, 2d) split into position and content, and reference
-  points = sigmoid(Linear(position)).
+Two-stage: the head ``[Ld]`` scores every token; the top-Q by objectness (max class logit with
+``eff_specific_head``, else the class-0 logit) become queries around their refined proposals. ``query_padding``
+"official" also ranks padded / invalid tokens, as the official code does (README, official behaviour).
 """
 
 from __future__ import annotations
@@ -32,19 +23,12 @@ def two_stage_queries(memory: Tensor, proposals: Tensor, proposal_valid: Tensor,
     """Select Q tokens as decoder queries.
 
     Args:
-        memory: (B, S, d) encoder output.
-        proposals: (B, S, 4) grid-proposal logits (+inf where invalid); proposal_valid: (B, S) bool.
-        enc_output, enc_output_norm: the shared token projection (also the scorer's input projection).
-        class_head, box_head: the two-stage head (``class_embed[Ld]``, ``bbox_embed[Ld]``).
-        pos_trans, pos_trans_norm: 2d → d (eff_query_init) or 2d → 2d.
-        num_queries: Q (≤ S).
-        specific_head: objectness = max class logit; else the class-0 logit.
-        eff_query_init: Sparse DETR initialisation (content = memory at the selected tokens).
-        query_padding: "official" (rank every token) or "exclude" (never pick padding / invalid proposals).
+        memory: (B, S, d); proposals: (B, S, 4) grid-proposal logits (+inf where invalid); proposal_valid: (B, S).
+        pos_trans: 2d → d with ``eff_query_init`` (content = memory at the chosen tokens), else 2d → 2d (position
+            and content halves, Deformable DETR two-stage).
     Returns:
-        tgt (B, Q, d) content queries, query_pos (B, Q, d), reference (B, Q, 4) boxes in [0, 1] (no gradient),
-        enc_outputs {pred_logits (B, S, K), pred_boxes (B, S, 4)} for the two-stage loss (the detector adds the
-        loss mask ``valid``).
+        tgt (B, Q, d), query_pos (B, Q, d), reference (B, Q, 4) in [0, 1] (detached), enc_outputs {pred_logits
+        (B, S, K), pred_boxes (B, S, 4)} (the detector adds the loss mask ``valid``).
     """
     dim = memory.shape[-1]
     if num_queries > memory.shape[1]:
@@ -72,15 +56,8 @@ def two_stage_queries(memory: Tensor, proposals: Tensor, proposal_valid: Tensor,
 
 
 def learned_queries(query_embed: Tensor, reference_points: nn.Linear, batch: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Plain Deformable DETR queries.
-
-    Args:
-        query_embed: (Q, 2d) embedding weight; the first d channels are the position, the rest the content.
-        reference_points: Linear d → 2.
-        batch: B.
-    Returns:
-        tgt (B, Q, d), query_pos (B, Q, d), reference (B, Q, 2) points in [0, 1].
-    """
+    """Plain Deformable DETR queries: query_embed (Q, 2d) = [position, content]; reference_points Linear d → 2.
+    Returns tgt (B, Q, d), query_pos (B, Q, d), reference (B, Q, 2) points in [0, 1]."""
     query_pos, tgt = query_embed.chunk(2, dim=-1)
     query_pos = query_pos[None].expand(batch, -1, -1)
     tgt = tgt[None].expand(batch, -1, -1)

@@ -10,14 +10,9 @@ per forward; the criterion calls ``losses`` and ``matched_heads``. One class per
     salience    scorer trained on a centre-salience map inside the boxes (Salience-DETR, CVPR 2024)
     random      uniformly random valid tokens, no parameters and no loss (the control)
 
-A selector's modules are registered by the detector under ``transformer.<name>`` (``enc_mask_predictor``,
-``backbone_class_embed``, ``backbone_bbox_embed``), the names of the official checkpoints.
-
-Budgets (``KeepBudget``): one ratio ρ keeps floor(ρ · valid_b) + 1 tokens of image b; ``rho_levels`` keeps
-floor(ρ_l · valid_bl) + 1 of every level l; ``rho_layers`` gives encoder layer i the floor(ρ_i · valid_b) + 1
-best-scored tokens of layer i-1's set (Focus-DETR's cascade). Kept tokens are sorted by decreasing score, so every
-layer's set is a prefix of the one before. ``k`` (slots per image) is a host int bounded from host information
-(``max_kept_tokens``); the exact counts live on the device and ``valid`` marks the slots that count. No host sync.
+Budgets (``KeepBudget``): image b keeps floor(ρ · valid_b) + 1 tokens (per level with ``rho_levels``; per encoder
+layer, a prefix of the previous layer's set, with ``rho_layers``, Focus-DETR's cascade). The slot count k is a host
+bound (``max_kept_tokens``); exact counts stay on the device, ``valid`` marks the slots that count: no host sync.
 """
 
 from __future__ import annotations
@@ -41,15 +36,10 @@ __all__ = [
 ]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Budgets
-
 def _valid_bounds(shapes: Sequence[tuple[int, int]], canvas_hw: tuple[int, int],
                   image_hw: Optional[Sequence[tuple[int, int]]]) -> list[list[int]]:
-    """Host upper bound of every image's valid tokens per level (without image sizes: the level sizes).
-
-    Nearest-neighbour mask resizing keeps ceil(ih · h / H) rows of a level, ±1 from float rounding of the scale.
-    """
+    """Host upper bound of every image's valid tokens per level; +1 since nearest mask resizing keeps
+    ceil(ih · h / H) rows ±1 from float rounding."""
     if image_hw is None:
         return [[h * w for h, w in shapes]]
     H, W = canvas_hw
@@ -58,16 +48,14 @@ def _valid_bounds(shapes: Sequence[tuple[int, int]], canvas_hw: tuple[int, int],
 
 def max_kept_tokens(rho: float, shapes: Sequence[tuple[int, int]], canvas_hw: tuple[int, int],
                     image_hw: Optional[Sequence[tuple[int, int]]] = None) -> int:
-    """Host-side k ≥ max_b (floor(ρ · valid_b) + 1), in [1, S], from the level shapes, the padded canvas size and
-    (if known) the unpadded image sizes: no device sync."""
+    """Host k ≥ max_b (floor(ρ · valid_b) + 1), in [1, S], from shapes and (if known) image sizes: no sync."""
     total = sum(h * w for h, w in shapes)
     bounds = _valid_bounds(shapes, canvas_hw, image_hw)
     return min(total, max(math.floor(sum(b) * rho) + 1 for b in bounds))
 
 
 def kept_token_counts(padding_mask: Tensor, rho: float, k: int) -> Tensor:
-    """k_b = floor(ρ · valid_b) + 1 (Sec. 3.2), capped at valid_b (padding is never kept) and at k; float64 so it
-    matches the host bound exactly. padding_mask (B, S) → (B,) int64."""
+    """(B,) k_b = floor(ρ · valid_b) + 1 (Sec. 3.2), capped at valid_b and k; float64 to match the host bound."""
     return _counts((~padding_mask).sum(1), rho, k)
 
 
@@ -78,11 +66,7 @@ def _counts(valid: Tensor, rho: float, cap: int) -> Tensor:
 
 @dataclass(frozen=True)
 class KeepBudget:
-    """How many tokens every encoder layer updates.
-
-    rho: overall keep ratio in (0, 1]. rho_levels: one ratio per level (replaces ``rho`` for the selection).
-    rho_layers: one non-increasing ratio per encoder layer, ``rho_layers[0] == rho``.
-    """
+    """Keep ratios in (0, 1]: ``rho``; ``rho_levels`` per level (replaces rho); ``rho_layers`` non-increasing."""
 
     rho: float
     rho_levels: Optional[tuple[float, ...]] = None
@@ -100,11 +84,8 @@ class KeepBudget:
 
 @dataclass
 class Selection:
-    """The kept tokens of a batch (B images, k slots, sorted by decreasing score, valid slots first).
-
-    indices (B, k) int64; valid (B, k) bool; counts (B,) int64 = valid.sum(1); level_counts (B, L) with
-    ``rho_levels`` (else None); layers: per encoder layer (k_i host int, counts_i (B,)), prefixes of ``indices``.
-    """
+    """Kept slots, valid first, by decreasing score: indices, valid (B, k); counts (B,); level_counts (B, L) or None;
+    layers: per encoder layer (k_i host int, counts_i (B,)), prefixes of ``indices``."""
 
     indices: Tensor
     valid: Tensor
@@ -121,11 +102,7 @@ def _sort_kept(indices: Tensor, valid: Tensor, scores: Tensor) -> tuple[Tensor, 
 
 
 def select_tokens(scores: Tensor, padding_mask: Tensor, counts: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The top-k tokens of every image by score; not differentiable (indices only).
-
-    scores (B, S); padding_mask (B, S) (padding ranks below every token); counts (B,) k_b; k ≥ max k_b.
-    Returns indices (B, k) sorted by decreasing score and valid (B, k), True for the first k_b slots.
-    """
+    """Top-k of scores (B, S), padding last → indices (B, k) by decreasing score, valid (B, k) for the first k_b."""
     masked = scores.detach().masked_fill(padding_mask, float("-inf"))
     indices = masked.topk(k, dim=1, sorted=True).indices
     valid = torch.arange(k, device=scores.device)[None, :] < counts[:, None]
@@ -134,7 +111,7 @@ def select_tokens(scores: Tensor, padding_mask: Tensor, counts: Tensor, k: int) 
 
 def select_under_budget(scores: Tensor, padding_mask: Tensor, budget: KeepBudget, shapes: Sequence[tuple[int, int]],
                         canvas_hw: tuple[int, int], image_hw: Optional[Sequence[tuple[int, int]]]) -> Selection:
-    """Keep the best-scored tokens of every image under ``budget`` (the shared selection of every selector)."""
+    """Keep the best-scored tokens of every image under ``budget``."""
     bounds = _valid_bounds(shapes, canvas_hw, image_hw)
     valid_total = (~padding_mask).sum(1)
     if budget.rho_levels is None:
@@ -142,7 +119,7 @@ def select_under_budget(scores: Tensor, padding_mask: Tensor, budget: KeepBudget
         counts = _counts(valid_total, budget.rho, k)
         indices, valid = select_tokens(scores, padding_mask, counts, k)
         level_counts = None
-    else:  # a top-k per level (a loop over the L levels only), then one batched sort of the union
+    else:  # a top-k per level (a loop over levels only), then one batched sort of the union
         masked = scores.detach().masked_fill(padding_mask, float("-inf"))
         parts, level_counts, start = [], [], 0
         for lvl, ((h, w), rho_l) in enumerate(zip(shapes, budget.rho_levels)):
@@ -168,9 +145,8 @@ def select_under_budget(scores: Tensor, padding_mask: Tensor, budget: KeepBudget
 
 def top_count_mask(values: Tensor, padding_mask: Tensor, counts: Tensor, levels: Optional[Tensor] = None,
                    level_start_index: Optional[Tensor] = None) -> Tensor:
-    """(B, S) bool: the ``counts`` (B,) largest values of every image, or with ``levels`` (S,) and
-    ``level_start_index`` (L,) the ``counts`` (B, L) largest of every level; never padding. Rank-based (sorts
-    only), so no host k is needed."""
+    """(B, S) bool: the ``counts`` (B,) largest values of each image, or (B, L) of each level with ``levels``; never
+    padding. Rank-based, so no host k is needed."""
     masked = values.masked_fill(padding_mask, float("-inf"))
     order = masked.argsort(dim=1, descending=True, stable=True)
     if levels is None:
@@ -183,16 +159,10 @@ def top_count_mask(values: Tensor, padding_mask: Tensor, counts: Tensor, levels:
     return ranks < counts.gather(1, levels.expand_as(order))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Ground-truth targets on the token grid
-
 def token_geometry(padding_mask: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """Every token's centre and its level's valid size, from device tensors only.
-
-    Returns centres (B, S, 2) (x, y) normalised to the image's unpadded part of the level (as the grid
-    proposals), valid sizes (B, S, 2) (w, h) in tokens of the token's level, levels (S,) int64.
-    """
+    """centres (B, S, 2) (x, y) in the level's unpadded part (as the grid proposals), the level's valid size
+    (B, S, 2) (w, h) in tokens, levels (S,), from device tensors only."""
     batch, num_tokens = padding_mask.shape
     levels = token_levels(spatial_shapes, num_tokens)
     width = spatial_shapes[levels, 1]
@@ -216,22 +186,16 @@ def _padded_boxes(targets: Sequence[dict], device: torch.device) -> tuple[Tensor
     return padded, real
 
 
-# Scale ranges of Salience-DETR's criterion ((-1, 64), (64, 128), (128, 256), (256, inf) px at strides 8..64),
-# written in tokens of each level: a box belongs to level l if its longer side spans (4, 8] tokens of that level;
-# the finest level also takes every smaller box and the coarsest every larger one, so each box has one level.
+# Salience-DETR's scale ranges (bounds 64, 128, 256 px at strides 8..64) in tokens: a box belongs to the level where
+# its longer side spans (4, 8] tokens; the finest level takes smaller boxes, the coarsest larger ones.
 SCALE_RANGE_TOKENS = (4.0, 8.0)
 
 
 def scale_aware_assignment(padding_mask: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                            targets: Sequence[dict], scale_range: tuple[float, float] = SCALE_RANGE_TOKENS,
                            ) -> tuple[Tensor, Tensor]:
-    """Which ground-truth boxes every token is assigned to (Focus-DETR's scale-aware foreground assignment).
-
-    A token is assigned to a box when its centre lies inside the box (border included) and the box's size fits
-    the token's level (``SCALE_RANGE_TOKENS``); padding is assigned to nothing.
-    Returns assigned (B, S, T) bool and the normalised offsets (B, S, T, 2) of the token centre from the box
-    centre in units of half the box size (|offset| ≤ 1 inside the box).
-    """
+    """Focus-DETR's scale-aware assignment: token → box when its centre is inside (border included) and the box
+    fits the level. Returns assigned (B, S, T) and offsets (B, S, T, 2) from the box centre in half box sizes."""
     centres, sizes, levels = token_geometry(padding_mask, spatial_shapes, level_start_index)
     boxes, real = _padded_boxes(targets, padding_mask.device)
     half = (boxes[:, None, :, 2:] / 2).clamp(min=1e-6)  # (B, 1, T, 2)
@@ -254,29 +218,18 @@ def foreground_target(padding_mask: Tensor, spatial_shapes: Tensor, level_start_
 
 def salience_target(padding_mask: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                     targets: Sequence[dict]) -> Tensor:
-    """(B, S) float centre salience: max over the token's assigned boxes of 1 − ‖offset‖₂ / √2.
-
-    1 at a box centre, falling linearly with the normalised distance to 1 − 1/√2 at the middle of an edge and to 0
-    at the corners; 0 outside every box (Salience-DETR's salience supervision, on the same assignment as
-    ``foreground_target`` so the two differ only in the target's shape).
-    """
+    """(B, S) Salience-DETR centre salience: max over assigned boxes of 1 − ‖offset‖₂ / √2 (1 at the centre, 0 at
+    corners and outside), on ``foreground_target``'s assignment so the two differ only in shape."""
     assigned, offsets = scale_aware_assignment(padding_mask, spatial_shapes, level_start_index, targets)
-    if assigned.shape[-1] == 0:  # no boxes in the batch
+    if assigned.shape[-1] == 0:
         return torch.zeros(assigned.shape[:2], device=assigned.device)
     salience = (1 - offsets.norm(dim=-1) / math.sqrt(2)).clamp(min=0)
     return torch.where(assigned, salience, torch.zeros_like(salience)).amax(-1)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The scoring network and its loss
-
 class TokenScorer(nn.Module):
-    """Saliency logit of every token (Sparse DETR Sec. 3.2; official ``enc_mask_predictor``).
-
-    ``layer1`` = LayerNorm, Linear d→d, GELU. The second half of its channels is averaged over the image's tokens
-    and broadcast back (a global context vector), concatenated with the first half, and ``layer2`` = Linear d→d/2,
-    GELU, Linear d/2→d/4, GELU, Linear d/4→1.
-    """
+    """Saliency logit of every token (Sparse DETR Sec. 3.2, ``enc_mask_predictor``): the second half of layer1's
+    channels is replaced by its mean over the image (global context) before layer2."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -285,8 +238,7 @@ class TokenScorer(nn.Module):
                                     nn.Linear(dim // 4, 1))
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
-        """x (B, S, d); padding_mask (B, S) bool, True = left out of the global mean (None = official: every
-        token, padding included, counts). Returns (B, S) logits."""
+        """x (B, S, d); padding_mask (B, S) True = not in the mean (None: all, as official) → (B, S) logits."""
         z = self.layer1(x)
         local, ctx = z.chunk(2, dim=-1)
         if padding_mask is None:
@@ -299,8 +251,8 @@ class TokenScorer(nn.Module):
 
 
 def mask_prediction_loss(logits: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-    """Binary cross-entropy of scorer logits (B, S) against targets in [0, 1] (B, S), mean over the counted
-    tokens (``weights`` (B, S), 1 = counts; None = all) of each image, then over images (Sparse DETR Sec. 3.2)."""
+    """BCE of logits (B, S) against targets in [0, 1], mean over the tokens ``weights`` (B, S) counts (None: all)
+    of each image, then over images (Sparse DETR Sec. 3.2)."""
     logits, targets = logits.float(), targets.to(logits.device, torch.float32)
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     if weights is None:
@@ -311,16 +263,12 @@ def mask_prediction_loss(logits: Tensor, targets: Tensor, weights: Optional[Tens
     return (bce.sum(dim=1) / weights.sum(dim=1).clamp(min=torch.finfo(torch.float32).eps)).mean()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Selectors
-
 Features = Callable[[], Tensor]  # lazily computes enc_output_norm(enc_output(tokens)) (B, S, d)
 
 
 @dataclass(frozen=True)
 class SelectorOptions:
-    """What a selector may need besides its budget: token width d, class logits K, and the DAM scorer's switches
-    (``scorer_padding``: "official" | "exclude"; ``dam_alignment``: "official" | "aligned")."""
+    """What a selector needs besides its budget: d (``hidden_dim``), K and the ``ModelConfig`` switches so named."""
 
     dim: int
     num_classes: int
@@ -329,11 +277,8 @@ class SelectorOptions:
 
 
 class TokenSelector:
-    """Interface of a selection criterion. Subclasses set ``modules`` and override what they need.
-
-    ``modules``: name → module, registered by the detector as ``transformer.<name>`` (so a selector's parameters
-    keep their official names). ``layout``: what the modules are, for the checkpoint's architecture check.
-    ``needs_decoder_sampling``: the target needs the decoder's sampling locations and attention weights.
+    """Interface of a selection criterion. ``modules`` are registered as ``transformer.<name>`` (official names);
+    ``layout`` names them for the checkpoint check; ``needs_decoder_sampling``: the target uses the decoder's sampling.
     """
 
     layout = "none"
@@ -344,24 +289,24 @@ class TokenSelector:
         self.modules: dict[str, nn.Module] = {}
 
     def score(self, features: Features, proposals: Tensor, padding_mask: Tensor) -> tuple[Tensor, dict]:
-        """Selection scores (B, S) of the backbone tokens, and extra entries for the output dict."""
+        """Scores (B, S) of the backbone tokens, and extra entries for the output dict."""
         raise NotImplementedError
 
     def select(self, scores: Tensor, padding_mask: Tensor, shapes: Sequence[tuple[int, int]],
                canvas_hw: tuple[int, int], image_hw: Optional[Sequence[tuple[int, int]]]) -> Selection:
-        """The kept tokens under the budget (shared by every selector)."""
+        """The kept tokens under the budget."""
         return select_under_budget(scores, padding_mask, self.budget, shapes, canvas_hw, image_hw)
 
     def target(self, outputs: dict, targets: Optional[Sequence[dict]]) -> Optional[Tensor]:
-        """The scorer's (B, S) training target (None: the selector has none, or it needs ground truth)."""
+        """The scorer's (B, S) target, or None (no target, or ground truth needed)."""
         return None
 
     def losses(self, outputs: dict, targets: Sequence[dict]) -> dict[str, Tensor]:
-        """Named, unweighted losses (and ``stat_*`` logging values) of the selector."""
+        """Named, unweighted losses and ``stat_*`` values."""
         return {}
 
     def matched_heads(self, outputs: dict) -> list[tuple[str, dict]]:
-        """Detection heads of the selector to be trained by the Hungarian loss: (loss-key suffix, head dict)."""
+        """(loss-key suffix, head dict) of the selector's heads trained by the Hungarian loss."""
         return []
 
     def loss_weights(self, cls: float, bbox: float, giou: float, mask: float) -> dict[str, float]:
@@ -370,11 +315,8 @@ class TokenSelector:
 
 
 class _ScorerSelector(TokenSelector):
-    """A ``TokenScorer`` trained by ``mask_prediction_loss`` against a per-token target built by ``target``.
-
-    scorer_padding: "official" (padding enters the scorer's mean and the loss, padded logits replaced by the
-    batch minimum as the official code does) or "exclude".
-    """
+    """A ``TokenScorer`` trained by ``mask_prediction_loss`` on ``target``. scorer_padding "official": padding in the
+    mean and the loss, padded logits set to the batch minimum (as the official code)."""
 
     layout = "scorer (transformer.enc_mask_predictor)"
 
@@ -384,7 +326,7 @@ class _ScorerSelector(TokenSelector):
             raise ValueError(f"scorer_padding must be 'official' or 'exclude', got {options.scorer_padding!r}")
         self.scorer_padding = options.scorer_padding
         self.scorer = TokenScorer(options.dim)
-        for p in self.scorer.parameters():  # Deformable DETR initialisation of the transformer's matrices
+        for p in self.scorer.parameters():  # Deformable DETR's init of the transformer's matrices
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
         self.modules = {"enc_mask_predictor": self.scorer}
@@ -405,11 +347,7 @@ class _ScorerSelector(TokenSelector):
 
 
 class DAMSelector(_ScorerSelector):
-    """Scorer trained on the binarised decoder cross-attention map (Sparse DETR Sec. 3.2).
-
-    Target: the top-k_b tokens of the DAM per image (per level with ``rho_levels``), k_b the kept counts of the
-    first encoder layer. alignment: "official" (the official half-pixel shift) or "aligned" (``dam.py``).
-    """
+    """Scorer trained on the top-k_b tokens (per level with ``rho_levels``) of the DAM (Sparse DETR Sec. 3.2)."""
 
     needs_decoder_sampling = True
 
@@ -418,7 +356,7 @@ class DAMSelector(_ScorerSelector):
         self.alignment = options.dam_alignment
 
     def attention_map(self, outputs: dict) -> Tensor:
-        """The decoder attention map (B, S) from the decoder's sampling (``dam.decoder_attention_map``)."""
+        """The (B, S) decoder attention map."""
         return decoder_attention_map(outputs["dec_sampling_locations"], outputs["dec_attention_weights"],
                                      outputs["spatial_shapes"], outputs["level_start_index"],
                                      outputs["padding_mask"].shape[1], self.alignment)
@@ -435,7 +373,7 @@ class DAMSelector(_ScorerSelector):
 
     def losses(self, outputs: dict, targets: Sequence[dict]) -> dict[str, Tensor]:
         losses = super().losses(outputs, targets)
-        with torch.no_grad():  # the fraction of decoder attention that lands on kept tokens: a curve, not a loss
+        with torch.no_grad():
             coverage, _ = dam_coverage(self.attention_map(outputs), outputs["padding_mask"], outputs["kept_indices"],
                                        outputs["kept_valid"], outputs["spatial_shapes"])
         losses["stat_dam_coverage"] = coverage.mean()
@@ -443,8 +381,7 @@ class DAMSelector(_ScorerSelector):
 
 
 class ForegroundSelector(_ScorerSelector):
-    """Scorer trained with BCE on the scale-aware ground-truth foreground mask (Focus-DETR's foreground token
-    selector; ``foreground_target``)."""
+    """Scorer trained on the scale-aware ground-truth foreground mask (Focus-DETR)."""
 
     def target(self, outputs: dict, targets: Optional[Sequence[dict]]) -> Optional[Tensor]:
         if targets is None:
@@ -454,11 +391,7 @@ class ForegroundSelector(_ScorerSelector):
 
 
 class SalienceSelector(_ScorerSelector):
-    """Scorer trained against the continuous centre-salience map (Salience-DETR; ``salience_target``).
-
-    Loss: BCE with soft targets (``mask_prediction_loss``): its minimum is sigmoid(logit) = target, so the scorer
-    learns the salience ordering itself; Salience-DETR's focal variant would down-weight the easy background.
-    """
+    """Scorer trained on the centre-salience map (Salience-DETR), with soft-target BCE (minimum at p = target)."""
 
     def target(self, outputs: dict, targets: Optional[Sequence[dict]]) -> Optional[Tensor]:
         if targets is None:
@@ -468,9 +401,8 @@ class SalienceSelector(_ScorerSelector):
 
 
 class ObjectnessSelector(TokenSelector):
-    """Objectness-score (OS) selection, the paper's ablation (Sec. 4.3): a class head (d → K) and a box head (offsets
-    to the grid proposals) on the backbone tokens; the max class logit ranks the tokens. The head is trained by the
-    Hungarian loss like the two-stage head (loss suffix ``_backbone``); no mask loss."""
+    """Objectness-score selection (Sparse DETR Sec. 4.3): class + box heads on the backbone tokens, ranked by max
+    class logit, trained by the Hungarian loss (suffix ``_backbone``)."""
 
     layout = "objectness head (transformer.backbone_class_embed, backbone_bbox_embed)"
     SUFFIX = "_backbone"
@@ -496,8 +428,7 @@ class ObjectnessSelector(TokenSelector):
 
 
 class RandomSelector(TokenSelector):
-    """Uniformly random valid tokens: i.i.d. uniform scores, so every subset of k_b valid tokens is equally likely.
-    Drawn from torch's global generator, hence reproducible from the run's seed. No parameters, no loss."""
+    """Uniformly random valid tokens (i.i.d. scores from torch's global generator, so seeded); no loss."""
 
     def score(self, features: Features, proposals: Tensor, padding_mask: Tensor) -> tuple[Tensor, dict]:
         return torch.rand(padding_mask.shape, device=padding_mask.device), {}
