@@ -73,7 +73,9 @@ def draw_distractor_mask(kind: str, canvas_hw: tuple[int, int], box: tuple[int, 
         draw.polygon(points, fill=255)
     else:
         raise ValueError(f"unknown distractor {kind!r}; expected one of {DISTRACTORS}")
-    return np.asarray(canvas) > 0
+    mask = np.zeros((height, width), dtype=bool)
+    mask[y0:y1 + 1, x0:x1 + 1] = np.asarray(canvas)[y0:y1 + 1, x0:x1 + 1] > 0  # a wide line overshoots its ends
+    return mask
 
 
 def _random_box(rng: np.random.Generator, width: int, height: int, side: float) -> tuple[int, int, int, int]:
