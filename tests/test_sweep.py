@@ -157,3 +157,17 @@ def test_parallel_jobs_cost_only(base, tmp_path):
     assert all(r["status"] == "cost" and r["fps_threads"] == 1 for r in records)  # single-threaded workers
     assert records[1]["encoder_gflops"] < records[2]["encoder_gflops"] < records[0]["encoder_gflops"]
     assert os.path.isfile(os.path.join(str(tmp_path / "out"), "results.png"))
+
+
+def test_cli_arguments():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sweep_tool", os.path.join(os.path.dirname(__file__), "..", "tools", "sweep.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = tool.parse_args(["--base", "b.yaml", "--dense", "--rho", "0.1", "--targets", "dam@0.1,0.5", "os",
+                            "train.epochs=2", "--jobs", "2"])
+    assert args.targets == ["dam@0.1,0.5", "os"] and args.overrides == ["train.epochs=2"] and args.jobs == 2
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--base", "b.yaml", "--targets", "dam"])  # nothing to run

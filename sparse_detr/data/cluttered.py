@@ -4,8 +4,8 @@ Compared with the ``demo`` preset (``synthetic.py``), a cluttered scene has
 
 * a textured, noisy background: a smooth colour field (upsampled coarse noise), a sinusoidal grating and per-pixel
   Gaussian noise, so no background region is free of structure and "not flat" does not mean "object";
-* many objects of the six classes over a wide, COCO-like size range: the side is log-uniform, so about 40% are
-  small (visible area < 32², COCO's small), 40% medium and 20% large at the default image sizes;
+* many objects of the six classes over a wide, COCO-like size range: the side is log-uniform, so on 192-256 px
+  images about 40% are small (visible area < 32², COCO's small), 50% medium and 10% large (>= 96²);
 * distractor shapes of no class (thin lines, corners, hollow frames, stars) in the same colours as the objects;
 * partial occlusion: shapes are painted largest first and paint over earlier ones, but a placement is rejected when it would hide more
   than ``MAX_HIDDEN`` of an already drawn object, so every annotated object stays recognisable.
@@ -36,14 +36,14 @@ def textured_background(rng: np.random.Generator, height: int, width: int) -> np
     cell = int(rng.integers(12, 40))  # blotch size in pixels
     gh, gw = height // cell + 2, width // cell + 2
     base = rng.uniform(40, 215, size=3)
-    coarse = base + rng.normal(0.0, 35.0, size=(gh, gw, 3))
+    coarse = base + rng.normal(0.0, 22.0, size=(gh, gw, 3))
     smooth = np.stack([np.asarray(Image.fromarray(coarse[..., c].astype(np.float32), mode="F")
                                   .resize((width, height), Image.BILINEAR)) for c in range(3)], axis=-1)
     ys, xs = np.mgrid[0:height, 0:width]
     angle, period = rng.uniform(0, np.pi), rng.uniform(6, 30)
     phase = (xs * np.cos(angle) + ys * np.sin(angle)) * (2 * np.pi / period)
-    grating = rng.uniform(8, 30) * np.sin(phase)[..., None] * rng.uniform(0.3, 1.0, size=3)
-    noise = rng.normal(0.0, rng.uniform(6, 18), size=(height, width, 3))
+    grating = rng.uniform(5, 18) * np.sin(phase)[..., None] * rng.uniform(0.3, 1.0, size=3)
+    noise = rng.normal(0.0, rng.uniform(4, 12), size=(height, width, 3))
     return np.clip(smooth + grating + noise, 0, 255)
 
 
@@ -108,13 +108,13 @@ def render_cluttered(rng: np.random.Generator, width: int, height: int, num_obje
     """
     image = textured_background(rng, height, width)
     instance = np.full((height, width), -1, dtype=np.int32)
-    num_distractors = int(rng.integers(2, 3 + max(1, num_objects // 2)))
+    num_distractors = int(rng.integers(1, 3 + num_objects // 3))
     short = min(width, height)
-    # Sides log-uniform in [12, 0.95 * short] (distractors up to 0.35 * short), painted largest first, as nearer
+    # Sides log-uniform in [14, 0.95 * short] (distractors up to 0.35 * short), painted largest first, as nearer
     # small things in a photo cover farther big ones; objects and distractors interleave and occlude each other.
     is_distractor = np.array([False] * num_objects + [True] * num_distractors)
     hi = np.where(is_distractor, 0.35, 0.95) * short
-    sides = np.exp(rng.uniform(np.log(12), np.log(np.maximum(hi, 12))))
+    sides = np.exp(rng.uniform(np.log(14), np.log(np.maximum(hi, 14))))
     drawn_area, visible, meta = np.zeros(0, np.int64), np.zeros(0, np.int64), []
     for i in np.argsort(-sides, kind="stable"):
         if is_distractor[i]:

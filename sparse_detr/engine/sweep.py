@@ -292,7 +292,8 @@ def run_sweep(runs: Sequence[RunSpec], opts: SweepOptions, log: Callable[[str], 
         records[record["name"]] = record
         walls.append(record.pop("_wall"))
         left = len(todo) - len(walls)
-        eta = sum(walls) / len(walls) * math.ceil(left / opts.jobs)  # runs take about the same time
+        timed = [w for w in walls if math.isfinite(w)]
+        eta = sum(timed) / len(timed) * math.ceil(left / opts.jobs) if timed else math.nan  # runs: about equal
         result = (f"AP {100 * record['AP']:.1f} AP50 {100 * record['AP50']:.1f}" if record.get("AP") is not None
                   else record.get("error", f"{record.get('gflops', 0):.3g} GFLOPs"))
         log(f"[{len(records)}/{len(runs)}] {record['name']} {record['status']} in {_fmt_time(walls[-1])}: {result}"
@@ -327,8 +328,14 @@ def _run_parallel(todo, opts: SweepOptions, finished: Callable[[dict], None], lo
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
-                    pending.pop(future)
-                    finished(future.result())
+                    spec = pending.pop(future)
+                    try:
+                        record = future.result()
+                    except Exception as e:  # the worker died (killed, out of memory): a failed run, retried later
+                        record = {"name": spec.name, "target": spec.target, "rho": spec.rho, "seed": spec.seed,
+                                  "status": "failed", "error": f"worker process: {type(e).__name__}: {e}",
+                                  "config": opts.base, "overrides": run_overrides(spec, opts), "_wall": math.nan}
+                    finished(record)
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
