@@ -26,7 +26,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sparse_detr.engine.sweep import SweepOptions, plan_runs, run_sweep  # noqa: E402
+from sparse_detr.config import ConfigError  # noqa: E402
+from sparse_detr.engine.sweep import ConfigChangedError, SweepOptions, plan_runs, run_sweep  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,7 +67,10 @@ def main(argv=None) -> list:
     opts = SweepOptions(base=args.base, out=args.out, overrides=tuple(args.overrides), train=args.train,
                         jobs=args.jobs, bench_hw=tuple(args.bench_size) if args.bench_size else None,
                         bench_runs=args.bench_runs, command=command)
-    records = run_sweep(runs, opts, log=lambda m: print(m, flush=True))
+    try:
+        records = run_sweep(runs, opts, log=lambda m: print(m, flush=True))
+    except (ConfigError, ConfigChangedError) as e:  # before anything trains (or reuses a run)
+        sys.exit(f"tools/sweep.py: {e}")
     print(f"wrote {args.out}/results.json, results.md, results.png")
     if any(r["status"] == "failed" for r in records):
         sys.exit(1)

@@ -80,7 +80,8 @@ def results_markdown(records: list[dict], command: str = "") -> str:
 
 def plot_pareto(records: list[dict], path: str) -> None:
     """AP and AP50 (%) against GFLOPs as a PNG: a marker per target (error bars: std over seeds, points of one
-    target joined in ρ order and labelled with ρ), the dense baseline as a line with its ±std band."""
+    target joined in ρ order and labelled with ρ; targets at one cost dodged sideways so that none hides
+    another), the dense baseline as a line with its ±std band."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -97,25 +98,32 @@ def plot_pareto(records: list[dict], path: str) -> None:
             ax.plot(*zip(*pts), marker=MARKERS.get(target, "o"), label=target)
         ax.set(xlabel="keep ratio ρ", ylabel="GFLOPs", title="cost per image")
         ax.legend()
+    targets = list(dict.fromkeys(r["target"] for r in rows if r["target"] != "dense"))
+    costs = [r["gflops"][0] for r in rows if r["gflops"][0] is not None]
+    span = (max(costs) - min(costs)) or max(costs) or 1.0
+    # Targets at the same ρ have the same cost: their markers are dodged sideways by a fraction of the x span.
+    dodge = {t: (i - (len(targets) - 1) / 2) * 0.012 * span for i, t in enumerate(targets)}
     for ax, metric in zip(axes[0], metrics):
         for target in dict.fromkeys(r["target"] for r in rows):
             pts = sorted((r for r in rows if r["target"] == target and r[metric][0] is not None),
                          key=lambda r: r["rho"])
             if not pts:
                 continue
-            x, y = [r["gflops"][0] for r in pts], [100 * r[metric][0] for r in pts]
+            x = [r["gflops"][0] + dodge.get(target, 0.0) for r in pts]
+            y = [100 * r[metric][0] for r in pts]
             err = [100 * r[metric][1] for r in pts]
             if target == "dense":
                 ax.axhline(y[0], color="black", lw=1, ls="--", label=f"dense ({x[0]:.3g} GFLOPs)")
                 ax.axhspan(y[0] - err[0], y[0] + err[0], color="black", alpha=0.08)
                 ax.errorbar(x, y, yerr=err, fmt="*", color="black", ms=11, capsize=3)
                 continue
+            label = target if len(pts) > 1 else f"{target} (ρ={pts[0]['rho']:g})"
             line = ax.errorbar(x, y, yerr=err, marker=MARKERS.get(target, "P"), ms=7, capsize=3, lw=1,
-                               label=target)
-            for r, xi, yi in zip(pts, x, y):
+                               label=label)
+            for r, xi, yi in zip(pts if len(pts) > 1 else [], x, y):  # a single point: ρ is in the legend
                 ax.annotate(f"ρ={r['rho']:g}", (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=7,
                             color=line[0].get_color())
-        ax.set(xlabel="GFLOPs per image (fvcore convention)", ylabel=f"{metric} (%)",
+        ax.set(xlabel="GFLOPs per image (fvcore convention; markers of one ρ dodged sideways)", ylabel=f"{metric} (%)",
                title=f"{metric} against cost, mean ± std over seeds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
