@@ -92,6 +92,8 @@ class LossConfig:
 class SyntheticConfig:
     """The built-in synthetic COCO-format dataset, generated when `root` is missing."""
 
+    preset: Literal["demo", "cluttered"] = "demo"  # cluttered: many objects, distractors, textured background
+    max_objects: int = 6  # objects per image: 1..max_objects
     num_train: int = 200
     num_val: int = 50
     min_size: int = 160

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sparse_detr.engine import benchmark as bm
-from tools.benchmark import format_markdown
+from sparse_detr.engine.benchmark_report import format_markdown
 from sparse_detr.ops import backend_for
 
 TINY = ("model.hidden_dim=64", "model.nheads=2", "model.dim_feedforward=8192", "model.enc_layers=6",

@@ -32,7 +32,7 @@ def test_config_loads_and_builds(path):
     assert ("loss_ce_enc_aux_0" in criterion.weight_dict) == m.use_enc_aux_loss
     assert criterion.class_agnostic_enc == (m.two_stage and not m.eff_specific_head)
     assert not model.has_unused_parameters()  # DDP's fast path (no find_unused_parameters) for every shipped config
-    if m.rho > 0 and path.stem != "demo_synthetic":  # Sparse DETR = its dense baseline + rho / scorer
+    if m.rho > 0 and path.stem not in ("demo_synthetic", "ablation_synthetic"):  # = its dense baseline + rho
         stem = "efficient_detr_" + ("swin_t" if m.backbone == "swin_t" else "r50")
         dense = load_config(str(path.parent / f"{stem}.yaml")).model
         for field in ("backbone", "hidden_dim", "enc_layers", "dec_layers", "num_queries", "with_box_refine",
