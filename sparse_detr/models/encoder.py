@@ -164,7 +164,17 @@ def max_kept_tokens(rho: float, shapes: Sequence[tuple[int, int]], canvas_hw: tu
         for ih, iw in image_hw:  # host arithmetic on ints, before the forward
             # Nearest-neighbour mask resizing keeps ceil(ih·h/H) rows, ±1 from float rounding of the scale.
             bounds.append(sum(min(h, -(-ih * h // H) + 1) * min(w, -(-iw * w // W) + 1) for h, w in shapes))
+    if isinstance(total, torch.SymInt):  # symbolic sizes (torch.export, dynamic ONNX export): integers only
+        return torch.sym_min(total, max(_floor_mul_bound(u, rho) + 1 for u in bounds))
     return min(total, max(math.floor(u * rho) + 1 for u in bounds))
+
+
+def _floor_mul_bound(u: torch.SymInt, rho: float) -> torch.SymInt:
+    """An integer-only bound ≥ floor(u · ρ) (float64) for a symbolic u: float arithmetic on symbolic sizes would
+    put guards on the image size. (u · N) // 2^32 with N/2^32 ≥ ρ + 2^-32 exceeds the float64 product's rounding
+    error for u < 2^31, so k is the float k or, at a rounding edge, one larger (an extra slot marked invalid)."""
+    scale = 2 ** 32
+    return (u * (math.floor(rho * scale) + 2)) // scale
 
 
 def kept_token_counts(padding_mask: Tensor, rho: float, k: int) -> Tensor:
