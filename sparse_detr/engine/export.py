@@ -53,15 +53,15 @@ class DeployModel(nn.Module):
         super().__init__()
         self.model = model
         self.postprocess = PostProcess(num_select)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         batch, _, height, width = images.shape
         # An explicit all-False mask: the model then takes no per-image size list (which would fix the batch size
         # in the graph); the kept-token bound k is the same, every image fills the canvas.
         mask = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)
-        out = self.model((images - self.mean) / self.std, mask)
+        out = self.model((images - self.pixel_mean) / self.pixel_std, mask)
         # torch.full keeps the sizes symbolic under torch.export (torch.tensor would fix them).
         size = torch.stack([torch.full((), height, dtype=torch.int64, device=images.device),
                             torch.full((), width, dtype=torch.int64, device=images.device)])
@@ -71,13 +71,15 @@ class DeployModel(nn.Module):
 
 
 def export_onnx(model: nn.Module, path: str, height: int = 512, width: int = 512, batch: int = 1,
-                dynamic: bool = False, min_size: int = 128, max_size: int = 4096, num_select: int = 100) -> str:
+                dynamic: bool = False, min_size: int = 128, max_size: int = 4096, num_select: int = 100,
+                optimize: bool = True) -> str:
     """Export `model` (a detector; put in eval mode here) with `DeployModel` to `path`; returns `path`.
 
     Static: the file takes (batch, 3, height, width) only. Dynamic: batch 1..64 and height, width in
     [min_size, max_size] (the traced example uses batch >= 2 and height x width). `min_size` must give the
     coarsest level at least 2 x 2 tokens and the images at least num_queries tokens for the two-stage selection
-    (128 does for the shipped configs); torch.export names the bound when it does not.
+    (128 does for the shipped configs); torch.export names the bound when it does not. `optimize`: run the
+    onnxscript graph optimizer (constant folding, fewer nodes; onnxruntime optimises the graph again at load).
     """
     _require_export_extra()
     from sparse_detr.ops.onnx_translation import OPSET, onnx_translations
@@ -97,7 +99,8 @@ def export_onnx(model: nn.Module, path: str, height: int = 512, width: int = 512
     with torch.no_grad():
         program = torch.onnx.export(wrapper, (example,), dynamo=True, opset_version=OPSET,
                                     custom_translation_table=onnx_translations(), dynamic_shapes=dynamic_shapes,
-                                    input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, verbose=False)
+                                    input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, optimize=optimize,
+                                    verbose=False)
     program.save(path)
     return path
 
