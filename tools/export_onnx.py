@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from sparse_detr.engine.export import (DeployModel, compare_onnx, describe_graph, export_onnx,  # noqa: E402
-                                       onnx_session, run_onnx, time_inference)
+                                       onnx_session, run_onnx, time_inference, within_tolerance)
 from sparse_detr.engine.inference import load_for_inference  # noqa: E402
 
 
@@ -77,17 +77,20 @@ def main(argv=None) -> list[dict]:
         print(f"onnxruntime vs PyTorch at {r['shape']}: sorted scores max |diff| {r['score_diff']:.2e}, "
               f"top-10 boxes max |diff| {r['box_diff_px']:.2e} px, top-10 labels "
               f"{'equal' if r['labels_equal'] else 'DIFFER'}")
+    print("match: within 1e-4 (scores) and 1e-2 px (boxes)" if within_tolerance(report) else
+          "WARNING: onnxruntime and PyTorch differ by more than 1e-4 (scores) or 1e-2 px (boxes)")
     if args.time:
         if args.threads:
             torch.set_num_threads(args.threads)
         x = inputs[0][:1]
         with torch.no_grad():
-            torch_ms = time_inference(wrapper, x, args.time)
-        onnx_ms = time_inference(lambda images: run_onnx(session, images), x, args.time)
-        print(f"latency at batch 1, {height}x{width}, median of {args.time}: PyTorch {torch_ms:.1f} ms, "
-              f"onnxruntime {onnx_ms:.1f} ms (threads: {args.threads or 'default'})")
+            ms = time_inference({"PyTorch": wrapper, "onnxruntime": lambda images: run_onnx(session, images)}, x,
+                                args.time)
+        print(f"latency at batch 1, {height}x{width}, median of {args.time} (run in turns): PyTorch "
+              f"{ms['PyTorch']:.1f} ms, onnxruntime {ms['onnxruntime']:.1f} ms (threads: {args.threads or 'default'})")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    results = main()
+    sys.exit(0 if within_tolerance(results) else 1)

@@ -27,7 +27,7 @@ from sparse_detr.models.postprocess import PostProcess
 from sparse_detr.ops import backend_for
 
 __all__ = ["DeployModel", "export_onnx", "onnx_session", "run_onnx", "compare_onnx", "time_inference",
-           "describe_graph",
+           "describe_graph", "within_tolerance",
            "INPUT_NAMES", "OUTPUT_NAMES"]
 
 INPUT_NAMES = ["images"]
@@ -140,16 +140,29 @@ def compare_onnx(path_or_session, wrapper: nn.Module, inputs: Sequence[Tensor], 
     return report
 
 
-def time_inference(fn, images: Tensor, repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall time of `fn(images)` in milliseconds."""
+#: Acceptance of an export: sorted scores within 1e-4, top-10 boxes within 1e-2 px, the same top-10 labels.
+SCORE_TOLERANCE, BOX_TOLERANCE_PX = 1e-4, 1e-2
+
+
+def within_tolerance(report: list[dict]) -> bool:
+    """Whether every entry of a `compare_onnx` report meets the acceptance tolerances."""
+    return all(r["score_diff"] < SCORE_TOLERANCE and r["box_diff_px"] < BOX_TOLERANCE_PX and r["labels_equal"]
+               for r in report)
+
+
+def time_inference(fns: dict, images: Tensor, repeats: int = 10, warmup: int = 2) -> dict:
+    """Median wall time in milliseconds of each `fns[name](images)`. The functions run in turns (a, b, a, b, ...)
+    so that both see the same machine load."""
     for _ in range(warmup):
-        fn(images)
-    times = []
+        for fn in fns.values():
+            fn(images)
+    times: dict = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn(images)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(times))
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(images)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000.0 * float(np.median(t)) for name, t in times.items()}
 
 
 def describe_graph(path: str) -> dict:

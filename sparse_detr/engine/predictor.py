@@ -77,9 +77,9 @@ class Predictor:
         self.cfg: Optional[Config] = None
 
     @classmethod
-    def from_checkpoint(cls, config: Union[None, str, Config], checkpoint: str, device: Union[str, torch.device] = "cpu",
-                        *, bf16: bool = False, batch_size: int = 4, overrides: Sequence[str] = (),
-                        use_ema: bool = False) -> "Predictor":
+    def from_checkpoint(cls, config: Union[None, str, Config], checkpoint: str,
+                        device: Union[str, torch.device] = "cpu", *, bf16: bool = False, batch_size: int = 4,
+                        overrides: Sequence[str] = (), use_ema: bool = False) -> "Predictor":
         """From a checkpoint; `config` None = the config stored in it (given, it must match its architecture)."""
         from sparse_detr.engine.inference import load_for_inference
 
@@ -114,9 +114,9 @@ class Predictor:
                 ) -> Union[dict, list[dict]]:
         """Detections of one image (a dict) or of a list of images (a list of dicts), each with
         `boxes` (n, 4) float32 xyxy in original-image pixels, `scores` (n,) sorted decreasingly, `labels` (n,)
-        int64, `names` [n str], `category_ids` (n,) int64 (the label map's ids, -1 for a logit of no category; the labels
-        themselves without a label map),
-        `image_size` (H, W) and `input_size` (h, w) the model saw. At most 100 detections, those >= score_thresh."""
+        int64, `names` [n str], `category_ids` (n,) int64 (the label map's ids, -1 for a logit of no category;
+        the labels themselves without a label map), `image_size` (H, W) and `input_size` (h, w) the model saw.
+        At most 100 detections, those >= score_thresh."""
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         results = []
