@@ -120,7 +120,7 @@ class Trainer:
     def load_weights(self, ckpt: dict, source: str) -> None:
         """Model (and EMA) weights only: `--checkpoint` for evaluation or to start training from them."""
         check_config_compatible(ckpt.get("config"), self.config, source)
-        self.model.load_state_dict(ckpt["model"])
+        load_weights(self.model, ckpt["model"], source)  # inference.py: a short report when they do not fit
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
         if ckpt.get("label_map") and LabelMap.from_dict(ckpt["label_map"]) != self.label_map:
