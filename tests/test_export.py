@@ -138,3 +138,17 @@ def test_export_refuses_to_trace_the_reference(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="SPARSE_DETR_OPS"):
         export.export_onnx(model, str(tmp_path / "x.onnx"), 160, 192)
     assert not os.path.exists(tmp_path / "x.onnx")
+
+
+@pytest.mark.parametrize("rho", [0.1, 0.2, 0.3, 0.5, 0.07, 1.0])
+def test_symbolic_keep_bound_is_the_float_count_or_one_more(rho):
+    """Dynamic export computes the kept-token bound k in integers (encoder._floor_mul_bound): it must never be
+    below the float64 count the device computes, and at most one above (an extra slot, marked invalid)."""
+    import numpy as np
+
+    from sparse_detr.models.encoder import _floor_mul_bound
+
+    u = np.arange(1, 1_000_001, dtype=np.int64)
+    bound = _floor_mul_bound(u, rho)  # plain integer arithmetic, as on symbolic sizes
+    exact = np.floor(u.astype(np.float64) * rho).astype(np.int64)
+    assert (bound >= exact).all() and (bound <= exact + 1).all()
