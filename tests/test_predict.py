@@ -4,7 +4,6 @@ The resize every tool feeds the model is checked against the evaluation transfor
 side data.val_size, longer side at most data.max_size, sizes truncated); boxes against a stub model whose normalised
 boxes are known, so their original-pixel values are plain arithmetic.
 """
-import json
 import os
 
 import numpy as np

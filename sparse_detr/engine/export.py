@@ -16,7 +16,7 @@ without it the file accepts only the example's shape. Needs the `export` extra (
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
