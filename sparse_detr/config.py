@@ -22,7 +22,7 @@ import yaml
 
 __all__ = [
     "Config", "ModelConfig", "LossConfig", "DataConfig", "SyntheticConfig", "TrainConfig", "ConfigError",
-    "load_config", "config_from_dict", "to_dict", "save_config",
+    "load_config", "config_from_dict", "apply_overrides", "to_dict", "save_config",
 ]
 
 
@@ -329,6 +329,12 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
     """Load `path` (with its `_base_` chain), apply `key=value` overrides, validate, return a `Config`."""
     origin: dict = {}
     data = _load_tree(path, origin)
+    apply_overrides(data, overrides, origin)
+    return config_from_dict(data, origin)
+
+
+def apply_overrides(data: dict, overrides: Sequence[str], origin: Optional[dict] = None) -> dict:
+    """Apply `key=value` overrides to a nested config dict in place (values parsed as YAML); returns `data`."""
     for item in overrides:
         keys, value = _parse_override(item)
         node = data
@@ -337,8 +343,9 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: `{k}` is not a section")
         node[keys[-1]] = value
-        origin[".".join(keys)] = f"command-line override {item!r}"
-    return config_from_dict(data, origin)
+        if origin is not None:
+            origin[".".join(keys)] = f"command-line override {item!r}"
+    return data
 
 
 def _require(ok: bool, message: str) -> None:

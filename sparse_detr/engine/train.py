@@ -32,6 +32,7 @@ from sparse_detr.engine import builders, dist
 from sparse_detr.engine.checkpoint import (BEST, LAST, check_config_compatible, find_last_checkpoint,
                                            get_rng_state, load_checkpoint, save_checkpoint, set_rng_state)
 from sparse_detr.engine.evaluate import evaluate, load_coco_gt
+from sparse_detr.engine.inference import checkpoint_weights, load_weights
 from sparse_detr.engine.logging import (JsonlLog, MeterGroup, TensorboardLog, format_eta, peak_memory_mb,
                                         setup_text_logger)
 from sparse_detr.engine.visualize import visualize_image
@@ -119,7 +120,7 @@ class Trainer:
     def load_weights(self, ckpt: dict, source: str) -> None:
         """Model (and EMA) weights only: `--checkpoint` for evaluation or to start training from them."""
         check_config_compatible(ckpt.get("config"), self.config, source)
-        self.model.load_state_dict(ckpt["model"])
+        load_weights(self.model, ckpt["model"], source)  # inference.py: a short report when they do not fit
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
         if ckpt.get("label_map") and LabelMap.from_dict(ckpt["label_map"]) != self.label_map:
@@ -362,23 +363,17 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, *, use_ema: bool = False,
     """
     info = dist.init_from_env(cfg.train.device)
     try:
-        val_set = builders.build_split(cfg, "val")
-        model, _, postprocessor = builders.build_model_and_criterion(cfg, info.device)
+        # The checkpoint against the config first (inference.py: the same short report in every tool), then data.
         ckpt = load_checkpoint(checkpoint)
         check_config_compatible(ckpt.get("config"), to_dict(cfg), checkpoint)
+        val_set = builders.build_split(cfg, "val")
+        model, _, postprocessor = builders.build_model_and_criterion(cfg, info.device)
         trained = LabelMap.from_dict(ckpt["label_map"]) if ckpt.get("label_map") else None
         if trained is not None and trained != val_set.label_map:
             raise ValueError(f"{checkpoint} was trained with another label map ({trained!r}) than {val_set.ann_file} "
                              f"gives ({val_set.label_map!r}): the predicted labels would be mapped to the wrong "
                              f"category ids (check data.label_mapping)")
-        if use_ema:
-            if ckpt.get("ema") is None:
-                raise ValueError(f"{checkpoint} has no EMA weights (trained with train.ema=false)")
-            # AveragedModel's state_dict: the averaged module under "module." plus its update counter.
-            weights = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-        else:
-            weights = ckpt["model"]
-        model.load_state_dict(weights)
+        load_weights(model, checkpoint_weights(ckpt, checkpoint, use_ema), checkpoint)
         coco_gt = getattr(val_set, "coco", None) or load_coco_gt(val_set.ann_file)
         metrics = evaluate(model, postprocessor, builders.build_val_loader(cfg, val_set, info), info.device,
                            val_set.label_map, coco_gt, detections_path=detections_path)
