@@ -146,7 +146,7 @@ def test_symbolic_keep_bound_is_the_float_count_or_one_more(rho):
     below the float64 count the device computes, and at most one above (an extra slot, marked invalid)."""
     import numpy as np
 
-    from sparse_detr.models.encoder import _floor_mul_bound
+    from sparse_detr.models.selection import _floor_mul_bound
 
     u = np.arange(1, 1_000_001, dtype=np.int64)
     bound = _floor_mul_bound(u, rho)  # plain integer arithmetic, as on symbolic sizes
