@@ -3,7 +3,9 @@
     python tools/make_synthetic.py --out data/synthetic --num-train 64 --num-val 16 --seed 0
     python tools/make_synthetic.py --out data/synthetic_big --num-train 2000 --num-val 200 --image-size 256 512
 
-Same arguments, byte-identical files. Layout: OUT/{train,val}/*.png and OUT/annotations/instances_{train,val}.json.
+Same arguments, byte-identical files. Layout: OUT/{train,val}/*.png, OUT/annotations/instances_{train,val}.json and
+the marker OUT/synthetic_params.json. OUT must be missing, empty, or a folder this tool made with the same
+arguments: nothing else is ever overwritten.
 Train on it with dataset="synthetic" (or dataset="coco" pointing img_folder/ann_file at those paths).
 """
 
