@@ -169,7 +169,7 @@ def test_non_finite_loss_stops_with_step_terms_and_image_ids(data_root, tmp_path
     with pytest.raises(train_mod.NonFiniteLossError) as info:
         train_mod.run(cfg)
     msg = str(info.value)
-    assert "global step 3 (epoch 0, batch 2)" in msg
+    assert "global step 3 (epoch 1, batch 3)" in msg
     assert "loss_giou=nan" in msg and "loss=nan" in msg and "loss_ce=" in msg
     assert f"image ids {_batch_image_ids(data_root, 7, 0, 2, 2)}" in msg
     assert str(last) in msg

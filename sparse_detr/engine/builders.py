@@ -247,6 +247,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def resolve_num_threads(setting: "int | str", environ=os.environ, cores: Optional[int] = None,
+                        load: Optional[float] = None) -> int:
+    """`train.num_threads` as a number. auto: OMP_NUM_THREADS when set; else the cores this process may use,
+    minus the 1-minute load average (other processes' runnable threads), shared by the processes of this node
+    (torchrun's LOCAL_WORLD_SIZE), at least 1.
+
+    Why: an OpenMP team larger than the free cores makes every parallel region wait for descheduled threads; on a
+    2-core machine at load 8 a 2-thread run went 25x slower than idle, a 1-thread run 1.2x (docs/benchmarks.md)."""
+    if setting != "auto":
+        return int(setting)
+    if environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(environ["OMP_NUM_THREADS"]) >= 1:
+        return int(environ["OMP_NUM_THREADS"])
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    local = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, int(cores - load + 0.5) // local)
+
+
+def setup_threads(cfg: Config) -> str:
+    """Apply `train.num_threads` to this process; returns a line for the log."""
+    n = resolve_num_threads(cfg.train.num_threads)
+    torch.set_num_threads(n)
+    return f"{n} CPU thread(s) per process (train.num_threads={cfg.train.num_threads})"
+
+
 def setup_determinism(cfg: Config) -> Optional[str]:
     """Apply `train.deterministic`; returns a note for the log. cuBLAS needs its workspace variable set before
     the first CUDA call, which is why this runs before anything touches the GPU."""
