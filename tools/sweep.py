@@ -24,6 +24,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sparse_detr.engine.cli import run_tool  # noqa: E402
 from sparse_detr.config import load_config  # noqa: E402
 from sparse_detr.engine.benchmark import BenchmarkOptions, add_ratios, benchmark_config, load_images  # noqa: E402
 from tools.benchmark import format_markdown  # noqa: E402
@@ -140,4 +141,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))  # a user mistake: its message alone (--debug: traceback)
