@@ -118,7 +118,9 @@ class Trainer:
         # tests/test_gradients.py checks that every shipped config family trains every parameter.
         self.net = builders.wrap_distributed(model, self.device, info.distributed)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        full = train_sampler.samples_per_epoch // train_loader.batch_size
+        # The batch size of the loader, or of its batch sampler (data.group_by_aspect_ratio).
+        self.batch_size = train_loader.batch_size or train_loader.batch_sampler.batch_size
+        full = train_sampler.samples_per_epoch // self.batch_size
         self.iters_per_epoch = min(full, options.max_iters_per_epoch) if options.max_iters_per_epoch > 0 else full
         self.use_bf16 = options.amp == "bf16" and self.device.type == "cuda"
         self.progress = Progress()
@@ -202,7 +204,7 @@ class Trainer:
             self.log.info("already trained for %d epochs (train.epochs=%d): nothing to do", p.epoch, o.epochs)
             return p.metrics
         self.log.info("training: %d epochs x %d iterations, %d process(es) x batch %d, %d trainable parameters",
-                      o.epochs, self.iters_per_epoch, self.info.world_size, self.train_loader.batch_size,
+                      o.epochs, self.iters_per_epoch, self.info.world_size, self.batch_size,
                       sum(t.numel() for t in self.params))
         for epoch in range(p.epoch, o.epochs):
             start = time.perf_counter()
@@ -256,7 +258,7 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         p, o, n = self.progress, self.opts, self.iters_per_epoch
         first = p.step_in_epoch
-        self.train_sampler.set_epoch(epoch, skip=first * self.train_loader.batch_size)
+        self.train_sampler.set_epoch(epoch, skip=first * self.batch_size)
         self.net.train()
         self.criterion.train()
         meters = MeterGroup(window=o.log_every)
