@@ -37,9 +37,9 @@ from sparse_detr.data import build_dataset, collate_batch, ensure_synthetic, mak
 from sparse_detr.engine import dist
 from sparse_detr.engine.optim import build_ema, build_lr_scheduler, build_optimizer, scaled_lr
 
-__all__ = ["LoopOptions", "EpochSampler", "GroupedBatchSampler", "aspect_ratio_groups", "SeededSamples", "build_split", "build_datasets", "build_train_loader",
-           "build_val_loader", "check_num_classes", "build_model_and_criterion", "wrap_distributed",
-           "build_optimization", "loop_options"]
+__all__ = ["LoopOptions", "EpochSampler", "GroupedBatchSampler", "aspect_ratio_groups", "SeededSamples",
+           "build_split", "build_datasets", "build_train_loader", "build_val_loader", "check_num_classes", "build_model_and_criterion", "wrap_distributed",
+           "build_optimization", "loop_options", "resolve_num_threads", "setup_threads"]
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ from sparse_detr.errors import UserError
 
 __all__ = [
     "FORMAT_VERSION", "LAYOUT_FIELDS", "LAST", "BEST", "ConfigMismatchError", "CheckpointError",
-    "CheckpointNotFoundError", "save_checkpoint", "load_checkpoint", "check_resumable", "check_config_compatible", "find_last_checkpoint", "get_rng_state", "set_rng_state",
+    "CheckpointNotFoundError", "save_checkpoint", "load_checkpoint", "check_resumable", "check_config_compatible",
+    "find_last_checkpoint", "get_rng_state", "set_rng_state",
 ]
 
 FORMAT_VERSION = 1

@@ -43,7 +43,7 @@ from sparse_detr.engine.checkpoint import (BEST, LAST, check_config_compatible, 
 from sparse_detr.engine.output_dir import lock_output_dir, remove_stale_temp_files, truncate_jsonl
 from sparse_detr.engine.evaluate import evaluate, load_coco_gt
 from sparse_detr.engine.logging import (JsonlLog, MeterGroup, TensorboardLog, format_eta, peak_memory_mb,
-                                        setup_text_logger)
+                                        release_free_memory, resident_memory_mb, setup_text_logger)
 from sparse_detr.engine.visualize import visualize_image
 from sparse_detr.engine.optim import restore_scheduler, scheduler_state
 from sparse_detr.box_ops import box_cxcywh_to_xyxy
@@ -216,8 +216,10 @@ class Trainer:
             self.save((LAST,))  # before the evaluation, which can fail: the epoch is never lost
             if p.eval_pending:
                 self._evaluate_and_save(epoch)
+            release_free_memory()  # the heap fragmentation of varying image sizes, not a leak (logging.py)
             self.jsonl.write("epoch", **{**averages, "epoch": epoch + 1, "iteration": p.iteration,
-                                         "best_ap": p.best_ap, "time": time.perf_counter() - start})
+                                         "best_ap": p.best_ap, "time": time.perf_counter() - start,
+                                         "resident_mb": resident_memory_mb()})
         return p.metrics
 
     def _evaluate_and_save(self, epoch: int) -> None:
@@ -360,11 +362,12 @@ class Trainer:
         left_total = left_epoch + (o.epochs - epoch - 1) * n * sec
         terms = "  ".join(f"{k} {meters[k].median:.4f} ({meters[k].global_avg:.4f})"
                           for k in ("loss",) + MAIN_TERMS if k in meters)
+        peak = peak_memory_mb(self.device)  # CUDA: peak allocated; CPU: peak resident, shown with the current one
+        mem = f"{peak:.0f}MB" if self.device.type == "cuda" else f"{resident_memory_mb():.0f}MB (peak {peak:.0f}MB)"
         self.log.info("epoch [%d/%d] [%*d/%d]  %s  lr %.2e  grad_norm %.2f  %.2f it/s  data %.3fs  "
-                      "eta epoch %s total %s  mem %.0fMB", epoch + 1, o.epochs, len(str(n)), step + 1, n, terms,
+                      "eta epoch %s total %s  mem %s", epoch + 1, o.epochs, len(str(n)), step + 1, n, terms,
                       meters["lr"].last, meters["grad_norm"].median, 1.0 / max(sec, 1e-9),
-                      meters["data_time"].avg, format_eta(left_epoch), format_eta(left_total),
-                      peak_memory_mb(self.device))
+                      meters["data_time"].avg, format_eta(left_epoch), format_eta(left_total), mem)
         self.tb.scalars("train", {k: m.avg for k, m in meters.meters.items()}, p.iteration)
 
     # ---------------------------------------------------------------------------------------------- evaluation
