@@ -314,8 +314,8 @@ def resolve_num_threads(setting: "int | str", environ=os.environ, cores: Optiona
     minus the 1-minute load average (other processes' runnable threads), shared by the processes of this node
     (torchrun's LOCAL_WORLD_SIZE), at least 1.
 
-    Why: an OpenMP team larger than the free cores makes every parallel region wait for descheduled threads; on a
-    2-core machine at load 8 a 2-thread run went 25x slower than idle, a 1-thread run 1.2x (docs/benchmarks.md)."""
+    Why: an OpenMP team larger than the free cores makes every parallel region wait for descheduled threads; on
+    2 busy cores the demo ran 3-8x slower with 2 threads than with 1 (docs/benchmarks.md#cpu-threads)."""
     if setting != "auto":
         return int(setting)
     if environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(environ["OMP_NUM_THREADS"]) >= 1:
