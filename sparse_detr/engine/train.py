@@ -490,6 +490,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, *, use_ema: bool = False,
 
     use_ema: evaluate the checkpoint's EMA weights instead of the raw ones. Returns the metrics on every rank.
     """
+    builders.setup_threads(cfg)
     info = dist.init_from_env(cfg.train.device)
     try:
         val_set = builders.build_split(cfg, "val")
