@@ -62,7 +62,10 @@ def test_worker_traceback_is_cut_from_the_message(capsys):
     from sparse_detr.data.coco import ImageError
 
     text = ("Caught ImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-            '  File "x.py", line 3, in f\n    raise ImageError(m)\n'
+            '  File "x.py", line 3, in f\n    pil = Image.open(path)\n'
+            "PIL.UnidentifiedImageError: cannot identify image file\n\n"
+            "The above exception was the direct cause of the following exception:\n\n"
+            'Traceback (most recent call last):\n  File "x.py", line 5, in f\n    raise ImageError(m)\n'
             "sparse_detr.data.coco.ImageError: cannot read image /d/val/000001.png (image id 2): truncated")
     assert run_tool(_raises(ImageError(text)), []) == EXIT_USER_ERROR
     assert capsys.readouterr().err.endswith("error: cannot read image /d/val/000001.png (image id 2): truncated\n")

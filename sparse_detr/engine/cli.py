@@ -28,8 +28,8 @@ EXIT_USER_ERROR = 3
 EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 DEBUG_ENV = "SPARSE_DETR_DEBUG"
 # A DataLoader worker's exception comes back with the worker's traceback inside its message; keep the message.
-_WORKER_TRACEBACK = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback "
-                               r"\(most recent call last\):\n(?:[ \t].*\n)*[\w.]+: ")
+_WORKER_TRACEBACK = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback "
+                               r"\(most recent call last\):\n(?:.*\n)*?(?:[\w.]+\.)?\1: ")
 
 
 def is_user_error(error: BaseException) -> bool:
