@@ -5,7 +5,10 @@
   ends with the same weights, as an uninterrupted run;
 * a non-finite loss stops with the global step, every term and the batch's image ids, keeping the last checkpoint;
 * a checkpoint of another architecture, a missing checkpoint and an unreadable image fail with clear errors;
-* `--eval-only` and `tools/eval.py` evaluate a checkpoint.
+* `--eval-only` and `tools/eval.py` evaluate a checkpoint;
+* nothing is lost: a rejected resume writes nothing, a weights-only file is named as such, stale checkpoint temp
+  files go, a second run on a folder is refused, a failing evaluation keeps the epoch, a matcher failure gets the
+  non-finite report, an interrupted run resumes with one log record per iteration (epochs numbered from 1).
 """
 import json
 import os
