@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from sparse_detr.engine.cli import run_tool
 from sparse_detr.ops import available_backends, ms_deform_attn_reference
 from sparse_detr.ops.kernels import ms_deform_attn_kernel
 
@@ -173,4 +174,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))  # a user mistake: its message alone (--debug: traceback)

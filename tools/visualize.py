@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sparse_detr.engine.cli import run_tool  # noqa: E402
 from sparse_detr.engine.visualize import run_visualization  # noqa: E402
 
 
@@ -52,4 +53,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))  # a user mistake: its message alone (--debug: traceback)
