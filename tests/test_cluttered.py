@@ -10,7 +10,7 @@ from PIL import Image
 
 from sparse_detr.config import load_config
 from sparse_detr.data.cluttered import DISTRACTORS, draw_distractor_mask, render_cluttered, textured_background
-from sparse_detr.data.synthetic import CATEGORY_IDS, MARKER, ensure_synthetic, make_synthetic_coco
+from sparse_detr.data.synthetic import CATEGORY_IDS, MARKER, SyntheticFolderError, ensure_synthetic, make_synthetic_coco
 
 SMALL = dict(num_train=4, num_val=2, min_size=96, max_size=128, max_objects=12, preset="cluttered")
 
@@ -105,9 +105,11 @@ def test_marker_keeps_presets_apart(tmp_path):
     demo = {**SMALL, "preset": "demo"}
     ensure_synthetic(root, **demo)
     before = read_tree(root)
-    ensure_synthetic(root, **SMALL)  # the other preset: regenerated
-    assert json.load(open(os.path.join(root, MARKER)))["preset"] == "cluttered"
-    assert read_tree(root)["train/000000.png"] != before["train/000000.png"]
+    with pytest.raises(SyntheticFolderError, match="preset='demo' \\(asked 'cluttered'\\)"):
+        ensure_synthetic(root, **SMALL)  # the other preset: refused, nothing rewritten
+    assert json.load(open(os.path.join(root, MARKER)))["preset"] == "demo" and read_tree(root) == before
+    ensure_synthetic(str(tmp_path / "other"), **SMALL)
+    assert read_tree(str(tmp_path / "other"))["train/000000.png"] != before["train/000000.png"]
     with pytest.raises(ValueError, match="unknown synthetic preset 'busy'"):
         make_synthetic_coco(str(tmp_path / "x"), preset="busy")
 
