@@ -38,18 +38,34 @@ struct BilinearSample {
   acc_t fy;          // py - y0
 };
 
-// Locate the sampling point (loc_x, loc_y) on a level of size height x width.
-// Returns false when all four corners are outside the map (the sample is exactly 0 and so are all
-// its gradients); NaN locations also return false. Otherwise fills `s`.
+// Where a sampling point lies relative to a level.
+enum class SampleStatus {
+  kOutside,    // all four corners outside the map: the sample is exactly 0, and so are its gradients
+  kInside,     // at least one corner inside: `s` is filled
+  kNonFinite,  // NaN or +-inf location: the sample is NaN (as grid_sample's is), see nonfinite_sample
+};
+
+// Quiet NaN in host and device code (numeric_limits is not usable in device code without flags).
 template <typename acc_t>
-SDETR_FN bool bilinear_setup(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width,
-                             BilinearSample<acc_t>& s) {
+SDETR_FN acc_t sdetr_nan() {
+  return static_cast<acc_t>(NAN);
+}
+
+// Locate the sampling point (loc_x, loc_y) on a level of size height x width and fill `s` when
+// the result is kInside.
+template <typename acc_t>
+SDETR_FN SampleStatus bilinear_setup(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width,
+                                     BilinearSample<acc_t>& s) {
   const acc_t px = loc_x * static_cast<acc_t>(width) - acc_t(0.5);
   const acc_t py = loc_y * static_cast<acc_t>(height) - acc_t(0.5);
-  // Written as a negated conjunction so that NaN lands in the "outside" branch.
+  // v - v is 0 for finite v and NaN for NaN and +-inf: a NaN in the offsets must reach the output
+  // and the gradients (grid_sample semantics) instead of reading as "outside" and vanishing.
+  if (!((px - px) == acc_t(0) && (py - py) == acc_t(0))) {
+    return SampleStatus::kNonFinite;
+  }
   if (!(px > acc_t(-1) && py > acc_t(-1) && px < static_cast<acc_t>(width) &&
         py < static_cast<acc_t>(height))) {
-    return false;
+    return SampleStatus::kOutside;
   }
   const acc_t x0f = sdetr_floor(px);
   const acc_t y0f = sdetr_floor(py);
@@ -72,7 +88,17 @@ SDETR_FN bool bilinear_setup(acc_t loc_x, acc_t loc_y, int64_t height, int64_t w
   s.weight[1] = gy * s.fx;
   s.weight[2] = s.fy * gx;
   s.weight[3] = s.fy * s.fx;
-  return true;
+  return SampleStatus::kInside;
+}
+
+// A non-finite sample (kNonFinite): its value is NaN in every channel, and so are the gradients
+// w.r.t. its attention weight and both location coordinates; it adds nothing to grad_value (no
+// corner is known), as in grid_sample's backward.
+template <typename acc_t>
+SDETR_FN void nonfinite_sample_backward(acc_t& grad_attn, acc_t& grad_x, acc_t& grad_y) {
+  grad_attn = sdetr_nan<acc_t>();
+  grad_x = sdetr_nan<acc_t>();
+  grad_y = sdetr_nan<acc_t>();
 }
 
 // True when every corner is inside the map (the common case, which the CPU kernel fuses).

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from sparse_detr.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
-from sparse_detr.models.matcher import HungarianMatcher, MatchIndices, flatten_indices
+from sparse_detr.models.matcher import FlatMatch, HungarianMatcher, MatchIndices, flatten_indices
 
 HEAD_LOSSES = ("loss_ce", "loss_bbox", "loss_giou")
 BACKBONE_SUFFIX = "_backbone"  # loss-key suffix of the OS head (``backbone_outputs``)
@@ -182,22 +182,26 @@ class SetCriterion(nn.Module):
         return loss_bbox, loss_giou
 
     def head_losses(self, head: dict[str, Tensor], targets: list[dict[str, Tensor]], num_boxes: Tensor | float,
-                    suffix: str = "") -> tuple[dict[str, Tensor], tuple[Tensor, Tensor, Tensor]]:
-        """Match one head and compute its three losses.
+                    suffix: str = "", match: FlatMatch | None = None) -> tuple[dict[str, Tensor],
+                                                                                tuple[Tensor, Tensor, Tensor]]:
+        """Match one head (unless ``match`` is given) and compute its three losses.
 
         Args:
             head: ``pred_logits`` (B, Q, K), ``pred_boxes`` (B, Q, 4), optional ``valid`` (B, Q) bool.
             targets: the (possibly class-agnostic) targets.
             suffix: appended to every key ("", "_0", "_enc", "_enc_aux_0", ...).
+            match: this head's (batch_idx, pred_idx, tgt_idx) on the device, from ``HungarianMatcher.match_heads``.
         Returns:
             (losses, (batch_idx, pred_idx, labels)): the matched pairs, (N,) each on the device, with their
             target labels.
         """
         logits, boxes, valid = head["pred_logits"], head["pred_boxes"], head.get("valid")
         device = logits.device
-        indices: MatchIndices = self.matcher.match(logits, boxes, targets, valid)
-        sizes = [int(t["labels"].shape[0]) for t in targets]
-        batch_idx, pred_idx, tgt_idx = (x.to(device) for x in flatten_indices(indices, sizes))
+        if match is None:
+            indices: MatchIndices = self.matcher.match(logits, boxes, targets, valid)
+            sizes = [int(t["labels"].shape[0]) for t in targets]
+            match = tuple(x.to(device) for x in flatten_indices(indices, sizes))
+        batch_idx, pred_idx, tgt_idx = match
         all_labels = torch.cat([t["labels"] for t in targets]).to(device)
         all_boxes = torch.cat([t["boxes"] for t in targets]).to(device)
 
@@ -225,31 +229,38 @@ class SetCriterion(nn.Module):
         device = outputs["pred_logits"].device
         num_boxes = _num_boxes(targets, device)
 
-        losses, matched = self.head_losses(outputs, targets, num_boxes)
-        with torch.no_grad():
-            losses["stat_class_error"] = self._class_error(outputs["pred_logits"], *matched)
-
+        # Every head is listed first and matched in one call (one device -> host copy of all costs per step, one
+        # copy of the indices back); then each head's losses: (head, targets, suffix, class-agnostic matching).
+        heads = [(outputs, targets, "", False)]
         for i, aux in enumerate(outputs.get("aux_outputs") or []):
-            losses.update(self.head_losses(aux, targets, num_boxes, suffix=f"_{i}")[0])
+            heads.append((aux, targets, f"_{i}", False))
 
         if outputs.get("enc_outputs") is not None:
             enc_targets = targets
             if self.class_agnostic_enc:
                 # Deformable DETR two-stage: the encoder head only separates objects from background.
                 enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            losses.update(self.head_losses(outputs["enc_outputs"], enc_targets, num_boxes, suffix="_enc")[0])
+            heads.append((outputs["enc_outputs"], enc_targets, "_enc", self.class_agnostic_enc))
 
         # Sparse DETR encoder auxiliary loss (method notes Sec. 4): each layer's kept tokens are matched on their
         # own, with real class labels; the `valid` mask hides the slots beyond each image's k_b.
         for i, enc_aux in enumerate(outputs.get("enc_aux_outputs") or []):
-            losses.update(self.head_losses(enc_aux, targets, num_boxes, suffix=f"_enc_aux_{i}")[0])
+            heads.append((enc_aux, targets, f"_enc_aux_{i}", False))
 
         # OS token selection (method §6, the paper's ablation): the objectness head on the backbone tokens is a
         # detection head like the two-stage one, class-specific (its max class logit ranks the tokens); `valid`
         # hides padding and tokens whose grid proposal is invalid. Without this loss the head would never train.
         if outputs.get("backbone_outputs") is not None:
-            losses.update(self.head_losses(outputs["backbone_outputs"], targets, num_boxes,
-                                           suffix=BACKBONE_SUFFIX)[0])
+            heads.append((outputs["backbone_outputs"], targets, BACKBONE_SUFFIX, False))
+
+        matches = self.matcher.match_heads([h[0] for h in heads], targets, [h[3] for h in heads])
+        losses = {}
+        for (head, head_targets, suffix, _), match in zip(heads, matches):
+            head_loss, matched = self.head_losses(head, head_targets, num_boxes, suffix, match)
+            losses.update(head_loss)
+            if suffix == "":
+                with torch.no_grad():
+                    losses["stat_class_error"] = self._class_error(outputs["pred_logits"], *matched)
 
         if outputs.get("mask_logits") is not None:
             losses["loss_mask"] = mask_prediction_loss(outputs["mask_logits"], outputs["mask_targets"],
