@@ -26,6 +26,13 @@ struct AttnDims {
   int64_t N, S, H, C, L, Q, P;
 };
 
+// Which CUDA kernel pair runs the op: the default (one thread per channel) or the fast one
+// (several channels per thread, see csrc/cuda/ms_deform_attn_cuda_fast.cu). Chosen from Python
+// (SPARSE_DETR_CUDA_KERNEL, sparse_detr.ops.set_cuda_kernel); defined in bindings.cpp.
+enum class CudaKernel : int { kDefault = 0, kFast = 1 };
+CudaKernel cuda_kernel_choice();
+void set_cuda_kernel_choice(CudaKernel choice);
+
 // Mixed precision: a 16-bit value may come with float32 locations and weights (16-bit coordinates
 // lose sub-pixel precision on large levels); otherwise all three share value's dtype.
 inline bool coordinate_dtype_ok(at::ScalarType value, at::ScalarType loc, at::ScalarType attn) {

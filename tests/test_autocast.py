@@ -101,3 +101,14 @@ def test_bf16_inference_matches_fp32(model_and_batch, op_dtypes):
     box_ok = (out16["pred_boxes"].float() - out32["pred_boxes"]).abs().amax(-1) <= BOX_ATOL
     logit_ok = (out16["pred_logits"].float() - out32["pred_logits"]).abs().amax(-1) <= LOGIT_ATOL
     assert (box_ok & logit_ok).float().mean() >= MIN_SAME_PREDICTIONS
+
+
+def test_benchmark_autocast_option_runs_the_op_in_bf16(model_and_batch, op_dtypes):
+    from sparse_detr.engine import benchmark as bm
+
+    model, criterion, images = model_and_batch
+    cpu = torch.device("cpu")
+    assert bm.measure_fps([model], images, 1, 0, 1, cpu, autocast="bfloat16")[0] > 0
+    record = bm.measure_train_step(model, criterion, images[:1], cpu, runs=1, autocast="bfloat16")
+    assert record["train_step_s"] > 0
+    assert op_dtypes and set(op_dtypes) == {(torch.bfloat16, torch.float32, torch.float32)}
