@@ -2,13 +2,16 @@
 //
 // Every function here is a `__host__ __device__` inline template when compiled by nvcc and a plain
 // inline template when compiled by a C++ compiler, so the CPU tests exercise exactly the arithmetic
-// that the GPU runs. The kernels only decide *how* to loop (channels vectorised on the CPU, one
-// thread per channel on the GPU); *what* is computed for one sampling point lives here.
+// that the GPU runs. The kernels only decide *how* to loop (channels vectorised on the CPU; one
+// thread per channel in the default CUDA pair, a vector of channels per thread in the fast pair);
+// *what* is computed for one sampling point lives here.
 //
 // Conventions (Deformable DETR, `grid_sample(..., align_corners=False, padding_mode="zeros")`):
 //   * a sampling location (x, y) is normalised to [0, 1] over the level's width and height;
 //   * its pixel coordinate is px = x * W - 0.5, py = y * H - 0.5 (pixel centres at integers);
-//   * the four neighbouring pixels are read with bilinear weights; a neighbour outside the map reads 0.
+//   * the four neighbouring pixels are read with bilinear weights; a neighbour outside the map reads 0;
+//   * a NaN or +-inf location makes the sample NaN (its output row and its weight / location
+//     gradients), as grid_sample does: a NaN in the offsets must not vanish as "outside the map".
 #pragma once
 
 #include <cmath>
@@ -129,10 +132,10 @@ SDETR_UNROLL
 
 // Gradients of one sample's contribution `attn * sample(loc)` to the output.
 //
-// `dot[k]` is <grad_output, value at corner k> over the channels the caller handles (one channel on
-// the GPU, all C channels on the CPU; 0 for corners outside the map). Every result below is linear
-// in `dot`, so partial sums over channels can be reduced afterwards: that is what lets the same
-// function serve a per-channel GPU thread and a channel-vectorised CPU loop.
+// `dot[k]` is <grad_output, value at corner k> over the channels the caller handles (one channel in
+// the default CUDA pair, a vector of channels in the fast one, all C channels on the CPU; 0 for
+// corners outside the map). Every result below is linear in `dot`, so partial sums over channels
+// can be reduced before or after the call: that is what lets the same function serve all kernels.
 //   grad_attn = d/d attn            = sum_k w_k dot_k                       (the sampled value)
 //   grad_x    = d/d loc_x = attn * W * d sample/d px, with
 //               d sample/d px = (1 - fy) (v01 - v00) + fy (v11 - v10)
