@@ -27,6 +27,7 @@ Examples::
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -35,8 +36,10 @@ import time
 
 import torch
 
-from sparse_detr.ops import available_backends, ms_deform_attn_reference, set_cuda_kernel
-from sparse_detr.ops.kernels import CUDA_KERNELS, ms_deform_attn_kernel
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's sparse_detr
+
+from sparse_detr.ops import available_backends, ms_deform_attn_reference, set_cuda_kernel  # noqa: E402
+from sparse_detr.ops.kernels import CUDA_KERNELS, ms_deform_attn_kernel  # noqa: E402
 
 LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
 BATCH, HEADS, CHANNELS, POINTS = 2, 8, 32, 4

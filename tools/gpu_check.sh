@@ -19,6 +19,7 @@ OUT="${1:-outputs/gpu_check_${stamp}}"
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's sparse_detr (built in place below)
 BUDGET_S="${GPU_CHECK_BUDGET_S:-360}"
 t0=$(date +%s)
 : > "$OUT/stages.tsv"  # stage <tab> exit status <tab> seconds
