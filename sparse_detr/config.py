@@ -34,8 +34,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Architecture. Field names follow the official flags where there is one (e.g. `with_box_refine`)."""
 
-    backbone: Literal["resnet50", "swin_t", "tiny_cnn"] = "resnet50"  # tiny_cnn: CPU demos and tests
-    pretrained_backbone: Optional[str] = None  # local file with torchvision-layout weights; no hub download
+    # swin_t: the official detection Swin-T; swin_t_torchvision: torchvision's swin_t as it is (format-1 checkpoints)
+    backbone: Literal["resnet50", "swin_t", "swin_t_torchvision", "tiny_cnn"] = "resnet50"  # tiny_cnn: CPU demos
+    pretrained_backbone: Optional[str] = None  # local ImageNet weights (torchvision or official Swin layout)
     train_backbone: bool = True
     swin_drop_path_rate: float = 0.2
     hidden_dim: int = 256
@@ -49,16 +50,27 @@ class ModelConfig:
     enc_n_points: int = 4
     dec_n_points: int = 4
     num_queries: int = 300
+    num_select: int = 100  # detections kept per image by the postprocessor (top (query, class) pairs, no NMS)
     aux_loss: bool = True
     with_box_refine: bool = False
     two_stage: bool = False
     eff_query_init: bool = False  # Sparse DETR query initialisation (Sec. 4 / method §5)
     eff_specific_head: bool = False  # class-specific two-stage head, objectness = max class logit
     rho: float = 0.0  # keep ratio of encoder tokens; 0 = dense Deformable DETR encoder
+    # Optional budgets (models/selection.py): one ratio per feature level; one non-increasing ratio per encoder
+    # layer starting at rho (a cascade: each layer keeps the best-scored part of the previous layer's set).
+    rho_levels: Optional[list[float]] = None
+    rho_layers: Optional[list[float]] = None
     use_enc_aux_loss: bool = False
-    scorer_target: Literal["dam", "os"] = "dam"  # decoder attention map, or objectness score
+    # How tokens are selected (models/selection.py SELECTORS): dam (decoder attention map, official), os
+    # (objectness score), foreground (Focus-DETR), salience (Salience-DETR), random (the control).
+    scorer_target: Literal["dam", "os", "foreground", "salience", "random"] = "dam"
     dam_alignment: Literal["official", "aligned"] = "official"  # official: half-pixel shift quirk
     scorer_padding: Literal["official", "exclude"] = "official"  # official: padding in mean and loss
+    # official: the two-stage top-Q ranks padded / invalid tokens too; exclude: never picks them
+    query_padding: Literal["official", "exclude"] = "official"
+    # official: the two-stage and encoder-aux losses count every token and slot; exclude: only valid ones
+    enc_loss_padding: Literal["official", "exclude"] = "official"
 
 
 @dataclass
@@ -80,6 +92,8 @@ class LossConfig:
 class SyntheticConfig:
     """The built-in synthetic COCO-format dataset, generated when `root` is missing."""
 
+    preset: Literal["demo", "cluttered"] = "demo"  # cluttered: many objects, distractors, textured background
+    max_objects: int = 6  # objects per image: 1..max_objects
     num_train: int = 200
     num_val: int = 50
     min_size: int = 160
@@ -337,7 +351,7 @@ def validate(cfg: Config) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     # Sizes first: the divisibility checks below would divide by zero.
     for name in ("hidden_dim", "nheads", "dim_feedforward", "enc_layers", "dec_layers", "enc_n_points",
-                 "dec_n_points", "num_queries", "num_classes"):
+                 "dec_n_points", "num_queries", "num_classes", "num_select"):
         _require(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}")
     _require(0.0 <= m.rho <= 1.0, f"model.rho must be in [0, 1], got {m.rho}")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
@@ -351,10 +365,20 @@ def validate(cfg: Config) -> None:
     _require(not m.eff_query_init or m.two_stage, "model.eff_query_init needs model.two_stage: true")
     _require(not m.use_enc_aux_loss or m.rho > 0,
              "model.use_enc_aux_loss needs model.rho > 0 (aux heads score the kept tokens)")
-    # A dense encoder keeps every token: there is nothing for the objectness head to select, so it would be dead
-    # weight (and an unused parameter under DDP).
-    _require(m.scorer_target != "os" or m.rho > 0,
-             "model.scorer_target: os selects tokens for the sparse encoder and needs model.rho > 0")
+    # model.scorer_target is ignored by a dense encoder (rho 0): it keeps every token and has no selector.
+    if m.rho_levels is not None:
+        _require(m.rho > 0, "model.rho_levels needs model.rho > 0 (a sparse encoder)")
+        _require(len(m.rho_levels) == m.num_feature_levels,
+                 f"model.rho_levels needs one ratio per feature level ({m.num_feature_levels}), got {m.rho_levels}")
+        _require(all(0 < r <= 1 for r in m.rho_levels), f"model.rho_levels must lie in (0, 1], got {m.rho_levels}")
+    if m.rho_layers is not None:
+        _require(m.rho > 0, "model.rho_layers needs model.rho > 0 (a sparse encoder)")
+        _require(len(m.rho_layers) == m.enc_layers,
+                 f"model.rho_layers needs one ratio per encoder layer ({m.enc_layers}), got {m.rho_layers}")
+        _require(all(0 < r <= 1 for r in m.rho_layers), f"model.rho_layers must lie in (0, 1], got {m.rho_layers}")
+        _require(m.rho_layers[0] == m.rho, f"model.rho_layers[0] must equal model.rho ({m.rho}), got {m.rho_layers}")
+        _require(all(b <= a for a, b in zip(m.rho_layers, m.rho_layers[1:])),
+                 f"model.rho_layers must be non-increasing, got {m.rho_layers}")
 
     _require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     _require(bool(d.train_scales) and min(d.train_scales) >= 1, "data.train_scales must be positive sizes")

@@ -110,17 +110,22 @@ def test_levels_shapes_and_masks_follow_padding(name, channels):
         assert torch.equal(m[1], expected)
 
 
-def test_swin_frozen_parts_and_checkpoint(tmp_path):
+@pytest.mark.parametrize("name, frozen", [
+    ("swin_t", ("features.0.", "features.1.", "features.2.")),  # official frozen_stages=2: stage 0 + its merging
+    ("swin_t_torchvision", ("features.0.", "features.1.")),  # what swin_t froze in checkpoint format 1
+])
+def test_swin_frozen_parts_and_checkpoint(tmp_path, name, frozen):
     net = torchvision.models.swin_t(weights=None)
     path = tmp_path / "swin_t.pth"
     torch.save(net.state_dict(), path)  # includes the classifier's norm.* and head.*
-    model = Backbone("swin_t", return_interm_layers=False, pretrained=path, drop_path_rate=0.1)
+    model = Backbone(name, return_interm_layers=False, pretrained=path, drop_path_rate=0.1)
     rates = [m.p for m in model.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
     assert rates[0] == 0 and rates[-1] == pytest.approx(0.1) and len(rates) == 12  # 2+2+6+2 blocks
+    assert rates[2] == pytest.approx(0.1 * 2 / 11)  # linear over the 12 blocks
     assert model.num_channels == [768] and model.strides == [32]
     torch.testing.assert_close(model.body.features[3][0].mlp[0].weight, net.features[3][0].mlp[0].weight)
-    for name, p in model.body.named_parameters():
-        assert p.requires_grad == (not name.startswith(("features.0.", "features.1."))), name
+    for pname, p in model.body.named_parameters():
+        assert p.requires_grad == (not pname.startswith(frozen)), pname
 
 
 def test_joiner_keeps_feature_dtype():

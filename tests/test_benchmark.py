@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sparse_detr.engine import benchmark as bm
-from tools.benchmark import format_markdown
+from sparse_detr.engine.benchmark_report import format_markdown
 from sparse_detr.ops import backend_for
 
 TINY = ("model.hidden_dim=64", "model.nheads=2", "model.dim_feedforward=8192", "model.enc_layers=6",
@@ -103,4 +103,5 @@ def test_part_attribution_charges_the_innermost_part():
         parts = bm._PartAttribution(toy, counter)
         toy(torch.randn(4, 8))
         split = parts.close()
-    assert split == {"backbone": 192, "encoder": 0, "decoder": 512, "heads": 48, "enc_aux_heads": 0, "other": 0}
+    assert split == {"backbone": 192, "selector": 0, "encoder": 0, "decoder": 512, "heads": 48, "enc_aux_heads": 0,
+                     "other": 0}

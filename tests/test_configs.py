@@ -26,13 +26,13 @@ def test_config_loads_and_builds(path):
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         model, criterion, postprocess = build_model(cfg)
     m = cfg.model
-    assert model.rho == m.rho and model.two_stage == m.two_stage
+    assert (model.selector is not None) == (m.rho > 0) and model.two_stage == m.two_stage
     assert criterion.num_classes == m.num_classes
-    assert ("loss_mask" in criterion.weight_dict) == (m.rho > 0 and m.scorer_target == "dam")
+    assert ("loss_mask" in criterion.weight_dict) == (m.rho > 0 and m.scorer_target != "os")
     assert ("loss_ce_enc_aux_0" in criterion.weight_dict) == m.use_enc_aux_loss
     assert criterion.class_agnostic_enc == (m.two_stage and not m.eff_specific_head)
     assert not model.has_unused_parameters()  # DDP's fast path (no find_unused_parameters) for every shipped config
-    if m.rho > 0 and path.stem != "demo_synthetic":  # Sparse DETR = its dense baseline + rho / scorer
+    if m.rho > 0 and path.stem not in ("demo_synthetic", "ablation_synthetic"):  # = its dense baseline + rho
         stem = "efficient_detr_" + ("swin_t" if m.backbone == "swin_t" else "r50")
         dense = load_config(str(path.parent / f"{stem}.yaml")).model
         for field in ("backbone", "hidden_dim", "enc_layers", "dec_layers", "num_queries", "with_box_refine",
@@ -74,3 +74,36 @@ def test_misspelled_key_names_the_key_and_the_file(tmp_path):
     assert "model.rh0" in str(err.value) and "my_experiment.yaml" in str(err.value)
     with pytest.raises(ConfigError, match="model.use_enc_aux_los"):
         load_config(str(base), ["model.use_enc_aux_los=true"])
+
+
+def test_a_new_model_field_reaches_the_detector_without_touching_the_builder(monkeypatch):
+    """build_detector passes every ModelConfig field the detector takes: a new option is a config field plus a
+    detector argument of the same name."""
+    import dataclasses
+    import inspect
+
+    from sparse_detr.config import ModelConfig
+    from sparse_detr.models import build as build_module
+    from sparse_detr.models.detector import SparseDETR
+
+    @dataclasses.dataclass
+    class Extended(ModelConfig):
+        new_option: int = 7
+
+    seen = {}
+
+    class Detector(SparseDETR):
+        def __init__(self, backbone, new_option=0, **kwargs):
+            seen["new_option"], seen["hidden_dim"] = new_option, kwargs["hidden_dim"]
+            super().__init__(backbone, **kwargs)
+
+    # the detector's signature: SparseDETR's arguments plus the new one
+    base = inspect.signature(SparseDETR.__init__)
+    extra = inspect.Parameter("new_option", inspect.Parameter.KEYWORD_ONLY, default=0)
+    Detector.__init__.__signature__ = base.replace(parameters=[*base.parameters.values(), extra])
+
+    monkeypatch.setattr(build_module, "SparseDETR", Detector)
+    m = Extended(backbone="tiny_cnn", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=1, dim_feedforward=32,
+                 num_queries=4, num_classes=3)
+    model = build_module.build_detector(m)
+    assert seen == {"new_option": 7, "hidden_dim": 32} and model.hidden_dim == 32

@@ -4,11 +4,26 @@ import math
 import pytest
 import torch
 
-from sparse_detr.models.criterion import (SetCriterion, build_weight_dict, check_finite, mask_prediction_loss,
-                                          weighted_total)
+from sparse_detr.models.criterion import SetCriterion, build_weight_dict, check_finite, weighted_total
 from sparse_detr.models.matcher import HungarianMatcher
+from sparse_detr.models.selection import (KeepBudget, ObjectnessSelector, SelectorOptions, TokenSelector,
+                                          mask_prediction_loss)
 
 K = 4
+
+
+class _MaskSelector(TokenSelector):
+    """A selection criterion written as one class, the way a user adds one: its loss reaches the criterion."""
+
+    def losses(self, outputs, targets):
+        return {"loss_mask": mask_prediction_loss(outputs["mask_logits"], outputs["mask_targets"])}
+
+    def loss_weights(self, cls, bbox, giou, mask):
+        return {"loss_mask": mask}
+
+
+def _selector(cls=_MaskSelector):
+    return cls(KeepBudget(0.1), SelectorOptions(dim=8, num_classes=K))
 
 
 def _targets(sizes, g):
@@ -34,8 +49,8 @@ def _plain(num_classes=K, **kw):
 
 
 def _criterion(**kw):
-    return SetCriterion(K, HungarianMatcher(), build_weight_dict(num_dec_layers=3, num_enc_aux=2, two_stage=True),
-                        **kw)
+    weights = build_weight_dict(num_dec_layers=3, num_enc_aux=2, two_stage=True) | {"loss_mask": 1.0}
+    return SetCriterion(K, HungarianMatcher(), weights, selector=_selector(), **kw)
 
 
 def _full_outputs(g, bsz=2, queries=5, tokens=12):
@@ -164,10 +179,10 @@ def test_no_targets_finite_and_gradients_flow():
 
 
 def test_build_weight_dict_and_weighted_total():
-    w = build_weight_dict(cls=2, bbox=5, giou=2, mask=1, num_dec_layers=2, num_enc_aux=1, two_stage=True)
+    w = build_weight_dict(cls=2, bbox=5, giou=2, num_dec_layers=2, num_enc_aux=1, two_stage=True)
     assert w == {"loss_ce": 2, "loss_bbox": 5, "loss_giou": 2, "loss_ce_0": 2, "loss_bbox_0": 5, "loss_giou_0": 2,
                  "loss_ce_enc": 2, "loss_bbox_enc": 5, "loss_giou_enc": 2, "loss_ce_enc_aux_0": 2,
-                 "loss_bbox_enc_aux_0": 5, "loss_giou_enc_aux_0": 2, "loss_mask": 1}
+                 "loss_bbox_enc_aux_0": 5, "loss_giou_enc_aux_0": 2}
     losses = {"loss_ce": torch.tensor(1.5), "loss_giou_enc": torch.tensor(0.25), "stat_class_error": torch.tensor(80.)}
     assert weighted_total(losses, w).item() == pytest.approx(2 * 1.5 + 2 * 0.25)
     with pytest.raises(ValueError):
@@ -213,15 +228,16 @@ def test_wrong_num_classes_is_an_error():
 
 
 def test_backbone_outputs_are_a_class_specific_masked_head():
-    """The OS selection head (``backbone_outputs``, method §6) is matched and trained like the Sparse DETR two-stage
-    head: real class labels even where the two-stage head is class-agnostic, invalid tokens ignored, ``_backbone``
-    keys that the weight dict covers."""
+    """The OS selection head (``backbone_outputs``, the paper's OS ablation) is matched and trained like the Sparse
+    DETR two-stage head: real class labels even where the two-stage head is class-agnostic, invalid tokens ignored,
+    ``_backbone`` keys that the weight dict covers."""
     g = torch.Generator().manual_seed(8)
     targets = _targets([3, 2], g)
     out, head = _head(2, 4, g), _head(2, 10, g, valid=True)
-    weights = build_weight_dict(num_dec_layers=1, two_stage=True, backbone_head=True)
+    selector = _selector(ObjectnessSelector)
+    weights = build_weight_dict(num_dec_layers=1, two_stage=True) | selector.loss_weights(2, 5, 2, 1)
     assert {"loss_ce_backbone", "loss_bbox_backbone", "loss_giou_backbone"} <= set(weights)
-    criterion = SetCriterion(K, HungarianMatcher(), weights, class_agnostic_enc=True)
+    criterion = SetCriterion(K, HungarianMatcher(), weights, class_agnostic_enc=True, selector=selector)
     losses = criterion(out | {"backbone_outputs": head}, targets)
     specific = SetCriterion(K, HungarianMatcher(), weights)(out | {"enc_outputs": head}, targets)
     for name in ("loss_ce", "loss_bbox", "loss_giou"):

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from sparse_detr.models.dam import dam_coverage, dam_targets, decoder_attention_map
+from sparse_detr.models.dam import dam_coverage, decoder_attention_map, token_levels
+from sparse_detr.models.selection import top_count_mask
 
 SHAPES = [(5, 7), (3, 4), (1, 2)]
 S = sum(h * w for h, w in SHAPES)
@@ -64,11 +65,29 @@ def test_dam_targets_are_the_top_k_b_real_tokens():
     pad[1, 30:] = True
     dam[1, 40:] = 10.0  # heavy attention on padding must not make padding a target
     counts = torch.tensor([5, 3, 1])
-    targets = dam_targets(dam, pad, counts, k=6)
+    targets = top_count_mask(dam, pad, counts)
     for b in range(3):
         real = [i for i in range(S) if not pad[b, i]]
         best = sorted(real, key=lambda i: -float(dam[b, i]))[: int(counts[b])]
         assert targets[b].nonzero().flatten().tolist() == sorted(best)
+
+
+def test_dam_targets_per_level_are_the_top_counts_of_every_level():
+    """With per-level budgets (model.rho_levels) the target takes the top counts[b, l] real tokens of each level."""
+    torch.manual_seed(1)
+    dam = torch.rand(2, S)
+    pad = torch.zeros(2, S, dtype=torch.bool)
+    pad[1, 20:40] = True
+    levels = token_levels(SPATIAL, S)
+    start = torch.cat((torch.zeros(1, dtype=torch.long), SPATIAL.prod(1).cumsum(0)[:-1]))
+    counts = torch.randint(0, 4, (2, SPATIAL.shape[0]))
+    targets = top_count_mask(dam, pad, counts, levels, start)
+    for b in range(2):
+        expected = []
+        for lvl in range(SPATIAL.shape[0]):
+            real = [i for i in range(S) if not pad[b, i] and int(levels[i]) == lvl]
+            expected += sorted(real, key=lambda i: -float(dam[b, i]))[: int(counts[b, lvl])]
+        assert targets[b].nonzero().flatten().tolist() == sorted(expected)
 
 
 def test_dam_coverage_matches_brute_force():

@@ -62,10 +62,13 @@ def test_forward_backward_and_output_contract(config, rho, train_backbone):
     assert ("enc_outputs" in out) == m.two_stage
     if m.two_stage:
         _check_head(out["enc_outputs"], B, S, K)
-        assert torch.equal(out["enc_outputs"]["valid"] & out["padding_mask"], torch.zeros_like(out["padding_mask"]))
+        # the official recipes count every token in the two-stage loss (enc_loss_padding: official)
+        assert out["enc_outputs"]["valid"].all() == (m.enc_loss_padding == "official")
+        if m.enc_loss_padding == "exclude":
+            assert not (out["enc_outputs"]["valid"] & out["padding_mask"]).any()
 
     if rho == 0:
-        for key in ("kept_indices", "mask_logits", "enc_aux_outputs", "backbone_outputs"):
+        for key in ("kept_indices", "scores", "enc_aux_outputs", "backbone_outputs"):
             assert key not in out
     else:
         valid_tokens = (~out["padding_mask"]).sum(1)
@@ -77,16 +80,18 @@ def test_forward_backward_and_output_contract(config, rho, train_backbone):
         assert len(out["enc_aux_outputs"]) == m.enc_layers - 1
         for aux in out["enc_aux_outputs"]:
             _check_head(aux, B, k, K)
-            assert torch.equal(aux["valid"], out["kept_valid"])
+            # official: every slot up to the batch's largest k_b; exclude: the first k_b of each image
+            slots = torch.arange(k)[None, :] < (max(expected) if m.enc_loss_padding == "official"
+                                                 else torch.tensor(expected)[:, None])
+            assert torch.equal(aux["valid"], slots.expand(B, k))
+        assert len(out["kept_indices_per_layer"]) == m.enc_layers
         if m.scorer_target == "dam":
-            for key in ("mask_logits", "mask_targets", "mask_weights", "dam"):
-                assert out[key].shape == (B, S)
-            assert out["mask_targets"].sum(1).tolist() == expected
-            assert out["dam_coverage"].shape == (B,) and out["dam_coverage_levels"].shape == (B, 4)
+            assert out["dec_sampling_locations"].shape[:3] == (B, Ld, Q)
+            assert model.selector.target(out, TARGETS).sum(1).tolist() == expected
             assert "backbone_outputs" not in out
         else:
             _check_head(out["backbone_outputs"], B, S, K)
-            assert "mask_logits" not in out
+            assert "dec_sampling_locations" not in out
 
     losses = criterion(out, TARGETS)
     loss = weighted_total(losses, criterion.weight_dict)
@@ -129,13 +134,13 @@ def test_inference_outputs_and_input_forms():
         from_batch = model(batch, mask)  # image sizes unknown: k from the padded shape
         from_sized = model(batch, mask, image_sizes=[(64, 96), (96, 72)])
         maps = model(images, return_maps=True)
-    assert "mask_targets" not in from_list and "dam" not in from_list and from_list["scores"].shape[0] == 2
+    assert "dec_sampling_locations" not in from_list and from_list["scores"].shape[0] == 2
     assert from_batch["kept_indices"].shape[1] >= from_sized["kept_indices"].shape[1]
     for other in (from_batch, from_sized):
         torch.testing.assert_close(other["pred_logits"], from_list["pred_logits"])
         torch.testing.assert_close(other["pred_boxes"], from_list["pred_boxes"])
         assert torch.equal(other["kept_token_counts"], from_list["kept_token_counts"])
-    assert maps["dam"].shape == maps["mask_targets"].shape == from_list["padding_mask"].shape
+    assert model.selector.target(maps, None).shape == from_list["padding_mask"].shape
 
 
 def test_refinement_from_points_predicts_full_boxes_then_refines_them():
@@ -166,8 +171,10 @@ def test_refinement_from_points_predicts_full_boxes_then_refines_them():
     assert grad is None or not grad.any()
 
 
-def test_two_stage_never_selects_padding_or_invalid_tokens():
-    """Even when padded / invalid-proposal tokens have the highest objectness, they are not picked."""
+@pytest.mark.parametrize("query_padding", ["official", "exclude"])
+def test_two_stage_selection_over_padding(query_padding):
+    """Padded / invalid-proposal tokens scored above every valid one: ``official`` takes the top-Q of a direct sort
+    over all tokens (padding included, reference box 1), ``exclude`` the top-Q of the valid tokens only."""
     shapes = [(6, 8), (3, 4)]
     pad = torch.zeros(2, 60, dtype=torch.bool)
     pad[1, :48] = torch.ones(6, 8, dtype=torch.bool).index_fill_(1, torch.arange(4), False).flatten()
@@ -176,10 +183,11 @@ def test_two_stage_never_selects_padding_or_invalid_tokens():
     torch.manual_seed(0)
     valid &= torch.rand(2, 60) > 0.3  # stand-ins for tokens whose box leaves (0.01, 0.99) (large images)
     proposals = proposals.masked_fill(~valid[..., None], float("inf"))
+    objectness = torch.rand(2, 60) + 100.0 * ~valid  # distinct values, every invalid token above every valid one
 
-    class Fixed(nn.Module):  # a "class head" that scores the invalid tokens highest
+    class Fixed(nn.Module):  # a "class head" returning the objectness above
         def forward(self, x):
-            return torch.where(valid[..., None], 0.0, 100.0).expand(*x.shape[:2], 3) + x[..., :1] * 0
+            return objectness[..., None].expand(*x.shape[:2], 3) + x[..., :1] * 0
 
     dim = 16
     memory = torch.arange(60.0)[None, :, None].expand(2, 60, dim).contiguous()  # channel 0 = token index
@@ -187,11 +195,16 @@ def test_two_stage_never_selects_padding_or_invalid_tokens():
     box_head = nn.Linear(dim, 4)
     tgt, query_pos, reference, enc = two_stage_queries(
         memory, proposals, valid, proj, norm, Fixed(), box_head, nn.Linear(2 * dim, dim), nn.LayerNorm(dim),
-        num_queries=10, specific_head=True, eff_query_init=True)
+        num_queries=10, specific_head=True, eff_query_init=True, query_padding=query_padding)
     chosen = tgt[..., 0].long()  # eff_query_init: content = memory at the chosen tokens
-    assert valid.gather(1, chosen).all()
-    assert (reference < 1).all() and tgt.shape == query_pos.shape == (2, 10, dim)
-    assert torch.equal(enc["valid"], valid)
+    ranked = objectness if query_padding == "official" else objectness.masked_fill(~valid, -1.0)
+    for b in range(2):  # a direct sort of every token
+        expected = sorted(range(60), key=lambda i: -float(ranked[b, i]))[:10]
+        assert sorted(chosen[b].tolist()) == sorted(expected)
+    picked_invalid = ~valid.gather(1, chosen)
+    assert picked_invalid.any() == (query_padding == "official")
+    assert (reference[picked_invalid] == 1).all() and (reference[~picked_invalid] < 1).all()
+    assert tgt.shape == query_pos.shape == (2, 10, dim)
 
 
 def test_encoder_aux_heads_are_training_only():

@@ -1,4 +1,4 @@
-"""The sparse encoder (method §2-4): token budget, selection, write-back, sparse == dense, scorer gradients."""
+"""The sparse encoder (Sparse DETR Sec. 3.2-3.3): token budget, selection, write-back, sparse == dense, scorer gradients."""
 import math
 
 import pytest
@@ -7,10 +7,8 @@ import torch.nn.functional as F
 
 from sparse_detr.config import config_from_dict
 from sparse_detr.models import build_model, weighted_total
-from sparse_detr.models.encoder import (
-    SparseEncoder, TokenScorer, dense_reference_points, grid_proposals, kept_token_counts, max_kept_tokens,
-    select_tokens,
-)
+from sparse_detr.models.encoder import SparseEncoder, dense_reference_points, grid_proposals
+from sparse_detr.models.selection import TokenScorer, kept_token_counts, max_kept_tokens, select_tokens
 
 SHAPES = [(6, 8), (3, 4), (2, 2)]
 S = sum(h * w for h, w in SHAPES)
@@ -88,7 +86,7 @@ def test_tokens_not_kept_are_unchanged_by_every_layer():
     counts = kept_token_counts(pad, 0.2, k)
     indices, valid = select_tokens(torch.randn(2, S), pad, counts, k)
     with torch.no_grad():
-        memory, _ = _encoder()(src, pos, ref, spatial, start, pad, indices, valid)
+        memory, _ = _encoder()(src, pos, ref, spatial, start, pad, indices, [valid, valid])
     kept = torch.zeros(2, S, dtype=torch.bool).scatter_(1, indices, valid)
     assert torch.equal(memory[~kept], src[~kept])  # bit-exact: never written
     assert (memory[kept] - src[kept]).abs().amax(-1).min() > 1e-3  # every kept token was updated
@@ -103,7 +101,7 @@ def test_sparse_encoder_equals_dense_when_every_token_is_kept():
     indices, valid = select_tokens(torch.randn(2, S), pad, counts, k)  # a random order of all tokens
     encoder = _encoder()
     with torch.no_grad():
-        sparse, _ = encoder(src, pos, ref, spatial, start, pad, indices, valid)
+        sparse, _ = encoder(src, pos, ref, spatial, start, pad, indices, [valid, valid])
         dense, _ = encoder(src, pos, ref, spatial, start, pad)
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
 

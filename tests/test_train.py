@@ -267,7 +267,7 @@ def test_training_and_evaluation_give_the_model_the_unpadded_image_sizes(data_ro
     """The loops pass `image_sizes` (host ints read from the CPU targets), so the kept-token count k is bounded by
     the real images, not the padded canvas: with mixed sizes in a batch, k is smaller than without them."""
     from sparse_detr.models.detector import SparseDETR
-    from sparse_detr.models.encoder import max_kept_tokens
+    from sparse_detr.models.selection import max_kept_tokens
 
     original, calls = SparseDETR.forward, []
 
@@ -277,8 +277,8 @@ def test_training_and_evaluation_give_the_model_the_unpadded_image_sizes(data_ro
         extents = [(int((~m).any(1).sum()), int((~m).any(0).sum())) for m in mask]  # read off the mask
         calls.append({"training": self.training, "sizes": image_sizes, "extents": extents,
                       "k": out["kept_indices"].shape[1],
-                      "k_sized": max_kept_tokens(self.rho, shapes, tuple(images.shape[-2:]), extents),
-                      "k_padded": max_kept_tokens(self.rho, shapes, tuple(images.shape[-2:]))})
+                      "k_sized": max_kept_tokens(self.selector.budget.rho, shapes, tuple(images.shape[-2:]), extents),
+                      "k_padded": max_kept_tokens(self.selector.budget.rho, shapes, tuple(images.shape[-2:]))})
         return out
 
     monkeypatch.setattr(SparseDETR, "forward", spy)

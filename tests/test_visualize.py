@@ -56,7 +56,7 @@ def test_tool_writes_one_png_per_image(tmp_path):
     written = vis.run_visualization(SPARSE, str(ckpt), str(folder), str(tmp_path / "out"), score_thresh=0.0,
                                     overrides=tuple(TINY), columns=4, panel_width=120, size=64, max_size=128)
     assert [p.rsplit("/", 1)[-1] for p in written] == ["a_vis.png", "b_vis.png"]
-    # 7 panels (detections, 4 saliency levels, kept tokens, DAM target) in rows of 4: 2 rows.
+    # 7 panels (detections, 4 saliency levels, kept tokens, dam target) in rows of 4: 2 rows.
     # a.png 96x64 -> shown at 96x64, panels 120 wide -> 80 high; b.jpg 64x80 -> 64x80 -> 150 high.
     _check_png(written[0], (4 * 120, 2 * (80 + vis.TITLE_HEIGHT)))
     _check_png(written[1], (4 * 120, 2 * (150 + vis.TITLE_HEIGHT)))
@@ -66,7 +66,7 @@ def test_sparse_panels_show_kept_tokens_and_dam_target():
     _, model, post = _tiny(SPARSE)
     panels = vis.make_panels(model, post, _random_picture(2, 96, 64), LABELS, score_thresh=0.0, size=64)
     names = list(panels)
-    assert names[0] == "detections" and names[-1] == "DAM target"
+    assert names[0] == "detections" and names[-1] == "dam target"
     # 64x96 -> levels 8x12, 4x6, 2x3, 1x2: 128 tokens, floor(0.1 * 128) + 1 = 13 kept.
     assert [n for n in names if n.startswith("saliency")] == [
         "saliency L0 (8x12)", "saliency L1 (4x6)", "saliency L2 (2x3)", "saliency L3 (1x2)"]
@@ -84,7 +84,7 @@ def test_dense_model_gets_note_panels_and_keeps_its_mode():
     image = vis.prepare_image(_random_picture(3, 80, 64), size=64)[0]  # the trainer passes normalised tensors
     canvas = vis.render_visualization(model, post, image, LABELS, columns=3, panel_width=90)
     assert model.training  # restored after the eval forward
-    # detections, saliency (note), kept tokens (note), DAM target (note): 4 panels, 3 per row -> 2 rows.
+    # detections, saliency (note), kept tokens (note), selector target (note): 4 panels, 3 per row -> 2 rows.
     _check_png(canvas, (3 * 90, 2 * (72 + vis.TITLE_HEIGHT)))
 
 

@@ -10,8 +10,9 @@ The paper's comparison (Sparse DETR ρ = 0.1..0.5 against the dense "Efficient D
         configs/sparse_detr_r50_rho0.5.yaml --device cpu --images 2 \
         --markdown outputs/benchmark.md --json outputs/benchmark.json
 
-On a GPU add `--device cuda --train-step` (and `--autocast bfloat16` for mixed precision); `--coco data/coco` uses the first val2017 images instead of random
-800×1333 ones (resized as the val transform: shorter side --height, longer side <= --width).
+On a GPU add `--device cuda --train-step` (and `--autocast bfloat16` for mixed precision); `--coco data/coco` uses
+the first val2017 images instead of random 800×1333 ones (resized as the val transform: shorter side --height, longer
+side <= --width).
 `key=value` arguments after the options override every config (e.g. `model.num_queries=100`).
 See sparse_detr/engine/benchmark.py for what each number means.
 """
@@ -23,42 +24,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sparse_detr.engine.benchmark import PARTS, BenchmarkOptions, benchmark_configs  # noqa: E402
-
-
-nan = float("nan")  # a measurement not done yet (partial tables of a running benchmark)
-
-
-def _g(x: float) -> str:
-    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"  # tiny test models still show their digits
-
-
-def format_markdown(records: list[dict]) -> str:
-    """Two markdown tables: cost with ratios to the first row, and the per-part GFLOPs split."""
-    bs = sorted(int(k[6:]) for k in records[0] if k.startswith("fps_bs"))
-    train = "train_step_s" in records[0]
-    head = ["config", "ρ", "params (M)", "GFLOPs torch", "GFLOPs official", "× base", "official w/o op"]
-    head += [f"FPS bs{b}" for b in bs] + [f"× base bs{b}" for b in bs]
-    head += ["train s/iter", "train peak MB"] if train else []
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in records:
-        ra = r["ratios"]
-        row = [r["name"], f"{r['rho']:g}", f"{r['params'] / 1e6:.1f}", _g(r["gflops"]), _g(r["gflops_official"]),
-               f"{ra['gflops_official']:.3f}", _g(r["gflops_official_without_op"])]
-        row += [f"{r.get(f'fps_bs{b}', nan):.3g}" for b in bs] + [f"{ra.get(f'fps_bs{b}', float('nan')):.2f}" for b in bs]
-        row += [f"{r.get('train_step_s', nan):.2f}", f"{r.get('train_peak_mem_mb', nan):.0f}"] if train else []
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "GFLOPs per part (official convention, 1 multiply-add = 1 FLOP; torch convention = 2×), "
-              "with the ratio to the baseline:", "",
-              "| config | tokens | kept | " + " | ".join(PARTS) + " | total |", "|" + "---|" * (len(PARTS) + 4)]
-    for r in records:
-        po, ra = r["gflops_parts_official"], r["ratios"]
-        cells = [f"{_g(po[p])} ({ra[f'{p}_gflops']:.2f}×)" if f"{p}_gflops" in ra else _g(po[p])
-                 for p in PARTS]
-        kept = "all" if r["kept_tokens"] is None else f"{r['kept_tokens']:.0f}"
-        lines.append(f"| {r['name']} | {r['tokens']} | {kept} | " + " | ".join(cells)
-                     + f" | {_g(r['gflops_official'])} |")
-    return "\n".join(lines) + "\n"
+from sparse_detr.engine.benchmark import BenchmarkOptions, benchmark_configs  # noqa: E402
+from sparse_detr.engine.benchmark_report import format_markdown  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -5,6 +5,12 @@
     torchrun --nproc_per_node=8 tools/eval.py --config configs/sparse_detr_r50_rho0.1.yaml \\
         --checkpoint outputs/rho0.1/checkpoint_best.pth data.root=/data/coco
 
+An official checkpoint can be passed as it is, with the matching config: its `model` entry is loaded strictly (the
+R50 keys already are ours; the Swin-T backbone keys are converted on the fly, with a warning that says so;
+tools/convert_official.py converts the file once):
+
+    python tools/eval.py --config configs/sparse_detr_swin_t_rho0.1.yaml --checkpoint sparse_detr_swin_t_rho0.1.pth
+
 The checkpoint's architecture must match the config (a clear error lists the fields that differ); `key=value`
 arguments override config fields as in tools/train.py. Detections are written in the COCO results format
 (dataset category ids, xywh pixels) to --out (default: train.output_dir/detections_<checkpoint name>.json).

@@ -2,6 +2,7 @@
 
     python tools/make_synthetic.py --out data/synthetic --num-train 64 --num-val 16 --seed 0
     python tools/make_synthetic.py --out data/synthetic_big --num-train 2000 --num-val 200 --image-size 256 512
+    python tools/make_synthetic.py --out data/cluttered --preset cluttered --max-objects 20 --image-size 256 320
 
 Same arguments, byte-identical files. Layout: OUT/{train,val}/*.png and OUT/annotations/instances_{train,val}.json.
 Train on it with dataset="synthetic" (or dataset="coco" pointing img_folder/ann_file at those paths).
@@ -31,11 +32,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, nargs=2, default=(160, 320), metavar=("MIN", "MAX"),
                         help="image sides are drawn uniformly from [MIN, MAX] pixels")
     parser.add_argument("--max-objects", type=int, default=6, help="objects per image: 1..MAX (some images: 0)")
+    parser.add_argument("--preset", default="demo", choices=("demo", "cluttered"),
+                        help="demo: a few shapes; cluttered: many objects, distractors, textured background")
     parser.add_argument("--empty-every", type=int, default=8, help="every N-th image has no object (0: none)")
     args = parser.parse_args(argv)
     paths = make_synthetic_coco(args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
                                 min_size=args.image_size[0], max_size=args.image_size[1],
-                                max_objects=args.max_objects, empty_every=args.empty_every)
+                                max_objects=args.max_objects, empty_every=args.empty_every,
+                                preset=args.preset)
     for split in ("train", "val"):
         with open(paths[split]["ann_file"], encoding="utf-8") as f:
             data = json.load(f)

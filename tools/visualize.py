@@ -1,4 +1,4 @@
-"""Draw what a trained model sees: detections, the scorer's saliency per level, kept tokens, the DAM target.
+"""Draw what a trained model sees: detections, the scorer's saliency per level, kept tokens, the selector's target.
 
 One PNG per image, the panels side by side (see sparse_detr/engine/visualize.py for what each panel shows):
 

@@ -15,6 +15,9 @@ Determinism: image ``i`` of a split draws from ``numpy.random.default_rng([seed,
 arguments give byte-identical files (PNG without metadata, json with fixed key order) and changing ``num_train``
 does not change the validation images. Drawing uses PIL without anti-aliasing, so masks are binary.
 
+Presets: ``preset="demo"`` (the above, a quick demo) or ``"cluttered"`` (``cluttered.py``: textured background,
+many objects over a COCO-like size range, distractor shapes of no class, partial occlusion; for the ablations).
+
 ``ensure_synthetic(out_dir, **kwargs)`` generates only when the files are missing or were made with other
 parameters (a marker json holds them). Under torchrun, call it on the main process and then barrier.
 """
@@ -33,6 +36,7 @@ from PIL import Image, ImageDraw
 SHAPES = ("rectangle", "ellipse", "triangle", "cross", "ring", "diamond")
 CATEGORY_IDS = (1, 3, 5, 7, 9, 11)  # gaps on purpose: labels must go through the LabelMap
 SPLITS = ("train", "val")
+PRESETS = ("demo", "cluttered")
 MARKER = "synthetic_params.json"
 GENERATOR_VERSION = 1  # bump when the drawing changes, so ensure_synthetic regenerates old folders
 
@@ -168,8 +172,17 @@ def render_image(rng: np.random.Generator, width: int, height: int, num_objects:
     return image.astype(np.uint8), instance, objects
 
 
+def _renderer(preset: str):
+    if preset == "cluttered":
+        from .cluttered import render_cluttered  # imported here: it builds on this module's shapes
+
+        return render_cluttered
+    return render_image
+
+
 def _write_split(out_dir: str, split: str, split_index: int, count: int, seed: int, min_size: int,
-                 max_size: int, max_objects: int, empty_every: int) -> str:
+                 max_size: int, max_objects: int, empty_every: int, preset: str = "demo") -> str:
+    render = _renderer(preset)
     img_dir = os.path.join(out_dir, split)
     os.makedirs(img_dir, exist_ok=True)
     images, annotations = [], []
@@ -178,7 +191,7 @@ def _write_split(out_dir: str, split: str, split_index: int, count: int, seed: i
         width, height = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
         is_empty = empty_every > 0 and i % empty_every == empty_every - 1
         num_objects = 0 if is_empty else int(rng.integers(1, max_objects + 1))
-        pixels, _, objects = render_image(rng, width, height, num_objects)
+        pixels, _, objects = render(rng, width, height, num_objects)
         file_name = f"{i:06d}.png"
         Image.fromarray(pixels).save(os.path.join(img_dir, file_name), format="PNG")
         images.append({"id": i + 1, "file_name": file_name, "width": width, "height": height})
@@ -190,7 +203,8 @@ def _write_split(out_dir: str, split: str, split_index: int, count: int, seed: i
         if re.fullmatch(r"\d{6}\.png", name) and int(name[:6]) >= count:
             os.remove(os.path.join(img_dir, name))
     data = {
-        "info": {"description": "sparse-detr synthetic shapes", "version": str(GENERATOR_VERSION), "seed": seed},
+        "info": {"description": f"sparse-detr synthetic shapes ({preset})", "version": str(GENERATOR_VERSION),
+                 "seed": seed},
         "licenses": [],
         "images": images,
         "annotations": annotations,
@@ -211,14 +225,20 @@ def synthetic_paths(out_dir: str) -> dict[str, Any]:
 
 
 def make_synthetic_coco(out_dir: str, num_train: int = 64, num_val: int = 16, seed: int = 0, min_size: int = 160,
-                        max_size: int = 320, max_objects: int = 6, empty_every: int = 8) -> dict[str, Any]:
-    """Write the dataset (see the module docstring) and return ``synthetic_paths(out_dir)``."""
+                        max_size: int = 320, max_objects: int = 6, empty_every: int = 8,
+                        preset: str = "demo") -> dict[str, Any]:
+    """Write the dataset (see the module docstring) and return ``synthetic_paths(out_dir)``.
+
+    Images have 1..max_objects objects (the ``cluttered`` preset adds distractors), every ``empty_every``-th none.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown synthetic preset {preset!r}; expected one of {PRESETS}")
     if not 16 <= min_size <= max_size:
         raise ValueError(f"need 16 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
     if num_train < 0 or num_val < 0 or max_objects < 0:
         raise ValueError("num_train, num_val and max_objects must be >= 0")
     for split_index, (split, count) in enumerate(zip(SPLITS, (num_train, num_val))):
-        _write_split(out_dir, split, split_index, count, seed, min_size, max_size, max_objects, empty_every)
+        _write_split(out_dir, split, split_index, count, seed, min_size, max_size, max_objects, empty_every, preset)
     return synthetic_paths(out_dir)
 
 

@@ -11,10 +11,11 @@ One record per config (see `benchmark_config`):
   a time, MEAN over the images (the official tool prints the mean but reports the last image). `gflops`: torch's
   convention (1 multiply-add = 2 FLOPs); `gflops_official`: halved, the fvcore convention of the paper;
   `*_without_op`: the deformable attention op left out, close to what fvcore counts (it sees only grid_sample).
-  `gflops_parts`: backbone / encoder (input projections, encoder layers, token scorer) / decoder (decoder layers,
-  query initialisation) / heads (every class and box head, wherever called) / enc_aux_heads (training-only;
-  non-zero only if an eval forward runs them) / other (the proposal projection `enc_output`, shared by the
-  scorer input and the two-stage proposals).
+  `gflops_parts`: backbone / selector (the token selector's own modules: the scorer, or the OS head; 0 for
+  random) / encoder (input projections, encoder layers) / decoder (decoder layers, query initialisation) / heads
+  (every class and box head, wherever called) / enc_aux_heads (training-only; non-zero only if an eval forward
+  runs them) / other (the proposal projection `enc_output`, shared by the scorer input and the two-stage
+  proposals).
 * `fps_bs{n}`: images/s in eval mode under `torch.inference_mode` after warm-up; median run, configs timed in
   turns (CUDA synchronised).
 * `train_step_s`, `train_peak_mem_mb`, `train_gflops_per_image` (`options.train_step`): forward + criterion +
@@ -47,19 +48,18 @@ from sparse_detr.ops import backend_for, flops as op_flops  # importing flops re
 __all__ = ["BenchmarkOptions", "PARTS", "load_images", "count_parameters", "count_flops", "measure_fps",
            "measure_train_step", "benchmark_config", "benchmark_configs", "add_ratios"]
 
-PARTS = ("backbone", "encoder", "decoder", "heads", "enc_aux_heads", "other")
+PARTS = ("backbone", "selector", "encoder", "decoder", "heads", "enc_aux_heads", "other")
 # Module-name prefixes (as `named_modules` spells them) -> part. A module registered under several names (the
 # heads are aliased under transformer.decoder / transformer.encoder for the checkpoint layout) takes the part
 # that comes first in PARTS_PRIORITY, so a head is a head wherever it is called from.
 PART_PREFIXES = {
     "backbone": "backbone",
-    "input_proj": "encoder", "transformer.encoder": "encoder", "transformer.enc_mask_predictor": "encoder",
-    "transformer.backbone_class_embed": "heads", "transformer.backbone_bbox_embed": "heads",
+    "input_proj": "encoder", "transformer.encoder": "encoder",
     "transformer.decoder": "decoder", "transformer.pos_trans": "decoder", "transformer.pos_trans_norm": "decoder",
     "transformer.reference_points": "decoder", "query_embed": "decoder",
     "class_embed": "heads", "bbox_embed": "heads",
 }
-PARTS_PRIORITY = ("heads", "backbone", "encoder", "decoder")
+PARTS_PRIORITY = ("selector", "heads", "backbone", "encoder", "decoder")
 HEAD_LISTS = ("class_embed", "bbox_embed", "backbone_class_embed", "backbone_bbox_embed")
 
 
@@ -151,8 +151,10 @@ def count_parameters(model: nn.Module, ran: set[int]) -> dict[str, int]:
 def _module_parts(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
     """id -> (module, part) for every module under a PART_PREFIXES entry (all names of aliased modules)."""
     found: dict[int, tuple[nn.Module, list[str]]] = {}
+    selector = getattr(model, "selector", None)  # its modules sit under transformer.<name> (selection.py)
+    prefixes = dict(PART_PREFIXES, **{f"transformer.{n}": "selector" for n in (selector.modules if selector else ())})
     for name, module in model.named_modules(remove_duplicate=False):
-        for prefix, part in PART_PREFIXES.items():
+        for prefix, part in prefixes.items():
             if name == prefix or name.startswith(prefix + "."):
                 found.setdefault(id(module), (module, []))[1].append(part)
     rank = {p: i for i, p in enumerate(PARTS_PRIORITY)}

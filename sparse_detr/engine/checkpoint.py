@@ -20,23 +20,34 @@ Only tensors, plain containers, numbers, strings and None are stored, so `torch.
 it back and a checkpoint can never execute code on load. Writing goes to a temporary file in the same folder, is
 fsync'ed, then renamed over the old file (`os.replace` is atomic on POSIX), and the folder is fsync'ed: a crash or
 SIGKILL at any moment leaves either the previous checkpoint or the new one, never a torn file.
+
+Format history, upgraded on load (`_upgrade`): 2 — `model.backbone: swin_t` is the official detection Swin-T
+(models/swin.py); a format-1 `swin_t` checkpoint holds torchvision's swin_t, now called `swin_t_torchvision`.
+Files without a version (official releases) have their official Swin-T backbone keys renamed to ours.
 """
 from __future__ import annotations
 
+import argparse
+import copy
 import os
 import random
 import tempfile
+import warnings
 from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from sparse_detr.models.selection import SELECTORS
+from sparse_detr.models.swin import has_official_swin_keys, official_to_ours
 
 __all__ = [
     "FORMAT_VERSION", "LAYOUT_FIELDS", "LAST", "BEST", "ConfigMismatchError", "save_checkpoint", "load_checkpoint",
     "check_config_compatible", "find_last_checkpoint", "get_rng_state", "set_rng_state",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SWIN_RENAMED = "official Swin-T checkpoint: backbone keys renamed to ours"
 LAST = "checkpoint_last.pth"
 BEST = "checkpoint_best.pth"
 
@@ -143,7 +154,9 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # The official checkpoints store their argparse flags as a Namespace (plain attributes, safe to build).
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip/pickle/unpickler errors come in many types; all mean "unreadable"
         raise RuntimeError(f"cannot read checkpoint {path} (truncated, corrupt, or not loadable with "
                            f"weights_only=True): {type(e).__name__}: {e}") from e
@@ -152,6 +165,24 @@ def load_checkpoint(path: str) -> dict:
     version = state.get("format_version", 0)
     if version > FORMAT_VERSION:
         raise RuntimeError(f"{path} has checkpoint format {version}; this code reads up to {FORMAT_VERSION}")
+    return _upgrade(state, path)
+
+
+def _upgrade(state: dict, path: str) -> dict:
+    """Bring an older checkpoint to FORMAT_VERSION (see the module docstring); the file itself is not changed."""
+    version = state.get("format_version", 0)
+    prefix = "backbone.0.body."
+    if version == 0 and isinstance(state["model"], dict) and has_official_swin_keys(state["model"], prefix):
+        state = {**state, "model": official_to_ours(state["model"], prefix)}
+        warnings.warn(f"{path}: {SWIN_RENAMED} on load (tools/convert_official.py converts the file once)",
+                      stacklevel=3)
+    model_cfg = (state.get("config") or {}).get("model") or {}
+    if version == 1 and model_cfg.get("backbone") == "swin_t":
+        state = {**state, "config": copy.deepcopy(state["config"])}
+        state["config"]["model"]["backbone"] = "swin_t_torchvision"
+        warnings.warn(f"{path}: format-1 Swin-T checkpoint, trained with torchvision's swin_t: evaluate or resume it "
+                      f"with model.backbone=swin_t_torchvision (model.backbone=swin_t is now the official Swin-T)",
+                      stacklevel=3)
     return state
 
 
@@ -160,7 +191,9 @@ def _layout_view(model_cfg: dict) -> dict:
     view = {k: model_cfg.get(k) for k in LAYOUT_FIELDS}
     scorer = float(model_cfg.get("rho", 0.0)) > 0.0
     view["rho"] = "> 0 (token scorer)" if scorer else "0 (no token scorer)"  # its value is free: 0.1 -> 0.3 loads
-    view["scorer_target"] = view["scorer_target"] if scorer else None  # the scorer's head, only when there is one
+    # What the selector's parameters are (dam / foreground / salience share one scorer), only when there is one.
+    target = view["scorer_target"]
+    view["scorer_target"] = (SELECTORS[target].layout if target in SELECTORS else target) if scorer else None
     if view["two_stage"]:
         view["num_queries"] = None  # two-stage queries are top-k proposals: no query embedding, k is free
     return view

@@ -295,7 +295,7 @@ class Trainer:
     @torch.no_grad()
     def _log_images(self, model: torch.nn.Module) -> None:
         """The first `vis_num_images` val images as `visualize.py` panels (detections with the ground truth,
-        scorer saliency, kept tokens, DAM target), to TensorBoard. Main process only."""
+        scorer saliency, kept tokens, selector target), to TensorBoard. Main process only."""
         dataset = self.val_loader.dataset
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             for i in range(min(self.opts.vis_num_images, len(dataset))):

@@ -1,16 +1,18 @@
-"""What the model sees and keeps: detections, the scorer's saliency per level, the kept tokens, the DAM target.
+"""What the model sees and keeps: detections, the selector's scores per level, the kept tokens, its target map.
 
 `make_panels(model, postprocessor, image, label_map)` runs one image and returns named PIL panels:
 
     detections      predicted boxes above `score_thresh`, with class names and scores (and the ground truth in
                     white when a target is given)
-    saliency L{l}   the token scorer's sigmoid score on level l (min-max scaled per level) as a heat map
-    kept tokens     the tokens the sparse encoder updates (Sec. 3.2: top-ρ), one colour per level
-    DAM target      the binarised decoder attention map the scorer is trained towards (Sec. 3.3), same colours
+    saliency L{l}   the selector's sigmoid score on level l (min-max scaled per level) as a heat map
+    kept tokens     the tokens the sparse encoder updates (Sec. 3.2: top-ρ), one colour per level; with a
+                    per-layer budget (model.rho_layers) one panel per encoder layer whose set differs
+    <name> target   the selector's training target (selection.py): the binarised decoder attention map (dam),
+                    the foreground mask or the centre salience (these two need the ground truth `target`)
 
 The DAM needs no annotations: it comes from the decoder's cross-attention, which the model computes in eval mode
-with `return_maps=True`. Panels that a model cannot have (no scorer in a dense model; no DAM with the objectness
-scorer) are replaced by a panel that says so, so a grid always has the same layout.
+with `return_maps=True`. Panels that a model cannot have (no scorer in a dense model; no target for the objectness
+or random selection) are replaced by a panel that says so, so a grid always has the same layout.
 `render_visualization(panels)` tiles them with titles; `visualize_image` does both. The trainer logs the result to
 tensorboard; `tools/visualize.py` writes PNGs. Everything is drawn with PIL (no matplotlib).
 """
@@ -26,8 +28,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
+from sparse_detr.box_ops import box_xyxy_to_cxcywh
 from sparse_detr.data.coco import LabelMap
 from sparse_detr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from sparse_detr.models.selection import selector_name
 
 __all__ = ["prepare_image", "make_panels", "render_visualization", "visualize_image", "heatmap_colors", "list_images",
            "run_visualization"]
@@ -179,14 +183,33 @@ def make_panels(model: nn.Module, postprocessor: nn.Module, image: Union[Image.I
             heat = heatmap_colors(_upsample(norm, picture.size))
             panels[f"saliency L{lvl} ({grid.shape[0]}x{grid.shape[1]})"] = _blend(
                 picture, heat, np.full(heat.shape[:2], 0.65, np.float32))
-        kept = torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)
-        kept[out["kept_indices"][0][out["kept_valid"][0]]] = True
-        count = int(out["kept_token_counts"][0])
-        panels[f"kept tokens ({count}/{scores.shape[1]})"] = _token_panel(picture, _level_maps(kept, shapes))
-    if "mask_targets" in out:
-        panels["DAM target"] = _token_panel(picture, _level_maps(out["mask_targets"][0] > 0.5, shapes))
+        previous = None
+        for layer, (indices, valid) in enumerate(zip(out["kept_indices_per_layer"], out["kept_valid_per_layer"])):
+            count = int(valid[0].sum())
+            if count == previous:  # the same set as the layer before (no cascade): one panel for all of them
+                continue
+            previous = count
+            kept = torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)
+            kept[indices[0][valid[0]]] = True
+            title = "kept tokens" if layer == 0 else f"kept tokens, encoder layer {layer}"
+            panels[f"{title} ({count}/{scores.shape[1]})"] = _token_panel(picture, _level_maps(kept, shapes))
+    selector = getattr(net, "selector", None)
+    gt = None
+    if target is not None:  # xyxy pixels of the shown image -> normalised cxcywh, what the criterion sees
+        xyxy = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
+        scale = torch.tensor([picture.width, picture.height] * 2, dtype=torch.float32)
+        gt = [{"boxes": box_xyxy_to_cxcywh(xyxy / scale).to(device)}]
+    target_map = selector.target(out, gt) if selector is not None else None
+    if target_map is None:
+        note = ("no target map:\ndense encoder" if selector is None else
+                f"no target map for {selector_name(selector)}\n(foreground / salience\nneed ground-truth boxes)")
+        panels["selector target"] = _note_panel(picture, note)
+    elif bool(((target_map == 0) | (target_map == 1)).all()):
+        panels[f"{selector_name(selector)} target"] = _token_panel(picture, _level_maps(target_map[0] > 0.5, shapes))
     else:
-        panels["DAM target"] = _note_panel(picture, "no DAM target:\nthis model has no DAM-trained scorer")
+        heat = heatmap_colors(_upsample(_level_maps(target_map[0], shapes)[0], picture.size))
+        panels[f"{selector_name(selector)} target (L0)"] = _blend(picture, heat, np.full(heat.shape[:2], 0.65,
+                                                                                           np.float32))
     return panels
 
 

@@ -1,8 +1,4 @@
-"""Models of sparse-detr: the detector and its parts, the criterion, the postprocessor, and ``build_model``.
-
-``build_model(cfg) -> (model, criterion, postprocessor)`` is the only function here that reads a config; see
-``build.py`` for the usage and ``detector.py`` for the output dict of the model.
-"""
+"""The detector and its parts, the criterion, the postprocessor; ``build_model`` (build.py) reads the config."""
 
 from sparse_detr.models.build import BACKBONES, build_detector, build_model
 from sparse_detr.models.criterion import SetCriterion, build_weight_dict, weighted_total

@@ -3,7 +3,9 @@
 The backbone network is torchvision's, kept under torchvision's own parameter names so that
 torchvision / official checkpoints load without renaming: inside the detector the keys read
 ``backbone.0.body.conv1.weight`` ... ``backbone.0.body.layer4.2.bn3.running_var`` (265 tensors for
-ResNet-50, the official layout). ``backbone.1`` is the parameter-free sine position encoding.
+ResNet-50, the official layout). Swin-T (swin.py) is built from torchvision's Swin blocks, under their names
+plus the output norms; official Swin-T checkpoints are renamed by ``swin.official_to_ours``.
+``backbone.1`` is the parameter-free sine position encoding.
 
 Every BatchNorm is a :class:`FrozenBatchNorm2d`: detection batches are 2 images per GPU, far too few
 for batch statistics, so the ImageNet statistics are kept fixed.
@@ -19,6 +21,7 @@ import torchvision
 from torch import Tensor, nn
 
 from .position_encoding import PositionEmbeddingSine
+from .swin import STAGE_CHANNELS, SwinT, has_official_swin_keys, official_to_ours
 
 __all__ = ["FrozenBatchNorm2d", "Backbone", "Joiner", "build_backbone"]
 
@@ -83,17 +86,34 @@ class _LayerRunner(nn.Module):
         return out
 
 
-def _resnet50(drop_path_rate: float) -> tuple[_LayerRunner, list[str], list[int], list[int]]:
+def _resnet50(drop_path_rate: float, interm: bool) -> tuple[nn.Module, list[str], list[int], list[int]]:
     del drop_path_rate  # ResNet has no stochastic depth
     model = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
     keep = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-    body = _LayerRunner(model, keep, keep, ["layer2", "layer3", "layer4"], nhwc=False)
+    returns = ["layer2", "layer3", "layer4"] if interm else ["layer4"]
+    body = _LayerRunner(model, keep, keep, returns, nhwc=False)
     # Not trained (Deformable DETR): the stem and the first stage hold generic low-level filters.
     frozen = ["conv1.", "bn1.", "layer1."]
-    return body, frozen, [512, 1024, 2048], [8, 16, 32]
+    channels = [512, 1024, 2048] if interm else [2048]
+    return body, frozen, channels, [8, 16, 32] if interm else [32]
 
 
-def _swin_t(drop_path_rate: float) -> tuple[_LayerRunner, list[str], list[int], list[int]]:
+def _swin_t(drop_path_rate: float, interm: bool) -> tuple[nn.Module, list[str], list[int], list[int]]:
+    """The official detection Swin-T (swin.py): stem padding, shift in every odd block, output norms."""
+    stages = (1, 2, 3) if interm else (3,)
+    body = SwinT(drop_path_rate, out_stages=stages)
+    # Official frozen_stages = 2: the patch embedding and stage 0 with its 96→192 merging (features.0-2) are not
+    # trained, and run as in eval mode: no stochastic depth there.
+    frozen = ["features.0.", "features.1.", "features.2."]
+    for m in body.features[1].modules():
+        if isinstance(m, torchvision.ops.StochasticDepth):
+            m.p = 0.0
+    return body, frozen, [STAGE_CHANNELS[s] for s in stages], [2 ** (s + 2) for s in stages]
+
+
+def _swin_t_torchvision(drop_path_rate: float, interm: bool) -> tuple[nn.Module, list[str], list[int], list[int]]:
+    """torchvision's swin_t as it is (checkpoint format 1's ``swin_t``): no stem padding, no shift on maps that
+    fit in one window, no output norms."""
     model = torchvision.models.swin_t(weights=None)
     # swin_t() hard-codes its drop-path maximum (0.2, rising linearly over the blocks) and rejects
     # the keyword; rescale every block's rate so the ladder's maximum is drop_path_rate instead.
@@ -104,17 +124,25 @@ def _swin_t(drop_path_rate: float) -> tuple[_LayerRunner, list[str], list[int], 
     # torchvision's features: 0 patch embedding, 1 stage 1, 2 merge, 3 stage 2, 4 merge, 5 stage 3,
     # 6 merge, 7 stage 4. Stages 2..4 give 192/384/768 channels at strides 8/16/32.
     steps = [f"features.{i}" for i in range(len(model.features))]
-    body = _LayerRunner(model, ["features"], steps, ["features.3", "features.5", "features.7"], nhwc=True)
-    # Patch embedding and stage-1 blocks frozen (method notes, Sec. 1). The 96→192 patch merging
-    # (features.2) feeds C3 directly, so it is trained with stage 2.
+    returns = ["features.3", "features.5", "features.7"] if interm else ["features.7"]
+    body = _LayerRunner(model, ["features"], steps, returns, nhwc=True)
+    # Patch embedding and stage-1 blocks frozen; the 96→192 patch merging (features.2) is trained.
     frozen = ["features.0.", "features.1."]
-    return body, frozen, [192, 384, 768], [8, 16, 32]
+    return body, frozen, [192, 384, 768] if interm else [768], [8, 16, 32] if interm else [32]
 
 
-# name → (constructor, top-level keys of the torchvision checkpoint that are not part of the body)
+def _swin_pretrained(state: dict) -> dict:
+    """ImageNet Swin-T weights in torchvision's layout or the official Swin repository's (``layers.*``)."""
+    state = official_to_ours(state) if has_official_swin_keys(state) else state
+    return {k: v for k, v in state.items() if not k.startswith(("norm.", "head."))}  # the classifier
+
+
+# name → (constructor, ImageNet state dict → body state dict, body keys an ImageNet checkpoint does not have)
 _NETWORKS = {
-    "resnet50": (_resnet50, ("fc.",)),
-    "swin_t": (_swin_t, ("norm.", "head.")),
+    "resnet50": (_resnet50, lambda s: {k: v for k, v in s.items() if not k.startswith("fc.")}, ()),
+    # The detection output norms are new: the official training starts them at (1, 0) too.
+    "swin_t": (_swin_t, _swin_pretrained, ("norm1.", "norm2.", "norm3.")),
+    "swin_t_torchvision": (_swin_t_torchvision, _swin_pretrained, ()),
 }
 
 
@@ -122,11 +150,14 @@ class Backbone(nn.Module):
     """A torchvision network that returns padded feature maps with their padding masks.
 
     Args:
-        name: ``"resnet50"`` or ``"swin_t"``.
-        train_backbone: train the non-frozen stages (ResNet layer2-4, Swin stages 2-4 + merges).
+        name: ``"resnet50"``, ``"swin_t"`` (the official detection Swin-T, swin.py) or ``"swin_t_torchvision"``
+            (torchvision's swin_t unchanged, what ``swin_t`` was in checkpoint format 1).
+        train_backbone: train the non-frozen stages (ResNet layer2-4, Swin stages 1-3 and their merges).
         return_interm_layers: return the three strides 8/16/32 (C3, C4, C5); else only C5.
-        pretrained: path of a local torchvision-layout state dict of the network (or a dict holding it
-            under ``model``/``state_dict``); classifier keys are dropped, the rest must match exactly.
+        pretrained: path of a local ImageNet state dict of the network (or a dict holding it under
+            ``model``/``state_dict``): torchvision's layout, or for Swin-T also the official Swin repository's
+            (``layers.*``). The classifier is dropped; the rest must match exactly (Swin-T's detection output
+            norms, which no classifier has, keep their initial values).
         drop_path_rate: Swin stochastic depth (ignored by ResNet).
 
     Attributes:
@@ -145,12 +176,9 @@ class Backbone(nn.Module):
         super().__init__()
         if name not in _NETWORKS:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_NETWORKS)}")
-        build, self._dropped_prefixes = _NETWORKS[name]
+        build, self._adapt_pretrained, self._new_keys = _NETWORKS[name]
         self.name = name
-        self.body, frozen, channels, strides = build(drop_path_rate)
-        if not return_interm_layers:
-            self.body.returns = self.body.returns[-1:]
-            channels, strides = channels[-1:], strides[-1:]
+        self.body, frozen, channels, strides = build(drop_path_rate, return_interm_layers)
         self.num_channels: list[int] = channels
         self.strides: list[int] = strides
         if pretrained is not None:
@@ -160,7 +188,7 @@ class Backbone(nn.Module):
                 p.requires_grad_(False)
 
     def load_pretrained(self, path: str | os.PathLike) -> None:
-        """Load a torchvision-layout checkpoint of the network into ``body`` (strict)."""
+        """Load an ImageNet checkpoint of the network into ``body`` (strict but for the detection-only keys)."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"backbone weights not found: {path}")
@@ -171,10 +199,12 @@ class Backbone(nn.Module):
                 break
         if not isinstance(state, dict):
             raise TypeError(f"{path} holds a {type(state).__name__}, not a state dict")
-        state = {k: v for k, v in state.items() if not k.startswith(self._dropped_prefixes)}
+        state = self._adapt_pretrained(state)
+        own = self.body.state_dict()
+        state.update({k: own[k] for k in own if k.startswith(self._new_keys) and k not in state})
         try:
             self.body.load_state_dict(state, strict=True)
-        except RuntimeError as err:  # names the missing/unexpected keys; add which file it was
+        except RuntimeError as err:  # names the missing/unexpected/mis-shaped keys; add which file it was
             raise RuntimeError(f"backbone weights in {path} do not fit {self.name}: {err}") from err
 
     def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:

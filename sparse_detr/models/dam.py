@@ -1,16 +1,8 @@
-"""The decoder cross-attention map (DAM) and the scorer's binarised target (Sparse DETR Sec. 3.2; method §6).
+"""Decoder cross-attention map (DAM), the target of the Sparse DETR token scorer (Sec. 3.2).
 
-Every decoder layer, head, query, level and point samples the encoder memory at a fractional location with some
-attention weight. Spreading each weight bilinearly onto the 4 integer neighbours of the location and summing over
-everything gives one number per encoder token: how much the decoder looks at it. The scoring network is trained to
-predict the top-k_b tokens of this map per image; the map itself carries no gradient.
-
-Alignment (method §10): the official code splats at (x·W_l, y·H_l) while the sampler reads at
-(x·W_l − 0.5, y·H_l − 0.5) — a half-pixel shift. ``alignment="official"`` reproduces the official target (the
-default, so official checkpoints see the same target); ``"aligned"`` splats where the sampler actually reads.
-Corners outside the level map are dropped (not clamped).
-
-All functions are batched: one ``scatter_add_`` over every layer, head, query, level, point and corner.
+Every sampling weight is splatted bilinearly onto the 4 integer neighbours of its location and summed per token,
+in one ``scatter_add_``; corners outside the level are dropped. ``alignment="official"`` splats at (x·W, y·H), half
+a pixel off where the sampler reads (x·W − 0.5, y·H − 0.5, ``"aligned"``), as the official code does.
 """
 
 from __future__ import annotations
@@ -18,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["decoder_attention_map", "dam_targets", "dam_coverage", "token_levels"]
+__all__ = ["decoder_attention_map", "dam_coverage", "token_levels"]
 
 _ALIGNMENTS = ("official", "aligned")
 
@@ -26,23 +18,14 @@ _ALIGNMENTS = ("official", "aligned")
 @torch.no_grad()
 def decoder_attention_map(sampling_locations: Tensor, attention_weights: Tensor, spatial_shapes: Tensor,
                           level_start_index: Tensor, num_tokens: int, alignment: str = "official") -> Tensor:
-    """Accumulate the decoder's cross-attention onto the encoder tokens.
-
-    Args:
-        sampling_locations: (B, Ld, Q, H, L, P, 2) normalised (x, y) in the padded [0, 1] frame of each level.
-        attention_weights: (B, Ld, Q, H, L, P).
-        spatial_shapes: (L, 2) int64 (h_l, w_l); level_start_index: (L,) int64.
-        num_tokens: S.
-        alignment: "official" (x·W) or "aligned" (x·W − 0.5).
-    Returns:
-        (B, S) float32 map, summed over layers, heads, queries and points.
-    """
+    """sampling_locations (B, Ld, Q, H, L, P, 2) (x, y) in each level's padded [0, 1] frame; attention_weights
+    (B, Ld, Q, H, L, P); spatial_shapes (L, 2) (h, w). Returns the (B, S) float32 map, no gradient."""
     if alignment not in _ALIGNMENTS:
         raise ValueError(f"alignment must be one of {_ALIGNMENTS}, got {alignment!r}")
     batch = sampling_locations.shape[0]
     loc = sampling_locations.float()
     weights = attention_weights.float()
-    # Level tables broadcast over the L axis of (B, Ld, Q, H, L, P).
+    # Broadcast over the L axis of (B, Ld, Q, H, L, P).
     height = spatial_shapes[:, 0].view(1, 1, 1, 1, -1, 1)
     width = spatial_shapes[:, 1].view(1, 1, 1, 1, -1, 1)
     start = level_start_index.view(1, 1, 1, 1, -1, 1)
@@ -71,21 +54,6 @@ def decoder_attention_map(sampling_locations: Tensor, attention_weights: Tensor,
     return dam.scatter_add_(1, index.reshape(batch, -1), value.reshape(batch, -1))
 
 
-@torch.no_grad()
-def dam_targets(dam: Tensor, padding_mask: Tensor, counts: Tensor, k: int) -> Tensor:
-    """Binarise the DAM: the top-k_b tokens of image b → 1, the rest → 0 (method §6).
-
-    Args:
-        dam: (B, S); padding_mask: (B, S) bool (padding ranks below every real token).
-        counts: (B,) int64 k_b; k: host int ≥ max k_b.
-    Returns:
-        (B, S) float targets.
-    """
-    ranked = dam.masked_fill(padding_mask, float("-inf")).topk(k, dim=1).indices  # (B, k)
-    keep = (torch.arange(k, device=dam.device)[None, :] < counts[:, None]).to(dam.dtype)
-    return torch.zeros_like(dam).scatter_(1, ranked, keep)
-
-
 def token_levels(spatial_shapes: Tensor, num_tokens: int) -> Tensor:
     """(S,) int64 level id of every flattened token."""
     sizes = spatial_shapes.prod(1)
@@ -96,15 +64,8 @@ def token_levels(spatial_shapes: Tensor, num_tokens: int) -> Tensor:
 @torch.no_grad()
 def dam_coverage(dam: Tensor, padding_mask: Tensor, kept_indices: Tensor, kept_valid: Tensor,
                  spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
-    """Fraction of the DAM mass on the tokens the encoder kept (a logged training curve, not a loss).
-
-    Mass that lands on padding is left out of the total (the official statistic counts it).
-
-    Args:
-        dam: (B, S); padding_mask: (B, S); kept_indices, kept_valid: (B, k); spatial_shapes: (L, 2).
-    Returns:
-        coverage (B,) over all levels and coverage per level (B, L) (1 where a level has no DAM mass).
-    """
+    """Fraction of the DAM mass (padding left out) on the kept tokens, a logged curve. dam, padding_mask (B, S);
+    kept_indices, kept_valid (B, k). Returns coverage (B,) and per level (B, L) (1 where a level has no mass)."""
     dam = dam.masked_fill(padding_mask, 0.0)
     kept = torch.zeros_like(dam).scatter_(1, kept_indices, kept_valid.to(dam.dtype))  # (B, S) 0/1
     levels = token_levels(spatial_shapes, dam.shape[1])

@@ -1,19 +1,8 @@
-"""The deformable DETR decoder with iterative box refinement (method notes §5; Deformable DETR Sec. 4.1, App. A.4).
+"""Deformable DETR decoder with iterative box refinement (Deformable DETR Sec. 4.1, App. A.4).
 
-Every layer is post-norm: self-attention among the queries (``nn.MultiheadAttention``) → add & ``norm2``,
-deformable cross-attention into the encoder memory around the query's reference point/box → add & ``norm1``,
-FFN → add & ``norm3`` (the official module names, so official checkpoints load).
-
-The decoder is given the box heads at call time (they belong to the detector, which also registers them under
-``transformer.decoder.*`` only for the official checkpoint layout). Layer l predicts
-``box_l = sigmoid(head_l(h_l) + inverse_sigmoid(ref_l))`` (for a 2-d reference point the head's full
-(cx, cy, w, h) output is used and only its centre gets the reference added, so the box size is the head's own).
-With refinement, ``ref_{l+1} = box_l.detach()`` (gradient does not flow across layers through the boxes); without
-it every layer keeps the initial reference. Plain queries + refinement (the "Deformable DETR + iterative bounding
-box refinement" recipe) therefore attend around 2-d points in layer 0 and around boxes from layer 1 on. The returned
-boxes keep their gradient, so the detector does not evaluate the box heads a second time.
-
-For the DAM (method §6) the decoder can return every layer's cross-attention sampling locations and weights.
+Post-norm layers: self-attention → norm2, deformable cross-attention → norm1, FFN → norm3 (official names).
+The box heads belong to the detector and are passed in; with refinement, layer l+1 attends around layer l's
+detached boxes. For the DAM (Sparse DETR Sec. 3.2) it can return every layer's sampling locations and weights.
 """
 
 from __future__ import annotations
@@ -31,13 +20,9 @@ __all__ = ["DecoderLayer", "Decoder", "DecoderOutput", "refine_boxes"]
 
 
 def refine_boxes(delta: Tensor, reference: Tensor) -> Tensor:
-    """Apply a box head's output to a reference (Deformable DETR App. A.4).
+    """sigmoid(delta + inverse_sigmoid(reference)) (Deformable DETR App. A.4); a 2-d point offsets only the centre.
 
-    Args:
-        delta: (B, Q, 4) raw box-head output.
-        reference: (B, Q, 4) boxes or (B, Q, 2) points, in [0, 1].
-    Returns:
-        (B, Q, 4) cxcywh boxes in [0, 1].
+    delta (B, Q, 4) raw head output; reference (B, Q, 4) boxes or (B, Q, 2) points in [0, 1] → (B, Q, 4) cxcywh.
     """
     ref = inverse_sigmoid(reference)
     if reference.shape[-1] == 2:
@@ -66,14 +51,9 @@ class DecoderLayer(nn.Module):
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
                 spatial_shapes: Tensor, level_start_index: Tensor, padding_mask: Tensor,
                 return_sampling: bool = False) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
-        """Args:
-            tgt, query_pos: (B, Q, d) content and position queries.
-            reference_points: (B, Q, L, 4) boxes or (B, Q, L, 2) points, per level, in the padded [0, 1] frame.
-            memory: (B, S, d); spatial_shapes (L, 2); level_start_index (L,); padding_mask (B, S) bool.
-        Returns:
-            tgt (B, Q, d), and with ``return_sampling`` the cross-attention (sampling_locations (B, Q, H, L, P, 2),
-            attention_weights (B, Q, H, L, P)), else None.
-        """
+        """tgt, query_pos (B, Q, d); reference_points (B, Q, L, 4|2) in each level's padded [0, 1] frame; memory
+        (B, S, d). Returns tgt (B, Q, d) and, with ``return_sampling``, (locations (B, Q, H, L, P, 2), weights
+        (B, Q, H, L, P)), else None."""
         q = k = tgt + query_pos
         tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, need_weights=False)[0]))
 
@@ -91,14 +71,9 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class DecoderOutput:
-    """What ``Decoder.forward`` returns.
-
-    hidden: (Ld, B, Q, d) every layer's output.
-    boxes: (Ld, B, Q, 4) every layer's predicted boxes, cxcywh in [0, 1], with gradient.
-    references: Ld tensors (B, Q, 4|2), the reference each layer attended around (its input). A tuple, not a
-        stacked tensor: with plain queries and refinement, layer 0 has 2-d points and the later layers boxes.
-    sampling_locations: (B, Ld, Q, H, L, P, 2) or None; attention_weights: (B, Ld, Q, H, L, P) or None.
-    """
+    """hidden (Ld, B, Q, d); boxes (Ld, B, Q, 4) cxcywh with gradient; references: each layer's input reference
+    (a tuple: layer 0 may have 2-d points, later layers boxes); sampling_locations (B, Ld, Q, H, L, P, 2) and
+    attention_weights (B, Ld, Q, H, L, P) or None."""
 
     hidden: Tensor
     boxes: Tensor
@@ -108,13 +83,7 @@ class DecoderOutput:
 
 
 class Decoder(nn.Module):
-    """``num_layers`` decoder layers with optional iterative box refinement.
-
-    Args:
-        num_layers: Ld.
-        refine: iterative box refinement (``with_box_refine``): each layer's boxes become the next reference.
-        **layer_kwargs: ``DecoderLayer`` arguments.
-    """
+    """``num_layers`` decoder layers; ``refine``: each layer's boxes become the next layer's reference."""
 
     def __init__(self, num_layers: int, refine: bool = False, **layer_kwargs) -> None:
         super().__init__()
@@ -124,14 +93,8 @@ class Decoder(nn.Module):
     def forward(self, tgt: Tensor, query_pos: Tensor, reference: Tensor, memory: Tensor, spatial_shapes: Tensor,
                 level_start_index: Tensor, valid_ratios: Tensor, padding_mask: Tensor,
                 box_heads: Sequence[nn.Module], return_sampling: bool = False) -> DecoderOutput:
-        """Args:
-            tgt, query_pos: (B, Q, d).
-            reference: (B, Q, 4) initial boxes (two-stage) or (B, Q, 2) points (plain), normalised to the image.
-            memory: (B, S, d) encoder output; spatial_shapes (L, 2); level_start_index (L,).
-            valid_ratios: (B, L, 2) unpadded fraction (w, h) of every level; padding_mask (B, S).
-            box_heads: one box head per layer (Ld modules, possibly the same one repeated).
-            return_sampling: also return the cross-attention sampling (for the DAM).
-        """
+        """tgt, query_pos (B, Q, d); reference (B, Q, 4) boxes or (B, Q, 2) points in the unpadded [0, 1] frame;
+        memory (B, S, d); valid_ratios (B, L, 2) (w, h); padding_mask (B, S); box_heads: one per layer."""
         if len(box_heads) < len(self.layers):
             raise ValueError(f"decoder has {len(self.layers)} layers but got {len(box_heads)} box heads")
         # A box scales with the valid ratio on both its centre and its size: (w, h, w, h).

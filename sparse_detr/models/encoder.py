@@ -1,29 +1,8 @@
-"""The Sparse DETR encoder: grid proposals, the token scoring network, top-ρ selection and the sparse encoder.
-
-Method notes (``sparse_detr_method.md``), sections 2-4:
-
-* ``grid_proposals`` / ``proposal_features``: one fixed box per token (§2), and the ``enc_output`` +
-  ``enc_output_norm`` projection of tokens whose box is valid. The same two modules feed the scorer before the
-  encoder and the two-stage head after it (§5), as in the official code.
-* ``TokenScorer`` (official name ``enc_mask_predictor``): LayerNorm → Linear → GELU, half the channels averaged
-  over the image, then an MLP to one logit per token (§2).
-* ``max_kept_tokens`` / ``select_tokens``: k_b = floor(ρ · valid_b) + 1 tokens per image, batched ``topk`` (§3).
-* ``SparseEncoder``: post-norm deformable encoder layers whose queries are only the kept tokens while keys/values
-  are the full token map; updated tokens are scattered back in one batched op (§4). ρ = 0 is the dense
-  Deformable DETR encoder. Optional auxiliary heads score the kept tokens after every layer but the last.
-
-Host syncs. ``topk`` needs k as a Python int. k is computed on the host *before* the forward from what the host
-already knows (``max_kept_tokens``): the level shapes and, when given, the unpadded image sizes. The per-level valid
-size of a padded image is what ``F.interpolate(mode="nearest")`` makes of the image mask: ceil(h_img · h_l / H)
-rows up to float rounding, so ``ceil(...) + 1`` (clipped to the level) bounds it from above. Without image sizes the
-bound is the padded token count S. k is therefore ≥ max_b k_b (never a token too few) and usually equals it;
-the exact k_b are computed on the device and only the first k_b of each image's k selected tokens count
-(``valid``). Nothing in this file calls ``.item()``/``.tolist()``.
-"""
+"""The (sparse) deformable encoder (Sparse DETR Sec. 3.3) and the token geometry it needs: grid proposals,
+the scorer / two-stage input features, reference points, gather / scatter of the kept tokens."""
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -32,34 +11,22 @@ from torch import Tensor, nn
 from sparse_detr.models.ms_deform_attn import MSDeformAttn
 
 __all__ = [
-    "grid_proposals", "proposal_features", "dense_reference_points", "TokenScorer", "max_kept_tokens",
-    "kept_token_counts", "select_tokens", "gather_tokens", "EncoderLayer", "SparseEncoder",
+    "grid_proposals", "proposal_features", "dense_reference_points", "gather_tokens", "scatter_tokens",
+    "EncoderLayer", "SparseEncoder",
 ]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# §2 grid proposals and the features the scorer and the two-stage head see
-
 def grid_proposals(padding_mask: Tensor, shapes: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor]:
-    """One fixed box per token, as inverse-sigmoid logits (method §2; Deformable DETR App. A.4).
-
-    Token (x, y) of level l gets centre ((x + 0.5) / valid_W_l, (y + 0.5) / valid_H_l), relative to the image's
-    unpadded part of that level, and width = height = 0.05 · 2^l.
-
-    Args:
-        padding_mask: (B, S) bool, True = padding.
-        shapes: the L level shapes (h_l, w_l) as Python ints, S = Σ h_l · w_l.
-    Returns:
-        proposals (B, S, 4) cxcywh logits, +inf where invalid (sigmoid(inf) = 1, so boxes stay finite);
-        valid (B, S) bool: not padding and every coordinate inside (0.01, 0.99).
-    """
+    """One box per token as logits (Deformable DETR App. A.4): the token centre in the level's unpadded part, size
+    0.05 · 2^l. padding_mask (B, S); shapes: L host (h, w). Returns proposals (B, S, 4), +inf where invalid
+    (sigmoid stays finite), and valid (B, S): not padding and every coordinate in (0.01, 0.99)."""
     batch = padding_mask.shape[0]
     device = padding_mask.device
     boxes, start = [], 0
     for lvl, (h, w) in enumerate(shapes):  # a loop over levels only: their grids differ in shape
         level_mask = padding_mask[:, start:start + h * w].view(batch, h, w)
-        valid_h = (~level_mask[:, :, 0]).sum(1).float().clamp(min=1)  # (B,) unpadded rows of this level
-        valid_w = (~level_mask[:, 0, :]).sum(1).float().clamp(min=1)  # (B,) unpadded columns
+        valid_h = (~level_mask[:, :, 0]).sum(1).float().clamp(min=1)  # (B,) unpadded rows
+        valid_w = (~level_mask[:, 0, :]).sum(1).float().clamp(min=1)
         ys = torch.arange(h, device=device, dtype=torch.float32) + 0.5
         xs = torch.arange(w, device=device, dtype=torch.float32) + 0.5
         cx = (xs[None, None, :] / valid_w[:, None, None]).expand(batch, h, w)
@@ -74,29 +41,13 @@ def grid_proposals(padding_mask: Tensor, shapes: Sequence[tuple[int, int]]) -> t
 
 
 def proposal_features(tokens: Tensor, valid: Tensor, proj: nn.Linear, norm: nn.LayerNorm) -> Tensor:
-    """``norm(proj(tokens))`` with padded / invalid-proposal tokens zeroed first (method §2 and §5).
-
-    Args:
-        tokens: (B, S, d) token features (backbone tokens + position before the encoder; memory after it).
-        valid: (B, S) bool from ``grid_proposals``.
-    Returns:
-        (B, S, d).
-    """
+    """``norm(proj(tokens))`` (B, S, d) with tokens not ``valid`` (B, S) zeroed first, as the official code."""
     return norm(proj(tokens.masked_fill(~valid[..., None], 0.0)))
 
 
 def dense_reference_points(shapes: Sequence[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
-    """Every token's reference point on every level (Deformable DETR encoder).
-
-    The token centre is normalised by its level's *valid* size, then scaled by each level's valid ratio, so the
-    point is expressed in each level's padded [0, 1] frame.
-
-    Args:
-        shapes: the L level shapes (h_l, w_l).
-        valid_ratios: (B, L, 2) unpadded fraction (w, h) of every level.
-    Returns:
-        (B, S, L, 2) normalised (x, y).
-    """
+    """(B, S, L, 2) (x, y): every token's centre, relative to its level's valid size, in each level's padded [0, 1]
+    frame. valid_ratios (B, L, 2) is the unpadded fraction (w, h) of every level."""
     device = valid_ratios.device
     points = []
     for lvl, (h, w) in enumerate(shapes):
@@ -109,90 +60,6 @@ def dense_reference_points(shapes: Sequence[tuple[int, int]], valid_ratios: Tens
     return points[:, :, None] * valid_ratios[:, None]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# §2 the token scoring network
-
-class TokenScorer(nn.Module):
-    """Saliency logit of every token (Sparse DETR Sec. 3.2; official ``enc_mask_predictor``).
-
-    ``layer1`` = LayerNorm, Linear d→d, GELU. The second half of its channels is averaged over the image's tokens
-    and broadcast back (a global context vector), concatenated with the first half, and ``layer2`` = Linear d→d/2,
-    GELU, Linear d/2→d/4, GELU, Linear d/4→1.
-    """
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.layer1 = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
-        self.layer2 = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
-                                    nn.Linear(dim // 4, 1))
-
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
-        """Args: x (B, S, d); padding_mask (B, S) bool, True = left out of the global mean (None = official:
-        every token, padding included, counts). Returns: (B, S) logits."""
-        z = self.layer1(x)
-        local, ctx = z.chunk(2, dim=-1)
-        if padding_mask is None:
-            ctx = ctx.mean(dim=1, keepdim=True)
-        else:
-            keep = (~padding_mask)[..., None].to(ctx.dtype)
-            ctx = (ctx * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)
-        z = torch.cat((local, ctx.expand_as(local)), dim=-1)
-        return self.layer2(z).squeeze(-1)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# §3 top-ρ selection
-
-def max_kept_tokens(rho: float, shapes: Sequence[tuple[int, int]], canvas_hw: tuple[int, int],
-                    image_hw: Optional[Sequence[tuple[int, int]]] = None) -> int:
-    """Host-side k ≥ max_b (floor(ρ · valid_b) + 1), from host information only (no device sync).
-
-    Args:
-        rho: keep ratio in (0, 1].
-        shapes: level shapes (h_l, w_l).
-        canvas_hw: padded image size (H, W).
-        image_hw: unpadded size of every image, if known; otherwise every image may fill the canvas.
-    Returns:
-        k in [1, S].
-    """
-    total = sum(h * w for h, w in shapes)
-    if image_hw is None:
-        bounds = [total]
-    else:
-        H, W = canvas_hw
-        bounds = []
-        for ih, iw in image_hw:  # host arithmetic on ints, before the forward
-            # Nearest-neighbour mask resizing keeps ceil(ih·h/H) rows, ±1 from float rounding of the scale.
-            bounds.append(sum(min(h, -(-ih * h // H) + 1) * min(w, -(-iw * w // W) + 1) for h, w in shapes))
-    return min(total, max(math.floor(u * rho) + 1 for u in bounds))
-
-
-def kept_token_counts(padding_mask: Tensor, rho: float, k: int) -> Tensor:
-    """k_b = floor(ρ · valid_b) + 1 per image (method §3), capped at valid_b (so padding is never kept; the
-    official code keeps one padded token when ρ = 1) and at k. Computed in float64 so it matches the host bound
-    of ``max_kept_tokens`` exactly. Returns (B,) int64."""
-    valid = (~padding_mask).sum(1)
-    counts = torch.floor(valid.to(torch.float64) * rho).long() + 1
-    return torch.minimum(torch.minimum(counts, valid), torch.full_like(counts, k))
-
-
-def select_tokens(scores: Tensor, padding_mask: Tensor, counts: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The top-k tokens of every image by score (method §3); not differentiable (indices only).
-
-    Args:
-        scores: (B, S) selection scores (scorer logits, or objectness for the OS variant).
-        padding_mask: (B, S) bool; padding is scored below every real token.
-        counts: (B,) k_b from ``kept_token_counts``.
-        k: host int ≥ max k_b (``max_kept_tokens``).
-    Returns:
-        indices (B, k) int64 sorted by decreasing score; valid (B, k) bool, True for the first k_b of image b.
-    """
-    masked = scores.detach().masked_fill(padding_mask, float("-inf"))
-    indices = masked.topk(k, dim=1, sorted=True).indices
-    valid = torch.arange(k, device=scores.device)[None, :] < counts[:, None]
-    return indices, valid
-
-
 def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
     """x (B, S, *rest) at indices (B, k) → (B, k, *rest)."""
     rest = x.shape[2:]
@@ -202,20 +69,12 @@ def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
 
 
 def scatter_tokens(full: Tensor, indices: Tensor, kept: Tensor, valid: Tensor) -> Tensor:
-    """Write the valid kept tokens back into the full map (method §4), batched, out of place.
-
-    Slots beyond k_b write back the value already there, so they change nothing. ``topk`` indices are unique per
-    image, hence the scatter has no write conflicts and is deterministic.
-
-    Args: full (B, S, d); indices (B, k); kept (B, k, d); valid (B, k). Returns: (B, S, d).
-    """
+    """full (B, S, d) with the ``valid`` (B, k) rows of kept (B, k, d) written at indices (B, k), out of place.
+    Invalid slots rewrite the old value; ``topk`` indices are unique, so the scatter is deterministic."""
     index = indices[..., None].expand_as(kept)
     src = torch.where(valid[..., None], kept, full.gather(1, index))
     return full.scatter(1, index, src)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# §4 the encoder
 
 class EncoderLayer(nn.Module):
     """Post-norm deformable encoder layer: self-attention → add & norm1 → FFN → add & norm2."""
@@ -234,8 +93,7 @@ class EncoderLayer(nn.Module):
 
     def forward(self, query: Tensor, query_pos: Tensor, reference_points: Tensor, value: Tensor,
                 spatial_shapes: Tensor, level_start_index: Tensor, padding_mask: Tensor) -> Tensor:
-        """Args: query, query_pos (B, k, d); reference_points (B, k, L, 2); value (B, S, d) the full token map;
-        spatial_shapes (L, 2); level_start_index (L,); padding_mask (B, S). Returns: updated query (B, k, d)."""
+        """query, query_pos (B, k, d); reference_points (B, k, L, 2); value (B, S, d) → query (B, k, d)."""
         attn = self.self_attn(query + query_pos, reference_points, value, spatial_shapes, level_start_index,
                               padding_mask)
         query = self.norm1(query + self.dropout1(attn))
@@ -244,12 +102,8 @@ class EncoderLayer(nn.Module):
 
 
 class SparseEncoder(nn.Module):
-    """A stack of ``EncoderLayer`` that updates either every token (dense) or only the kept ones (sparse, §4).
-
-    Sparse: the kept tokens, their position and reference points are gathered once; every layer attends from the
-    current kept tokens to the whole current map, the first k_b results are written back, and the updated kept
-    tokens (not a re-gather) are the next layer's queries. Tokens that are not kept keep their backbone values.
-    """
+    """Encoder layers that update every token (dense) or only the kept ones (Sparse DETR Sec. 3.3): gathered once,
+    each layer's valid outputs scattered back and fed on (not re-gathered) to the next layer."""
 
     def __init__(self, num_layers: int, **layer_kwargs) -> None:
         super().__init__()
@@ -257,24 +111,21 @@ class SparseEncoder(nn.Module):
 
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
                 level_start_index: Tensor, padding_mask: Tensor, kept_indices: Optional[Tensor] = None,
-                kept_valid: Optional[Tensor] = None, proposals: Optional[Tensor] = None,
+                layer_valid: Optional[Sequence[Tensor]] = None, proposals: Optional[Tensor] = None,
                 aux_heads: Optional[tuple[Sequence[nn.Module], Sequence[nn.Module]]] = None,
                 ) -> tuple[Tensor, list[dict[str, Tensor]]]:
-        """Run the encoder.
-
-        Args:
-            src, pos: (B, S, d) backbone tokens and position + level embedding.
-            reference_points: (B, S, L, 2) from ``dense_reference_points``.
-            spatial_shapes (L, 2), level_start_index (L,), padding_mask (B, S) bool.
-            kept_indices, kept_valid: (B, k) from ``select_tokens``; None = dense encoder.
-            proposals: (B, S, 4) grid-proposal logits, needed by ``aux_heads``.
-            aux_heads: (class heads, box heads), one pair per layer but the last (Sparse DETR Sec. 3.3).
+        """Args:
+            src, pos: (B, S, d) tokens and position + level embedding; reference_points (B, S, L, 2).
+            kept_indices: (B, k) sorted by decreasing score; None = dense.
+            layer_valid: one (B, k_i) per layer, k_i non-increasing: layer i updates its first k_i kept tokens.
+            proposals: (B, S, 4) grid-proposal logits; aux_heads: (class heads, box heads), one per layer but the last.
         Returns:
-            memory (B, S, d); aux outputs, one dict per layer but the last: ``pred_logits`` (B, k, K),
-            ``pred_boxes`` (B, k, 4) = sigmoid(proposal + offset), ``valid`` (B, k) (empty list without heads).
+            memory (B, S, d); per layer but the last {pred_logits (B, k_i, K), pred_boxes (B, k_i, 4), valid (B, k_i)}.
         """
         sparse = kept_indices is not None
         if sparse:
+            if layer_valid is None or len(layer_valid) != len(self.layers):
+                raise ValueError("the sparse encoder needs one layer_valid mask per layer")
             query, query_pos = gather_tokens(src, kept_indices), gather_tokens(pos, kept_indices)
             reference_points = gather_tokens(reference_points, kept_indices)
         else:
@@ -285,16 +136,20 @@ class SparseEncoder(nn.Module):
                 raise ValueError("encoder aux heads need the sparse encoder (kept tokens) and grid proposals")
             kept_proposals = gather_tokens(proposals, kept_indices)
 
-        memory, aux_outputs = src, []
+        memory, aux_outputs, indices = src, [], kept_indices
         for i, layer in enumerate(self.layers):
+            if sparse:  # layer i's set is a prefix of layer i-1's
+                k_i = layer_valid[i].shape[1]
+                query, query_pos, reference_points = query[:, :k_i], query_pos[:, :k_i], reference_points[:, :k_i]
+                indices = indices[:, :k_i]
             query = layer(query, query_pos, reference_points, memory, spatial_shapes, level_start_index,
                           padding_mask)
-            memory = scatter_tokens(memory, kept_indices, query, kept_valid) if sparse else query
+            memory = scatter_tokens(memory, indices, query, layer_valid[i]) if sparse else query
             if aux_heads is not None and i < len(self.layers) - 1:
                 class_head, box_head = aux_heads[0][i], aux_heads[1][i]
                 aux_outputs.append({
                     "pred_logits": class_head(query),
-                    "pred_boxes": (box_head(query) + kept_proposals).sigmoid(),
-                    "valid": kept_valid,
+                    "pred_boxes": (box_head(query) + kept_proposals[:, :query.shape[1]]).sigmoid(),
+                    "valid": layer_valid[i],
                 })
         return memory, aux_outputs

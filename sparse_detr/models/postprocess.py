@@ -1,13 +1,5 @@
-"""Turn raw model outputs into detections in original-image pixels (what evaluation and export consume).
-
-Sparse DETR / Deformable DETR inference (method notes, Sec. 7): sigmoid over all Q x K (query, class) scores, keep the
-top ``num_select`` pairs over the flattened Q*K scores of each image, no NMS. A query may therefore appear several
-times with different classes; the one-to-one training makes duplicates of the same class rare, which is why DETR-style
-detectors need no NMS (DETR Sec. 3.1).
-
-The module is stateless and loop-free over images (only the final list of dicts is built per image), so it can be
-exported together with the model as one graph.
-"""
+"""Raw outputs → detections in original-image pixels: sigmoid, top ``num_select`` over the Q·K (query, class)
+scores of each image, no NMS (DETR Sec. 3.1: one-to-one matching makes duplicates rare). Stateless, exportable."""
 
 from __future__ import annotations
 
@@ -18,11 +10,7 @@ from sparse_detr.box_ops import box_cxcywh_to_xyxy, scale_boxes
 
 
 class PostProcess(nn.Module):
-    """Top-k (query, class) selection and box rescaling.
-
-    Args:
-        num_select: detections kept per image (COCO evaluation uses 100). If Q*K is smaller, all pairs are kept.
-    """
+    """Top-k (query, class) selection and box rescaling; ``num_select`` detections per image (COCO: 100)."""
 
     def __init__(self, num_select: int = 100):
         super().__init__()
@@ -32,15 +20,9 @@ class PostProcess(nn.Module):
 
     @torch.no_grad()
     def select(self, pred_logits: Tensor, pred_boxes: Tensor, target_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Batched selection, tensors only (the path an exported graph uses: no Python lists or dicts).
-
-        Args:
-            pred_logits: (B, Q, K) raw logits; pred_boxes: (B, Q, 4) cxcywh in [0, 1].
-            target_sizes: (B, 2) original image sizes as (h, w) (the targets' ``orig_size``).
-        Returns:
-            scores (B, n) sorted in decreasing order, labels (B, n) int64 in [0, K), boxes (B, n, 4) xyxy in
-            original-image pixels, with n = min(num_select, Q*K).
-        """
+        """Tensors-only selection (the exported path). pred_logits (B, Q, K) raw; pred_boxes (B, Q, 4) cxcywh in
+        [0, 1]; target_sizes (B, 2) original (h, w). Returns scores (B, n) decreasing, labels (B, n) int64, boxes
+        (B, n, 4) xyxy original pixels, n = min(num_select, Q·K)."""
         if pred_logits.shape[0] != target_sizes.shape[0]:
             raise ValueError(f"PostProcess: {pred_logits.shape[0]} images but {target_sizes.shape[0]} target sizes")
         num_queries, num_classes = pred_logits.shape[1:]
@@ -58,17 +40,7 @@ class PostProcess(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], target_sizes: Tensor) -> list[dict[str, Tensor]]:
-        """
-        Args:
-            outputs: ``pred_logits`` (B, Q, K) raw logits and ``pred_boxes`` (B, Q, 4) cxcywh in [0, 1]; other keys
-                are ignored.
-            target_sizes: (B, 2) original image sizes as (h, w), so the boxes come back in the pixels of the image
-                before any resize.
-        Returns:
-            B dicts with ``scores`` (n,) sorted in decreasing order, ``labels`` (n,) int64, ``boxes`` (n, 4) xyxy in
-            original-image pixels (see ``select``). Boxes are not clipped to the image (as in DETR; COCO evaluation
-            accepts them).
-        """
+        """``select`` on ``outputs``, as B dicts of ``scores``, ``labels``, ``boxes`` (not clipped, as DETR)."""
         scores, labels, boxes = self.select(outputs["pred_logits"], outputs["pred_boxes"], target_sizes)
         return [{"scores": s, "labels": lbl, "boxes": b} for s, lbl, b in zip(scores, labels, boxes)]
 

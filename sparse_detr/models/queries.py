@@ -1,15 +1,8 @@
-"""Decoder queries: two-stage top-Q selection with its two initialisations, and learned queries (method §5).
+"""Decoder queries: two-stage top-Q tokens (Sparse DETR Sec. 3.4; Deformable DETR Sec. 4.2) or learned ones.
 
-* ``two_stage_queries``: the two-stage head (class + box, head number Ld) scores every encoder token on
-  ``enc_output_norm(enc_output(memory))``; the top-Q tokens by objectness become queries. Objectness is the max class
-  logit (Sparse DETR / Efficient DETR ``eff_specific_head``) or the class-0 logit (Deformable DETR's binary
-  foreground head). Padded tokens and tokens with an invalid grid proposal are never picked (the official code can
-  pick them; method §10) unless fewer than Q valid tokens exist.
-  Reference boxes are the detached proposals refined by the head. Position query = norm(Linear(sine(boxes)));
-  content query = the encoder output at those tokens (Sparse DETR ``eff_query_init``, not detached), or the second
-  half of a 2d→2d projection whose first half is the position (Deformable DETR two-stage).
-* ``learned_queries``: plain Deformable DETR — an embedding (Q, 2d) split into position and content, and reference
-  points = sigmoid(Linear(position)).
+Two-stage: the head ``[Ld]`` scores every token; the top-Q by objectness (max class logit with
+``eff_specific_head``, else the class-0 logit) become queries around their refined proposals. ``query_padding``
+"official" also ranks padded / invalid tokens, as the official code does (README, official behaviour).
 """
 
 from __future__ import annotations
@@ -25,22 +18,17 @@ __all__ = ["two_stage_queries", "learned_queries"]
 def two_stage_queries(memory: Tensor, proposals: Tensor, proposal_valid: Tensor, enc_output: nn.Linear,
                       enc_output_norm: nn.LayerNorm, class_head: nn.Module, box_head: nn.Module,
                       pos_trans: nn.Linear, pos_trans_norm: nn.LayerNorm, num_queries: int,
-                      specific_head: bool, eff_query_init: bool,
+                      specific_head: bool, eff_query_init: bool, query_padding: str = "official",
                       ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
     """Select Q tokens as decoder queries.
 
     Args:
-        memory: (B, S, d) encoder output.
-        proposals: (B, S, 4) grid-proposal logits (+inf where invalid); proposal_valid: (B, S) bool.
-        enc_output, enc_output_norm: the shared token projection (also the scorer's input projection).
-        class_head, box_head: the two-stage head (``class_embed[Ld]``, ``bbox_embed[Ld]``).
-        pos_trans, pos_trans_norm: 2d → d (eff_query_init) or 2d → 2d.
-        num_queries: Q (≤ S).
-        specific_head: objectness = max class logit; else the class-0 logit.
-        eff_query_init: Sparse DETR initialisation (content = memory at the selected tokens).
+        memory: (B, S, d); proposals: (B, S, 4) grid-proposal logits (+inf where invalid); proposal_valid: (B, S).
+        pos_trans: 2d → d with ``eff_query_init`` (content = memory at the chosen tokens), else 2d → 2d (position
+            and content halves, Deformable DETR two-stage).
     Returns:
-        tgt (B, Q, d) content queries, query_pos (B, Q, d), reference (B, Q, 4) boxes in [0, 1] (no gradient),
-        enc_outputs {pred_logits (B, S, K), pred_boxes (B, S, 4), valid (B, S)} for the two-stage loss.
+        tgt (B, Q, d), query_pos (B, Q, d), reference (B, Q, 4) in [0, 1] (detached), enc_outputs {pred_logits
+        (B, S, K), pred_boxes (B, S, 4)} (the detector adds the loss mask ``valid``).
     """
     dim = memory.shape[-1]
     if num_queries > memory.shape[1]:
@@ -50,7 +38,11 @@ def two_stage_queries(memory: Tensor, proposals: Tensor, proposal_valid: Tensor,
     logits = class_head(feats)  # (B, S, K)
     coords = box_head(feats) + proposals  # (B, S, 4) logits; +inf stays +inf on invalid tokens
     objectness = logits.max(-1).values if specific_head else logits[..., 0]
-    objectness = objectness.detach().masked_fill(~proposal_valid, float("-inf"))
+    if query_padding not in ("official", "exclude"):
+        raise ValueError(f"query_padding must be 'official' or 'exclude', got {query_padding!r}")
+    objectness = objectness.detach()
+    if query_padding == "exclude":
+        objectness = objectness.masked_fill(~proposal_valid, float("-inf"))
     chosen = objectness.topk(num_queries, dim=1).indices  # (B, Q)
 
     reference = gather_tokens(coords, chosen).detach().sigmoid()
@@ -59,20 +51,13 @@ def two_stage_queries(memory: Tensor, proposals: Tensor, proposal_valid: Tensor,
         tgt, query_pos = gather_tokens(memory, chosen), pos
     else:
         query_pos, tgt = pos.split(dim, dim=-1)
-    enc_outputs = {"pred_logits": logits, "pred_boxes": coords.sigmoid(), "valid": proposal_valid}
+    enc_outputs = {"pred_logits": logits, "pred_boxes": coords.sigmoid()}
     return tgt, query_pos, reference, enc_outputs
 
 
 def learned_queries(query_embed: Tensor, reference_points: nn.Linear, batch: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Plain Deformable DETR queries.
-
-    Args:
-        query_embed: (Q, 2d) embedding weight; the first d channels are the position, the rest the content.
-        reference_points: Linear d → 2.
-        batch: B.
-    Returns:
-        tgt (B, Q, d), query_pos (B, Q, d), reference (B, Q, 2) points in [0, 1].
-    """
+    """Plain Deformable DETR queries: query_embed (Q, 2d) = [position, content]; reference_points Linear d → 2.
+    Returns tgt (B, Q, d), query_pos (B, Q, d), reference (B, Q, 2) points in [0, 1]."""
     query_pos, tgt = query_embed.chunk(2, dim=-1)
     query_pos = query_pos[None].expand(batch, -1, -1)
     tgt = tgt[None].expand(batch, -1, -1)

@@ -1,10 +1,12 @@
-"""Regenerate ``tests/data/official_keys/*.txt`` from the reference description of the official checkpoints.
+"""Regenerate ``tests/data/official_keys/*.txt`` from the reference descriptions of the official checkpoints.
 
 The reference (``shared/reference/official_state_dict_keys.md``, beside the repository) lists every non-backbone
 tensor of the official Sparse DETR ρ=0.1 checkpoint and, as diffs, the other layouts; the ResNet-50 backbone is
 "torchvision's resnet50 keys without fc.*, frozen BatchNorms without num_batches_tracked". This script applies
 those rules and checks the tensor counts and element totals the reference states, then writes one
-``key<TAB>shape`` line per tensor. The tests read only the written files, so they do not need the reference.
+``key<TAB>shape`` line per tensor. The Swin-T layouts (``official_swin_t_layout.md`` in the same folder) are the
+187 listed backbone keys plus the R50 layout's other keys, with the input projections reading 192 / 384 / 768 / 768
+channels. The tests read only the written files, so they do not need the reference.
 
     python tests/data/make_official_keys.py [path/to/official_state_dict_keys.md]
 """
@@ -29,7 +31,12 @@ EXPECTED = {
     "deformable_detr_r50_two_stage": (630, 42_379_762),
     "deformable_detr_r50": (561, 40_955_900),
     "efficient_detr_r50": (630, 42_247_922),
+    "sparse_detr_swin_t": (682, None),  # the Swin reference states tensor counts only
+    "efficient_detr_swin_t": (552, None),
 }
+SWIN_IN_CHANNELS = {"input_proj.0.0.weight": 192, "input_proj.1.0.weight": 384, "input_proj.2.0.weight": 768,
+                    "input_proj.3.0.weight": 768}
+_SWIN_LINE = re.compile(r"^(backbone\.0\.body\.\S+)\t(\(.*\))\s*$")
 _LINE = re.compile(r"^\s+(?:only in ([^:]+): )?(\S+)\t(\(.*\))\s*$")
 
 
@@ -84,12 +91,27 @@ def layouts(text: str) -> dict[str, dict[str, tuple[int, ...]]]:
             "deformable_detr_r50": plain, "efficient_detr_r50": efficient}
 
 
+def swin_layout(r50: dict[str, tuple[int, ...]], swin_text: str) -> dict[str, tuple[int, ...]]:
+    """An R50 layout with the listed Swin-T backbone keys instead of ResNet-50's and Swin-T's input channels."""
+    swin = {m.group(1): tuple(ast.literal_eval(m.group(2)))
+            for line in swin_text.splitlines() if (m := _SWIN_LINE.match(line))}
+    if len(swin) != 187:
+        raise SystemExit(f"the Swin-T reference lists {len(swin)} backbone keys, expected 187")
+    out = {k: s for k, s in r50.items() if not k.startswith("backbone.")}
+    for key, channels in SWIN_IN_CHANNELS.items():
+        out[key] = (out[key][0], channels, *out[key][2:])
+    return {**swin, **out}
+
+
 def main(reference: Path) -> None:
     result = layouts(reference.read_text(encoding="utf-8"))
+    swin_text = (reference.parent / "official_swin_t_layout.md").read_text(encoding="utf-8")
+    for name in ("sparse_detr", "efficient_detr"):
+        result[f"{name}_swin_t"] = swin_layout(result[f"{name}_r50"], swin_text)
     OUT.mkdir(parents=True, exist_ok=True)
     for name, keys in result.items():
         count, elements = len(keys), sum(prod(s) for s in keys.values())
-        if (count, elements) != EXPECTED[name]:
+        if count != EXPECTED[name][0] or EXPECTED[name][1] not in (None, elements):
             raise SystemExit(f"{name}: got {count} tensors / {elements} elements, the reference says "
                              f"{EXPECTED[name][0]} / {EXPECTED[name][1]}")
         lines = [f"{k}\t{','.join(map(str, s))}" for k, s in sorted(keys.items())]

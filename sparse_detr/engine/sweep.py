@@ -1,0 +1,342 @@
+"""The ablation runner: train, evaluate and benchmark one run per (token-selection target, ρ, seed).
+
+`plan_runs` turns the sweep's axes into `RunSpec`s (one output folder each, `OUT/<name>`); `run_sweep` executes
+them, serially or in `jobs` worker processes, and keeps `OUT/results.json` / `results.md` / `results.png` up to
+date after every run. The sweep is safe to interrupt and rerun with the same command:
+
+* a finished run (its folder holds `result.json`, written atomically last) is skipped and its record reused; the
+  resolved config it was made with must equal the one planned now, else the sweep stops and says which keys
+  differ (it never reuses or overwrites a run made with another config);
+* a half-finished run (checkpoints but no `result.json`) continues through the engine's `resume="auto"`;
+* a failed run is reported (its error goes into the results) and retried on the next invocation.
+
+One record per run (`RECORD_KEYS`): target, rho, seed, the COCO metrics as fractions in [0, 1] (None where COCO
+has no object of that size), GFLOPs (fvcore convention, 1 multiply-add = 1 FLOP) of the whole model and of its
+encoder at the benchmark input, CPU images/s at batch 1, training seconds (sum of the iteration times of the
+final trajectory), the config path and the overrides that reproduce the run.
+
+Target `dense` is the dense baseline: model.rho=0 with the encoder aux loss off (it scores kept tokens only);
+the other targets go to `model.scorer_target` at every ρ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+from sparse_detr.config import load_config, to_dict
+
+__all__ = ["RunSpec", "SweepOptions", "RECORD_KEYS", "METRICS", "plan_runs", "run_one", "run_sweep",
+           "run_status", "train_seconds", "ConfigChangedError"]
+
+METRICS = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "AP_s": "APs", "AP_m": "APm", "AP_l": "APl"}  # ours: COCO's
+RECORD_KEYS = ("name", "target", "rho", "seed", "status", *METRICS, "gflops", "encoder_gflops", "benchmark_hw",
+               "tokens", "kept_tokens", "params", "cpu_fps", "fps_threads", "train_seconds", "iterations",
+               "config", "overrides", "output_dir")
+RESULT = "result.json"  # a run's record; its presence marks the run finished
+DENSE = "dense"
+
+
+class ConfigChangedError(RuntimeError):
+    """A finished run folder was made with another resolved config than the one planned now."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    target: str  # "dense" or a model.scorer_target value
+    rho: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        point = DENSE if self.target == DENSE else f"{self.target}_rho{self.rho:g}"
+        return f"{point}_seed{self.seed}"
+
+    def overrides(self) -> list[str]:
+        """The config overrides of this run (after the sweep-wide ones)."""
+        out = [f"model.rho={self.rho:g}", f"train.seed={self.seed}"]
+        if self.target == DENSE:  # aux heads score the kept tokens; a dense encoder has no selection to train
+            return out + ["model.scorer_target=dam", "model.use_enc_aux_loss=false"]
+        return out + [f"model.scorer_target={self.target}"]
+
+
+@dataclass
+class SweepOptions:
+    base: str  # the config every run starts from
+    out: str
+    overrides: Sequence[str] = ()  # key=value for every run
+    train: bool = True  # False: the cost only (no folders, no skipping)
+    jobs: int = 1  # runs in parallel worker processes (each single-threaded)
+    bench_hw: Optional[tuple[int, int]] = None  # benchmark input (H, W); None: (data.val_size, data.max_size)
+    bench_runs: int = 5  # timed batch-1 forwards (median)
+    command: str = ""  # shown in results.md
+    extra: dict = field(default_factory=dict)  # test hooks: e.g. {"bench_images": 1}
+
+
+def plan_runs(targets: Sequence[str], rhos: Sequence[float], seeds: Sequence[int], dense: bool) -> list[RunSpec]:
+    """Dense (one per seed) first, then every target at its ρ values, seeds innermost.
+
+    A target is a `model.scorer_target` value, run at every ρ of `rhos`, or `name@ρ1,ρ2,...` for its own list
+    (e.g. `dam@0.1,0.2,0.3,0.5 os random` with rhos [0.1]: one sweep for the whole ablation)."""
+    runs = [RunSpec(DENSE, 0.0, s) for s in seeds] if dense else []
+    for item in targets:
+        name, _, own = item.partition("@")
+        try:
+            points = [float(v) for v in own.split(",")] if own else list(rhos)
+        except ValueError:
+            raise ValueError(f"target {item!r}: expected name or name@rho1,rho2,... (e.g. dam@0.1,0.2)") from None
+        if name == DENSE:
+            raise ValueError("'dense' is not a scorer target; use --dense for the dense baseline")
+        if not points:
+            raise ValueError(f"target {name!r} has no ρ: give --rho or {name}@rho1,rho2,...")
+        if any(not 0 < r <= 1 for r in points):
+            raise ValueError(f"target {name!r}: ρ must be in (0, 1] (the dense baseline is --dense), got {points}")
+        runs += [RunSpec(name, r, s) for r in points for s in seeds]
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the sweep repeats a run: {sorted({n for n in names if names.count(n) > 1})}")
+    return runs
+
+
+def run_overrides(spec: RunSpec, opts: SweepOptions) -> list[str]:
+    out = list(opts.overrides) + spec.overrides()
+    if opts.train:
+        out.append(f"train.output_dir={os.path.join(opts.out, spec.name)}")
+    return out
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in tree.items():
+        flat.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return flat
+
+
+def _config_diff(saved: dict, planned: dict) -> list[str]:
+    """Keys whose values differ; train.output_dir is left out (the same folder may be spelled differently)."""
+    a, b = _flatten(saved), _flatten(planned)
+    return sorted(k for k in set(a) | set(b)
+                  if k != "train.output_dir" and a.get(k, "<missing>") != b.get(k, "<missing>"))
+
+
+def run_status(spec: RunSpec, opts: SweepOptions) -> tuple[str, Optional[dict]]:
+    """("done", record) | ("resume", None) | ("new", None) for one run folder."""
+    folder = os.path.join(opts.out, spec.name)
+    path = os.path.join(folder, RESULT)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            try:
+                record = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{path}: not valid JSON ({e}); move the folder away to rerun this run") from e
+        planned = to_dict(load_config(opts.base, run_overrides(spec, opts)))
+        changed = _config_diff(record.get("resolved_config", {}), planned)
+        if changed:
+            raise ConfigChangedError(f"{folder} was trained with another config (differs at {', '.join(changed)}); "
+                                     f"use another --out, or move that folder away to retrain it")
+        return "done", record
+    if os.path.isfile(os.path.join(folder, "checkpoint_last.pth")):
+        return "resume", None
+    return "new", None
+
+
+def train_seconds(log_path: str) -> tuple[float, int]:
+    """(seconds, iterations) of training in an engine `log.jsonl`: the iteration times of the final trajectory
+    (an iteration redone after a resume counts once, its last time), evaluation and checkpointing excluded."""
+    times: dict[int, float] = {}
+    if os.path.isfile(log_path):
+        with open(log_path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:  # a line cut by a kill
+                    continue
+                if entry.get("type") == "iter":
+                    times[int(entry["iteration"])] = float(entry["time"])
+    return sum(times.values()), len(times)
+
+
+def _fraction(value) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and value >= 0 else None  # COCO: -1 = no such object
+
+
+def _benchmark(spec: RunSpec, opts: SweepOptions, cfg) -> dict:
+    """GFLOPs (whole model, encoder), tokens and CPU FPS of the run's config at the benchmark input."""
+    import torch
+
+    from sparse_detr.engine.benchmark import BenchmarkOptions, benchmark_config, load_images
+
+    h, w = opts.bench_hw or (cfg.data.val_size, cfg.data.max_size)
+    n = int(opts.extra.get("bench_images", 2))
+    options = BenchmarkOptions(device="cpu", batch_sizes=(1,), num_images=n, height=h, width=w,
+                               timed_runs=opts.bench_runs, overrides=tuple(run_overrides(spec, opts)))
+    with torch.random.fork_rng():  # the benchmark's random weights must not move the training RNG
+        r = benchmark_config(opts.base, load_images(n, h, w), options)
+    return {"gflops": r["gflops_official"], "encoder_gflops": r["gflops_parts_official"]["encoder"],
+            "benchmark_hw": [h, w], "tokens": r["tokens"], "kept_tokens": r["kept_tokens"], "params": r["params"],
+            "cpu_fps": r["fps_bs1"], "fps_threads": torch.get_num_threads()}
+
+
+def _write_json(path: str, data) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)  # atomic: a killed sweep never leaves half a record
+
+
+def run_one(spec: RunSpec, opts: SweepOptions) -> dict:
+    """Train (or continue) one run, evaluate it, benchmark it; write and return its record.
+
+    Without `opts.train` only the cost is measured and nothing is written. Errors propagate."""
+    overrides = run_overrides(spec, opts)
+    cfg = load_config(opts.base, overrides)
+    record = {"name": spec.name, "target": spec.target, "rho": spec.rho, "seed": spec.seed, "status": "cost",
+              "config": opts.base, "overrides": overrides}
+    record.update(dict.fromkeys(METRICS))
+    if not opts.train:
+        record.update(_benchmark(spec, opts, cfg), train_seconds=None, iterations=None, output_dir=None)
+        return record
+    from sparse_detr.engine.train import run
+
+    folder = cfg.train.output_dir
+    metrics = run(cfg, resume="auto")
+    metrics = metrics.get("ema", metrics) if cfg.train.ema else metrics  # what one would deploy
+    record.update({ours: _fraction(metrics.get(coco)) for ours, coco in METRICS.items()})
+    seconds, iterations = train_seconds(os.path.join(folder, "log.jsonl"))
+    record.update(_benchmark(spec, opts, cfg), train_seconds=seconds, iterations=iterations, output_dir=folder,
+                  status="done", resolved_config=to_dict(cfg))
+    _write_json(os.path.join(folder, RESULT), record)
+    return record
+
+
+def _worker(spec: RunSpec, opts: SweepOptions) -> dict:
+    """One run in a worker process: single-threaded, its console output into the run folder."""
+    import torch
+
+    torch.set_num_threads(1)
+    if opts.train:
+        folder = os.path.join(opts.out, spec.name)
+        os.makedirs(folder, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with open(os.path.join(folder, "console.txt"), "a", encoding="utf-8") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+    return _guarded(spec, opts)
+
+
+def _guarded(spec: RunSpec, opts: SweepOptions) -> dict:
+    start = time.perf_counter()
+    try:
+        record = run_one(spec, opts)
+    except Exception as e:  # keep the other runs; the failure goes into the results and the run is retried later
+        traceback.print_exc()
+        record = {"name": spec.name, "target": spec.target, "rho": spec.rho, "seed": spec.seed, "status": "failed",
+                  "error": f"{type(e).__name__}: {e}", "config": opts.base, "overrides": run_overrides(spec, opts)}
+    record["_wall"] = time.perf_counter() - start
+    return record
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def write_results(records: list[dict], opts: SweepOptions) -> None:
+    """results.json (records in plan order, without the resolved configs), results.md and results.png."""
+    from sparse_detr.engine.sweep_report import plot_pareto, results_markdown
+
+    os.makedirs(opts.out, exist_ok=True)
+    slim = [{k: v for k, v in r.items() if k not in ("resolved_config", "_wall")} for r in records]
+    _write_json(os.path.join(opts.out, "results.json"), slim)
+    with open(os.path.join(opts.out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(results_markdown(slim, opts.command))
+    if any(r.get("gflops") is not None for r in slim):
+        plot_pareto(slim, os.path.join(opts.out, "results.png"))
+
+
+def run_sweep(runs: Sequence[RunSpec], opts: SweepOptions, log: Callable[[str], None] = print) -> list[dict]:
+    """Run every `RunSpec` not finished yet; returns the records in plan order (see the module docstring)."""
+    if opts.jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {opts.jobs}")
+    for spec in runs:  # the configs are validated before anything trains (a typo fails in seconds)
+        load_config(opts.base, run_overrides(spec, opts))
+    records: dict[str, dict] = {}
+    todo = []
+    for spec in runs:
+        status, record = run_status(spec, opts) if opts.train else ("new", None)
+        if status == "done":
+            records[spec.name] = record
+        else:
+            todo.append((spec, status))
+    resuming = sum(s == "resume" for _, s in todo)
+    log(f"sweep: {len(runs)} runs, {len(records)} finished (skipped), {resuming} to resume, "
+        f"{len(todo) - resuming} new; {opts.jobs} job(s)")
+    ordered = lambda: [records[s.name] for s in runs if s.name in records]  # noqa: E731
+    if records:
+        write_results(ordered(), opts)
+    start, walls = time.perf_counter(), []
+
+    def finished(record: dict) -> None:
+        records[record["name"]] = record
+        walls.append(record.pop("_wall"))
+        left = len(todo) - len(walls)
+        timed = [w for w in walls if math.isfinite(w)]
+        eta = sum(timed) / len(timed) * math.ceil(left / opts.jobs) if timed else math.nan  # runs: about equal
+        result = (f"AP {100 * record['AP']:.1f} AP50 {100 * record['AP50']:.1f}" if record.get("AP") is not None
+                  else record.get("error", f"{record.get('gflops', 0):.3g} GFLOPs"))
+        log(f"[{len(records)}/{len(runs)}] {record['name']} {record['status']} in {_fmt_time(walls[-1])}: {result}"
+            f" | {left} left, elapsed {_fmt_time(time.perf_counter() - start)}, ETA {_fmt_time(eta)}")
+        write_results(ordered(), opts)
+
+    if opts.jobs == 1:
+        for spec, status in todo:
+            log(f"{'resuming' if status == 'resume' else 'starting'} {spec.name}")
+            finished(_guarded(spec, opts))
+    else:
+        _run_parallel(todo, opts, finished, log)
+    failed = [r["name"] for r in ordered() if r["status"] == "failed"]
+    if failed:
+        log(f"{len(failed)} run(s) failed: {', '.join(failed)} (rerun the same command to retry them)")
+    return ordered()
+
+
+def _run_parallel(todo, opts: SweepOptions, finished: Callable[[dict], None], log) -> None:
+    import multiprocessing
+
+    # Workers inherit the environment: one OpenMP/MKL thread each, set before they import torch. "spawn": a
+    # fresh interpreter per worker (no forked torch thread pools).
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    try:
+        with ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pending = {}
+            for spec, status in todo:
+                pending[pool.submit(_worker, spec, opts)] = spec
+                log(f"queued {spec.name} ({status}); console output in {os.path.join(opts.out, spec.name)}")
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    spec = pending.pop(future)
+                    try:
+                        record = future.result()
+                    except Exception as e:  # the worker died (killed, out of memory): a failed run, retried later
+                        record = {"name": spec.name, "target": spec.target, "rho": spec.rho, "seed": spec.seed,
+                                  "status": "failed", "error": f"worker process: {type(e).__name__}: {e}",
+                                  "config": opts.base, "overrides": run_overrides(spec, opts), "_wall": math.nan}
+                    finished(record)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    sys.stdout.flush()

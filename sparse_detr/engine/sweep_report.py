@@ -1,0 +1,132 @@
+"""Tables and the Pareto plot of the ablation runner's records (`sparse_detr.engine.sweep`).
+
+`summarize` groups the runs of one (target, ρ) over seeds (mean and sample standard deviation); `results_markdown`
+renders the summary and the per-run table (AP values in %); `plot_pareto` draws AP and AP50 against GFLOPs, one
+marker per target with error bars over seeds and the dense baseline as a horizontal reference line.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Optional
+
+__all__ = ["summarize", "results_markdown", "plot_pareto"]
+
+MARKERS = {"dam": "o", "os": "s", "foreground": "^", "salience": "D", "random": "X"}
+SUMMARY_KEYS = ("AP", "AP50", "AP_s", "AP_m", "AP_l", "gflops", "encoder_gflops", "cpu_fps", "train_seconds")
+
+
+def _mean_std(values: list) -> tuple[Optional[float], Optional[float]]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (target, ρ) in first-seen order: `seeds`, and `{key: (mean, std)}` over its finished runs."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("status") in ("done", "cost"):
+            groups.setdefault((r["target"], r["rho"]), []).append(r)
+    return [{"target": t, "rho": rho, "seeds": sorted(r["seed"] for r in rs),
+             **{k: _mean_std([r.get(k) for r in rs]) for k in SUMMARY_KEYS}} for (t, rho), rs in groups.items()]
+
+
+def _pct(value: Optional[float]) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _pm(pair: tuple, scale: float = 1.0, digits: int = 1) -> str:
+    mean, std = pair
+    if mean is None:
+        return "–"
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}" if std else f"{scale * mean:.{digits}f}"
+
+
+def _num(value: Optional[float], digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}g}"
+
+
+def results_markdown(records: list[dict], command: str = "") -> str:
+    if not records:
+        return "# Ablation\n\nNo finished run yet.\n"
+    hw = next((r["benchmark_hw"] for r in records if r.get("benchmark_hw")), None)
+    lines = [f"# Ablation of `{records[0]['config']}`", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [f"AP values in %, mean ± sample standard deviation over seeds. GFLOPs at a {hw[0]}×{hw[1]} input "
+              "(fvcore convention, 1 multiply-add = 1 FLOP); FPS on the CPU at batch 1." if hw else "", "",
+              "| target | ρ | seeds | AP | AP50 | AP_s | AP_m | AP_l | GFLOPs | encoder GFLOPs | CPU FPS | train min |",
+              "|" + "---|" * 12]
+    for row in summarize(records):
+        lines.append(f"| {row['target']} | {row['rho']:g} | {' '.join(map(str, row['seeds']))} | "
+                     + " | ".join(_pm(row[k], 100) for k in ("AP", "AP50", "AP_s", "AP_m", "AP_l"))
+                     + f" | {_pm(row['gflops'], digits=3)} | {_pm(row['encoder_gflops'], digits=3)}"
+                     f" | {_pm(row['cpu_fps'])} | {_pm(row['train_seconds'], 1 / 60)} |")
+    lines += ["", "Every run:", "",
+              "| run | AP | AP50 | AP75 | AP_s | AP_m | AP_l | GFLOPs | encoder GFLOPs | kept / tokens | CPU FPS "
+              "| train s | status |", "|" + "---|" * 13]
+    for r in records:
+        kept = "–" if r.get("tokens") is None else (
+            f"all {r['tokens']}" if r.get("kept_tokens") is None else f"{r['kept_tokens']:.0f} / {r['tokens']}")
+        status = r["status"] + (f": {r['error']}" if r.get("error") else "")
+        lines.append(f"| {r['name']} | " + " | ".join(_pct(r.get(k)) for k in ("AP", "AP50", "AP75", "AP_s", "AP_m",
+                                                                                   "AP_l"))
+                     + f" | {_num(r.get('gflops'))} | {_num(r.get('encoder_gflops'))} | {kept}"
+                     f" | {_num(r.get('cpu_fps'))} | {_num(r.get('train_seconds'), 4)} | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(records: list[dict], path: str) -> None:
+    """AP and AP50 (%) against GFLOPs as a PNG: a marker per target (error bars: std over seeds, points of one
+    target joined in ρ order and labelled with ρ; targets at one cost dodged sideways so that none hides
+    another), the dense baseline as a line with its ±std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    rows = summarize(records)
+    trained = any(row["AP"][0] is not None for row in rows)
+    metrics = ("AP", "AP50") if trained else ()
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(6.2 * max(1, len(metrics)), 4.4), squeeze=False)
+    if not trained:  # a cost-only sweep: GFLOPs against ρ
+        ax = axes[0][0]
+        for target in dict.fromkeys(r["target"] for r in rows):
+            pts = sorted((r["rho"], r["gflops"][0]) for r in rows if r["target"] == target)
+            ax.plot(*zip(*pts), marker=MARKERS.get(target, "o"), label=target)
+        ax.set(xlabel="keep ratio ρ", ylabel="GFLOPs", title="cost per image")
+        ax.legend()
+    targets = list(dict.fromkeys(r["target"] for r in rows if r["target"] != "dense"))
+    costs = [r["gflops"][0] for r in rows if r["gflops"][0] is not None]
+    span = (max(costs) - min(costs)) or max(costs) or 1.0
+    # Targets at the same ρ have the same cost: their markers are dodged sideways by a fraction of the x span.
+    dodge = {t: (i - (len(targets) - 1) / 2) * 0.012 * span for i, t in enumerate(targets)}
+    for ax, metric in zip(axes[0], metrics):
+        for target in dict.fromkeys(r["target"] for r in rows):
+            pts = sorted((r for r in rows if r["target"] == target and r[metric][0] is not None),
+                         key=lambda r: r["rho"])
+            if not pts:
+                continue
+            x = [r["gflops"][0] + dodge.get(target, 0.0) for r in pts]
+            y = [100 * r[metric][0] for r in pts]
+            err = [100 * r[metric][1] for r in pts]
+            if target == "dense":
+                ax.axhline(y[0], color="black", lw=1, ls="--", label=f"dense ({x[0]:.3g} GFLOPs)")
+                ax.axhspan(y[0] - err[0], y[0] + err[0], color="black", alpha=0.08)
+                ax.errorbar(x, y, yerr=err, fmt="*", color="black", ms=11, capsize=3)
+                continue
+            label = target if len(pts) > 1 else f"{target} (ρ={pts[0]['rho']:g})"
+            line = ax.errorbar(x, y, yerr=err, marker=MARKERS.get(target, "P"), ms=7, capsize=3, lw=1,
+                               label=label)
+            for r, xi, yi in zip(pts if len(pts) > 1 else [], x, y):  # a single point: ρ is in the legend
+                ax.annotate(f"ρ={r['rho']:g}", (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=7,
+                            color=line[0].get_color())
+        ax.set(xlabel="GFLOPs per image (fvcore convention; markers of one ρ dodged sideways)", ylabel=f"{metric} (%)",
+               title=f"{metric} against cost, mean ± std over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,173 @@
+"""The ablation runner: run planning, skip / resume / retry of run folders on two tiny real runs, the record
+schema (checked against the config it came from), and the reports."""
+
+import json
+import math
+import os
+
+import pytest
+import yaml
+from PIL import Image
+
+from sparse_detr.config import load_config, to_dict
+from sparse_detr.engine import sweep
+from sparse_detr.engine import train as train_mod
+from sparse_detr.engine.sweep_report import summarize
+
+TINY = {
+    "model": {"backbone": "tiny_cnn", "num_classes": 6, "hidden_dim": 32, "nheads": 2, "num_feature_levels": 2,
+              "enc_layers": 1, "dec_layers": 1, "dim_feedforward": 32, "num_queries": 10, "with_box_refine": True,
+              "two_stage": True, "eff_query_init": True, "eff_specific_head": True, "rho": 0.3,
+              "use_enc_aux_loss": True, "scorer_target": "dam"},
+    "data": {"dataset": "synthetic", "synthetic": {"num_train": 6, "num_val": 2, "min_size": 64, "max_size": 64,
+                                                   "preset": "cluttered", "max_objects": 4},
+             "train_scales": [64], "max_size": 64, "val_size": 64, "crop": False, "num_workers": 0,
+             "label_mapping": "contiguous"},
+    "train": {"epochs": 1, "batch_size": 2, "log_every": 1, "eval_batch_size": 2, "vis_num_images": 0,
+              "checkpoint_every_iters": 1},  # 3 iterations, a checkpoint after each
+}
+
+
+@pytest.fixture
+def base(tmp_path):
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"]["root"] = str(tmp_path / "data")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _opts(base, tmp_path, **kw):
+    return sweep.SweepOptions(base=base, out=str(tmp_path / "out"), bench_runs=1, extra={"bench_images": 1}, **kw)
+
+
+def _iterations(folder):
+    its = []
+    for line in open(os.path.join(folder, "log.jsonl")):
+        entry = json.loads(line)
+        if entry["type"] == "iter":
+            its.append(entry["iteration"])
+    return its
+
+
+def test_plan_runs():
+    runs = sweep.plan_runs(["dam@0.1,0.5", "os"], [0.1], [0, 1], dense=True)
+    assert [r.name for r in runs] == ["dense_seed0", "dense_seed1", "dam_rho0.1_seed0", "dam_rho0.1_seed1",
+                                      "dam_rho0.5_seed0", "dam_rho0.5_seed1", "os_rho0.1_seed0", "os_rho0.1_seed1"]
+    dense = runs[0].overrides()
+    assert "model.rho=0" in dense and "model.use_enc_aux_loss=false" in dense and "model.scorer_target=dam" in dense
+    assert "model.scorer_target=os" in runs[-1].overrides() and "train.seed=1" in runs[-1].overrides()
+    with pytest.raises(ValueError, match="--dense"):
+        sweep.plan_runs(["dam"], [0.0], [0], dense=False)
+    with pytest.raises(ValueError, match="repeats"):
+        sweep.plan_runs(["dam"], [0.1, 0.1], [0], dense=False)
+    with pytest.raises(ValueError, match="no ρ"):
+        sweep.plan_runs(["dam"], [], [0], dense=False)
+
+
+def test_train_seconds_counts_the_final_trajectory_once(tmp_path):
+    log = tmp_path / "log.jsonl"
+    lines = [{"type": "iter", "iteration": 1, "time": 1.0}, {"type": "iter", "iteration": 2, "time": 2.0},
+             {"type": "checkpoint"}, {"type": "iter", "iteration": 2, "time": 4.0},  # redone after a resume
+             {"type": "iter", "iteration": 3, "time": 8.0}]
+    log.write_text("\n".join(map(json.dumps, lines)) + '\n{"type": "it')  # the last line cut by a kill
+    assert sweep.train_seconds(str(log)) == (13.0, 3)
+
+
+def test_skip_resume_retry_and_schema(base, tmp_path, monkeypatch):
+    runs = sweep.plan_runs(["dam"], [0.3], [0], dense=True)
+    opts = _opts(base, tmp_path)
+    dam_dir = os.path.join(opts.out, "dam_rho0.3_seed0")
+
+    # 1. The dam run is interrupted at its 2nd iteration (after the checkpoint of the 1st): a failed record.
+    real_step = train_mod.Trainer.train_step
+
+    def interrupted(self, *args):
+        if self.opts.output_dir == dam_dir and self.progress.iteration == 1:
+            raise RuntimeError("simulated interruption")
+        return real_step(self, *args)
+
+    monkeypatch.setattr(train_mod.Trainer, "train_step", interrupted)
+    first = sweep.run_sweep(runs, opts, log=lambda m: None)
+    assert [r["status"] for r in first] == ["done", "failed"] and "simulated" in first[1]["error"]
+    assert sweep.run_status(runs[1], opts)[0] == "resume"
+    assert _iterations(dam_dir) == [1]
+
+    # 2. Rerun: dense is skipped (not trained again), dam continues from iteration 1.
+    monkeypatch.setattr(train_mod.Trainer, "train_step", real_step)
+    trained = []
+    real_run = train_mod.run
+    monkeypatch.setattr(train_mod, "run", lambda cfg, **kw: trained.append(cfg.train.output_dir) or real_run(cfg, **kw))
+    second = sweep.run_sweep(runs, opts, log=lambda m: None)
+    assert trained == [dam_dir]
+    assert _iterations(dam_dir) == [1, 2, 3]  # iteration 1 was not redone
+    assert "resumed from" in open(os.path.join(dam_dir, "log.txt")).read()
+    assert {k: v for k, v in second[0].items() if k != "resolved_config"} == \
+        {k: v for k, v in first[0].items() if k != "resolved_config"}
+
+    # 3. Everything finished: nothing trains.
+    monkeypatch.setattr(train_mod, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    third = sweep.run_sweep(runs, opts, log=lambda m: None)
+    assert [r["status"] for r in third] == ["done", "done"]
+
+    # 4. A finished run is never reused for another config.
+    with pytest.raises(sweep.ConfigChangedError, match="loss.cls_loss_coef"):
+        sweep.run_sweep(runs, _opts(base, tmp_path, overrides=("loss.cls_loss_coef=3.0",)), log=lambda m: None)
+
+    # The schema, against the configs the records name.
+    records = json.load(open(os.path.join(opts.out, "results.json")))
+    assert [r["name"] for r in records] == ["dense_seed0", "dam_rho0.3_seed0"]
+    for spec, r in zip(runs, records):
+        assert set(sweep.RECORD_KEYS) <= set(r) and "resolved_config" not in r
+        assert (r["target"], r["rho"], r["seed"], r["status"]) == (spec.target, spec.rho, spec.seed, "done")
+        for key in sweep.METRICS:
+            assert r[key] is None or 0.0 <= r[key] <= 1.0, (key, r[key])
+        assert r["AP50"] is not None  # the val split has objects
+        assert 0 < r["encoder_gflops"] < r["gflops"] and r["cpu_fps"] > 0 and r["benchmark_hw"] == [64, 64]
+        assert r["iterations"] == 3 and r["train_seconds"] > 0
+        cfg = load_config(r["config"], r["overrides"])  # the record reproduces its run
+        saved = json.load(open(os.path.join(r["output_dir"], "result.json")))["resolved_config"]
+        assert to_dict(cfg) == saved
+        assert (cfg.model.rho, cfg.train.seed) == (spec.rho, spec.seed)
+    dense, dam = records
+    assert dense["kept_tokens"] is None and dam["kept_tokens"] < dam["tokens"] == dense["tokens"]
+    assert dam["encoder_gflops"] < dense["encoder_gflops"]
+    md = open(os.path.join(opts.out, "results.md")).read()
+    assert "dense_seed0" in md and "dam_rho0.3_seed0" in md
+    with Image.open(os.path.join(opts.out, "results.png")) as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    recs = [{"target": "dam", "rho": 0.1, "seed": s, "status": "done", "AP": ap, "gflops": 2.0}
+            for s, ap in enumerate([0.2, 0.4, 0.9])]
+    recs.append({"target": "dam", "rho": 0.1, "seed": 9, "status": "failed"})  # left out
+    (row,) = summarize(recs)
+    assert row["seeds"] == [0, 1, 2]
+    mean, std = row["AP"]
+    assert mean == pytest.approx(0.5)
+    assert std == pytest.approx(math.sqrt(((0.2 - 0.5) ** 2 + (0.4 - 0.5) ** 2 + (0.9 - 0.5) ** 2) / 2))
+    assert row["gflops"] == (2.0, 0.0) and row["AP_l"] == (None, None)
+
+
+def test_parallel_jobs_cost_only(base, tmp_path):
+    runs = sweep.plan_runs(["dam"], [0.3, 0.6], [0], dense=True)
+    records = sweep.run_sweep(runs, _opts(base, tmp_path, train=False, jobs=2), log=lambda m: None)
+    assert [r["name"] for r in records] == [r.name for r in runs]
+    assert all(r["status"] == "cost" and r["fps_threads"] == 1 for r in records)  # single-threaded workers
+    assert records[1]["encoder_gflops"] < records[2]["encoder_gflops"] < records[0]["encoder_gflops"]
+    assert os.path.isfile(os.path.join(str(tmp_path / "out"), "results.png"))
+
+
+def test_cli_arguments():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sweep_tool", os.path.join(os.path.dirname(__file__), "..", "tools", "sweep.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = tool.parse_args(["--base", "b.yaml", "--dense", "--rho", "0.1", "--targets", "dam@0.1,0.5", "os",
+                            "train.epochs=2", "--jobs", "2"])
+    assert args.targets == ["dam@0.1,0.5", "os"] and args.overrides == ["train.epochs=2"] and args.jobs == 2
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--base", "b.yaml", "--targets", "dam"])  # nothing to run
