@@ -11,6 +11,8 @@ The extension holds the multi-scale deformable attention kernels (``csrc/``):
 Commands (torch must already be installed, hence ``--no-build-isolation``)::
 
     pip install -e . --no-build-isolation -c constraints.txt
+    # with the ONNX export extra (onnx, onnxruntime, onnxscript):
+    pip install -e ".[export]" --no-build-isolation -c constraints.txt
     # compile the CUDA kernel for H100 on a machine without a GPU (what CI does):
     FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=2 pip install -e . --no-build-isolation
 
@@ -119,6 +121,9 @@ setup(
     packages=find_packages(include=["sparse_detr*"]),
     python_requires=">=3.9",
     install_requires=read_requirements(),
+    # `pip install -e .[export] --no-build-isolation -c constraints.txt`: ONNX export (tools/export_onnx.py),
+    # imported by the exporter only.
+    extras_require={"export": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.5"]},
     ext_modules=build_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

@@ -7,11 +7,12 @@ key and the file it came from. The resolved config is saved with every checkpoin
 
     cfg = load_config("configs/sparse_detr_r50_rho0.1.yaml", ["model.rho=0.2", "train.epochs=12"])
 
-This module imports nothing else of the project (see the layer rules in the README).
+This module imports nothing else of the project but `errors.py` (see the layer rules in the README).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -20,13 +21,15 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
+from sparse_detr.errors import UserError
+
 __all__ = [
     "Config", "ModelConfig", "LossConfig", "DataConfig", "SyntheticConfig", "TrainConfig", "ConfigError",
-    "load_config", "config_from_dict", "to_dict", "save_config",
+    "load_config", "config_from_dict", "apply_overrides", "to_dict", "save_config",
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key or value is wrong; the message names the key and the file."""
 
 
@@ -124,6 +127,9 @@ class DataConfig:
     # How category ids become class labels: "contiguous" = 0..K-1 in id order (custom datasets, no wasted logits);
     # "category_id" = the id itself, needs model.num_classes > max id (COCO + official checkpoints: 91 logits).
     label_mapping: Literal["contiguous", "category_id"] = "contiguous"
+    # Batch images of similar aspect ratio together (as torchvision's detection references): less zero padding,
+    # hence less compute spent on it and batches whose padding changes the features less (see the README).
+    group_by_aspect_ratio: bool = False
 
 
 @dataclass
@@ -154,6 +160,9 @@ class TrainConfig:
     max_iters_per_epoch: int = 0  # 0 = the whole dataset; >0 shortens epochs (smoke tests)
     eval_batch_size: int = 2
     vis_num_images: int = 2  # images logged to tensorboard at each evaluation (0 = none)
+    # CPU threads of torch in each process. auto: OMP_NUM_THREADS when set, else the cores this process may use
+    # minus the load other processes put on them (at least 1), so a busy machine slows down instead of stalling.
+    num_threads: Union[Literal["auto"], int] = "auto"
 
 
 @dataclass
@@ -280,6 +289,8 @@ def _check_value(value: Any, tp: Any, key: str, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: `{key}` must be a number, got {value!r}")
+        if not math.isfinite(value):  # `.inf`, `nan`, `1e999`: no float field has a use for them
+            raise ConfigError(f"{where}: `{key}` must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -329,6 +340,12 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
     """Load `path` (with its `_base_` chain), apply `key=value` overrides, validate, return a `Config`."""
     origin: dict = {}
     data = _load_tree(path, origin)
+    apply_overrides(data, overrides, origin)
+    return config_from_dict(data, origin)
+
+
+def apply_overrides(data: dict, overrides: Sequence[str], origin: Optional[dict] = None) -> dict:
+    """Apply `key=value` overrides to a nested config dict in place (values parsed as YAML); returns `data`."""
     for item in overrides:
         keys, value = _parse_override(item)
         node = data
@@ -337,8 +354,9 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: `{k}` is not a section")
         node[keys[-1]] = value
-        origin[".".join(keys)] = f"command-line override {item!r}"
-    return config_from_dict(data, origin)
+        if origin is not None:
+            origin[".".join(keys)] = f"command-line override {item!r}"
+    return data
 
 
 def _require(ok: bool, message: str) -> None:
@@ -391,6 +409,8 @@ def validate(cfg: Config) -> None:
     # 0 is meaningful for these: never checkpoint mid-epoch / never evaluate / whole epochs / no images.
     for name in ("checkpoint_every_iters", "eval_every_epochs", "max_iters_per_epoch", "vis_num_images"):
         _require(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
+    _require(t.num_threads == "auto" or t.num_threads >= 1, f"train.num_threads must be auto or >= 1, got "
+                                                             f"{t.num_threads}")
     _require(0.0 < t.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {t.ema_decay}")
     _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _require(t.lr_backbone >= 0, f"train.lr_backbone must be >= 0, got {t.lr_backbone}")

@@ -4,10 +4,11 @@ Inference and one training step on a fixed batch: the losses, predictions and gr
 within the tolerances below of fp32, and every deformable attention call must receive a bf16 value
 with fp32 sampling locations and weights (the mixed-precision layout of the op).
 
-The model is the demo configuration (tiny CNN backbone, rho = 0.1, two-stage, encoder aux heads), so
-that the comparison measures the transformer and the op rather than 50 bf16 ResNet layers; with
-ResNet-50 the bf16 backbone features can reorder near-tied token scores, which changes which tokens
-are kept and matched: a discrete change, not a precision bug.
+The model is the demo configuration (tiny CNN backbone, rho = 0.1, two-stage, encoder aux heads),
+so that the comparison measures the transformer and the op rather than 50 bf16 ResNet layers, and
+it is first trained for a few fp32 steps on the batch: an untrained model's top-k choices (kept
+tokens, two-stage queries) are near ties that bf16 rounding may swap, a discrete change of which
+tokens are kept and matched rather than a precision error.
 """
 
 import pytest
@@ -18,18 +19,16 @@ from sparse_detr.models import weighted_total
 
 from test_detector import IMAGES, TARGETS, _build
 
-# Measured on this batch: worst loss term 0.4%, gradient cosine 0.991, token scores 0.009; at
-# inference 1 of 17 kept tokens and 2 of 12 queries per image differ (near-tied top-k choices),
-# logits of the other queries by <= 0.03.
-# bf16 keeps 8 mantissa bits (relative 2**-8 = 0.4% per rounding), and a forward pass rounds at
-# every matmul: the tolerances leave about 2x headroom over the measurements.
+# Measured on this batch: worst loss term 0.4%, gradient cosine 0.9996, token scores 0.03; at
+# inference boxes 1.3e-3 and logits 0.03 (queries paired by box, as near-equal proposals may swap
+# places in the two-stage top-k). bf16 keeps 8 mantissa bits (relative 2**-8 = 0.4% per rounding)
+# and a forward pass rounds at every matmul: the tolerances leave 2-8x headroom.
 LOSS_RTOL = 1e-2
-GRAD_MIN_COSINE = 0.98
-SCORE_ATOL = 0.02
-MIN_KEPT_OVERLAP = 0.75
-BOX_ATOL = 0.02
+GRAD_MIN_COSINE = 0.99
+SCORE_ATOL = 0.1
+BOX_ATOL = 1e-2
 LOGIT_ATOL = 0.1
-MIN_SAME_PREDICTIONS = 0.75
+PRETRAIN_STEPS = 30
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +36,13 @@ def model_and_batch():
     model, criterion, _ = _build("demo_synthetic", "model.train_backbone=true")
     torch.manual_seed(1)
     images = [torch.randn(*s) for s in IMAGES]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(PRETRAIN_STEPS):
+        loss = weighted_total(criterion(model(images), TARGETS), criterion.weight_dict)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     return model, criterion, images
 
 
@@ -91,16 +97,19 @@ def test_bf16_inference_matches_fp32(model_and_batch, op_dtypes):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out16 = model(images)
     assert set(op_dtypes[len(op_dtypes) // 2:]) == {(torch.bfloat16, torch.float32, torch.float32)}
-    # Continuous outputs: the token scores within bf16 precision of fp32.
+    # Continuous outputs: the token scores within bf16 precision of fp32; the same kept tokens.
     torch.testing.assert_close(out16["scores"].float(), out32["scores"], atol=SCORE_ATOL, rtol=0)
-    # Discrete choices (top-rho tokens, top-k two-stage proposals) of the untrained model are
-    # near ties, so bf16 may swap a few; the rest of the predictions must agree.
-    kept = [len(set(a.tolist()) & set(b.tolist())) / len(a)
-            for a, b in zip(out16["kept_indices"], out32["kept_indices"])]
-    assert min(kept) >= MIN_KEPT_OVERLAP
-    box_ok = (out16["pred_boxes"].float() - out32["pred_boxes"]).abs().amax(-1) <= BOX_ATOL
-    logit_ok = (out16["pred_logits"].float() - out32["pred_logits"]).abs().amax(-1) <= LOGIT_ATOL
-    assert (box_ok & logit_ok).float().mean() >= MIN_SAME_PREDICTIONS
+    assert torch.equal(out16["kept_indices"].sort(-1).values, out32["kept_indices"].sort(-1).values)
+    # Predictions as sets (query order carries no meaning): pair every fp32 query with the bf16 query
+    # of the nearest box; the pairing must be one-to-one and each pair within the tolerances.
+    for b in range(len(images)):
+        boxes32, boxes16 = out32["pred_boxes"][b], out16["pred_boxes"][b].float()
+        dist = torch.cdist(boxes32, boxes16, p=float("inf"))
+        nearest = dist.argmin(1)
+        assert nearest.unique().numel() == nearest.numel()
+        assert dist.min(1).values.max() <= BOX_ATOL
+        torch.testing.assert_close(out16["pred_logits"][b][nearest].float(), out32["pred_logits"][b],
+                                   atol=LOGIT_ATOL, rtol=0)
 
 
 def test_benchmark_autocast_option_runs_the_op_in_bf16(model_and_batch, op_dtypes):

@@ -85,6 +85,16 @@ def test_pretrained_mismatch_and_missing_file_name_the_file(tmp_path):
         Backbone("resnet50", pretrained=missing)
 
 
+def test_unreadable_pretrained_file_is_named(tmp_path):
+    from sparse_detr.models.tiny_backbone import TinyBackbone
+
+    broken = tmp_path / "half_downloaded.pth"
+    broken.write_bytes(b"PK\x03\x04 not a whole zip")
+    for build in (lambda: Backbone("resnet50", pretrained=broken), lambda: TinyBackbone(pretrained=broken)):
+        with pytest.raises(RuntimeError, match="half_downloaded.pth.*model.pretrained_backbone"):
+            build()
+
+
 @pytest.mark.parametrize(
     "name, channels", [("resnet50", [512, 1024, 2048]), ("swin_t", [192, 384, 768])]
 )

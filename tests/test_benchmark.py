@@ -42,9 +42,14 @@ def test_records_have_the_documented_keys(records):
         json.loads(json.dumps(records))  # JSON-serialisable as written by --json
 
 
-def test_baseline_ratios_are_one(records):
-    assert all(v == pytest.approx(1.0) for v in records[0]["ratios"].values())
-    assert records[1]["ratios"]["gflops"] == pytest.approx(records[1]["gflops"] / records[0]["gflops"])
+def test_ratios_are_relative_to_the_first_record():
+    parts = {p: 0.0 for p in bm.PARTS}
+    base = {"gflops": 8.0, "params": 40, "fps_bs1": 2.0, "gflops_parts": {**parts, "encoder": 4.0}}
+    other = {"gflops": 2.0, "params": 50, "fps_bs1": 5.0, "gflops_parts": {**parts, "encoder": 1.0}}
+    _, ratios = (r["ratios"] for r in bm.add_ratios([base, other]))
+    # Hand-worked: 2/8 of the FLOPs, 50/40 of the parameters, 5/2 the speed, 1/4 of the encoder's FLOPs; parts the
+    # baseline does not have (0 FLOPs) get no ratio rather than a division by zero.
+    assert ratios == pytest.approx({"gflops": 0.25, "params": 1.25, "fps_bs1": 2.5, "encoder_gflops": 0.25})
 
 
 def test_conventions_and_parts_add_up(records):

@@ -125,3 +125,42 @@ def test_round_trip_through_dict(tmp_path):
     again = config_from_dict(to_dict(cfg))
     assert again == cfg
     assert again.data.synthetic.num_train == 7
+
+
+def _float_fields(cls, prefix=""):
+    """Every float field of the schema, found by walking the dataclasses (not a list kept by hand)."""
+    import dataclasses
+    import typing
+
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _float_fields(tp, f"{prefix}{f.name}.")
+        elif tp is float:
+            out.append(prefix + f.name)
+    return out
+
+
+def test_every_float_field_rejects_non_finite_values(tmp_path):
+    from sparse_detr.config import Config
+
+    fields = _float_fields(Config)
+    assert "train.lr" in fields and "loss.focal_alpha" in fields and len(fields) >= 15
+    path = _write(tmp_path / "c.yaml", "model: {two_stage: true}\n")
+    for key in fields:
+        for text in ("inf", "-inf", ".nan", "1e999"):
+            with pytest.raises(ConfigError, match=rf"`{key}` must be a finite number"):
+                load_config(path, [f"{key}={text}"])
+    yaml_file = _write(tmp_path / "inf.yaml", "train: {lr: .inf}\n")
+    with pytest.raises(ConfigError, match="inf.yaml.*train.lr"):
+        load_config(yaml_file)
+
+
+def test_num_threads_is_auto_or_a_positive_count(tmp_path):
+    path = _write(tmp_path / "c.yaml", "model: {two_stage: true}\n")
+    assert load_config(path).train.num_threads == "auto"
+    assert load_config(path, ["train.num_threads=3"]).train.num_threads == 3
+    for bad in ("0", "many", "1.5"):
+        with pytest.raises(ConfigError, match="train.num_threads"):
+            load_config(path, [f"train.num_threads={bad}"])

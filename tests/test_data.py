@@ -150,6 +150,10 @@ def test_malformed_json_and_missing_keys(tmp_path):
     _, ann_file = write_coco(tmp_path, [ann(1, [1, 1, 5, 5]), ann(2, [1, "2", 5, 5])])
     with pytest.raises(ValueError, match=r"annotation id 2 \(image id 1\).*'bbox'.*'2'"):
         CocoDataset(img_folder=img_dir, ann_file=ann_file)
+    for bbox in ([True, 1, 5, 5], [1.0, 1.0, 5.0, False]):  # numpy would read the bool as 1 / 0 silently
+        _, ann_file = write_coco(tmp_path, [ann(1, [1, 1, 5, 5]), ann(2, bbox)])
+        with pytest.raises(ValueError, match=r"annotation id 2 \(image id 1\).*'bbox'.*(True|False)"):
+            CocoDataset(img_folder=img_dir, ann_file=ann_file)
     _, ann_file = write_coco(tmp_path, [ann(1, [1, 1, 5, 5]), ann(1, [2, 2, 5, 5])])
     with pytest.raises(ValueError, match="annotation id 1: duplicate"):
         CocoDataset(img_folder=img_dir, ann_file=ann_file)

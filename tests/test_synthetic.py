@@ -3,14 +3,15 @@
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from sparse_detr.data import CocoDataset
-from sparse_detr.data.synthetic import (CATEGORY_IDS, MARKER, SHAPES, draw_shape_mask, ensure_synthetic,
-                                        make_synthetic_coco, mask_to_xywh, render_image)
+from sparse_detr.data.synthetic import (CATEGORY_IDS, MARKER, SHAPES, SyntheticFolderError, draw_shape_mask,
+                                        ensure_synthetic, make_synthetic_coco, mask_to_xywh, render_image)
 
 SMALL = dict(num_train=5, num_val=3, min_size=40, max_size=64)
 
@@ -29,7 +30,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     make_synthetic_coco(str(tmp_path / "b"), seed=3, **SMALL)
     make_synthetic_coco(str(tmp_path / "c"), seed=4, **SMALL)
     a, b, c = (read_tree(tmp_path / x) for x in "abc")
-    assert sorted(a) == sorted(["annotations/instances_train.json", "annotations/instances_val.json"]
+    assert sorted(a) == sorted([MARKER, "annotations/instances_train.json", "annotations/instances_val.json"]
                                + [f"train/{i:06d}.png" for i in range(5)] + [f"val/{i:06d}.png" for i in range(3)])
     assert a == b
     assert a["annotations/instances_train.json"] != c["annotations/instances_train.json"]
@@ -90,11 +91,49 @@ def test_ensure_synthetic_generates_only_when_needed(tmp_path):
     os.utime(paths["train"]["ann_file"], (stamp - 100, stamp - 100))
     ensure_synthetic(root, **SMALL)  # same parameters: untouched
     assert os.path.getmtime(paths["train"]["ann_file"]) == stamp - 100
-    ensure_synthetic(root, **{**SMALL, "num_train": 2})  # other parameters: regenerated, stale images removed
-    assert len(json.loads(open(paths["train"]["ann_file"]).read())["images"]) == 2
-    assert sorted(os.listdir(paths["train"]["img_folder"])) == ["000000.png", "000001.png"]
     with pytest.raises(TypeError, match="bogus"):
         ensure_synthetic(root, bogus=1)
+
+
+def test_generation_never_touches_a_folder_that_is_not_ours(tmp_path):
+    """A user's folder (no marker) and one of ours made with other parameters are refused, byte for byte intact."""
+    ours = str(tmp_path / "ours")
+    ensure_synthetic(ours, **SMALL)
+    theirs = tmp_path / "theirs"
+    make_synthetic_coco(str(theirs), **SMALL)
+    os.remove(theirs / MARKER)  # the layout of a generated set, but nothing says it is ours
+    (theirs / "train" / "000050.png").write_bytes(b"the user's own image")
+    for root, params, expected in ((str(theirs), SMALL, "no synthetic_params.json"),
+                                   (ours, {**SMALL, "num_train": 2}, "num_train=5 (asked 2)")):
+        before = read_tree(root)
+        for generate in (ensure_synthetic, make_synthetic_coco):
+            with pytest.raises(SyntheticFolderError, match=re.escape(expected)) as info:
+                generate(root, **params)
+            assert root in str(info.value)
+            assert read_tree(root) == before
+    (tmp_path / "empty").mkdir()
+    ensure_synthetic(str(tmp_path / "empty"), **SMALL)  # an empty folder is fine
+
+
+def test_interrupted_generation_is_resumed_not_refused(tmp_path, monkeypatch):
+    import sparse_detr.data.synthetic as synthetic
+
+    root = str(tmp_path / "syn")
+    original, calls = synthetic._write_split, []
+
+    def dies_in_val(*args, **kwargs):
+        calls.append(args[1])
+        if args[1] == "val":
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "_write_split", dies_in_val)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_synthetic(root, **SMALL)
+    monkeypatch.setattr(synthetic, "_write_split", original)
+    paths = ensure_synthetic(root, **SMALL)  # our marker (incomplete): regenerated
+    make_synthetic_coco(str(tmp_path / "ref"), **SMALL)
+    assert read_tree(root) == read_tree(tmp_path / "ref") and os.path.isfile(paths["val"]["ann_file"])
 
 
 def test_cli_matches_function(tmp_path):

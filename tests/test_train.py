@@ -5,7 +5,10 @@
   ends with the same weights, as an uninterrupted run;
 * a non-finite loss stops with the global step, every term and the batch's image ids, keeping the last checkpoint;
 * a checkpoint of another architecture, a missing checkpoint and an unreadable image fail with clear errors;
-* `--eval-only` and `tools/eval.py` evaluate a checkpoint.
+* `--eval-only` and `tools/eval.py` evaluate a checkpoint;
+* nothing is lost: a rejected resume writes nothing, a weights-only file is named as such, stale checkpoint temp
+  files go, a second run on a folder is refused, a failing evaluation keeps the epoch, a matcher failure gets the
+  non-finite report, an interrupted run resumes with one log record per iteration (epochs numbered from 1).
 """
 import json
 import os
@@ -21,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from sparse_detr.config import config_from_dict
+from sparse_detr.config import config_from_dict, load_config
 from sparse_detr.data import build_dataset, ensure_synthetic
 from sparse_detr.engine import train as train_mod
 from sparse_detr.engine.checkpoint import ConfigMismatchError, find_last_checkpoint, load_checkpoint
@@ -90,8 +93,8 @@ def test_ddp_two_processes_match_one_process(data_root, tmp_path):
     cfg = _write(tmp_path / "c.yaml", _config(data_root, tmp_path / "unused", model={"dropout": 0.0},
                                               max_iters_per_epoch=3, eval_every_epochs=0))
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    _check(subprocess.run([sys.executable, TRAIN, "--config", cfg, f"train.output_dir={single}",
-                           "train.batch_size=2"], env=_env(), capture_output=True, text=True, timeout=300))
+    # The one-process run in this process (one thread, as the subprocesses): no third interpreter to start.
+    train_mod.run(load_config(cfg, [f"train.output_dir={single}", "train.batch_size=2"]))
     _check(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            TRAIN, "--config", cfg, f"train.output_dir={ddp}", "train.batch_size=1"],
                           env=_env(), capture_output=True, text=True, timeout=300))
@@ -111,8 +114,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(data_root, tmp_
                                               checkpoint_every_iters=1, eval_every_epochs=2, lr_drop_epochs=[1],
                                               ema=True, ema_decay=0.9))
     full, killed = tmp_path / "full", tmp_path / "killed"
-    _check(subprocess.run([sys.executable, TRAIN, "--config", cfg, f"train.output_dir={full}"], env=_env(),
-                          capture_output=True, text=True, timeout=300))
+    train_mod.run(load_config(cfg, [f"train.output_dir={full}"]))  # in this process: one interpreter less
 
     proc = subprocess.Popen([sys.executable, TRAIN, "--config", cfg, f"train.output_dir={killed}"], env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -130,10 +132,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(data_root, tmp_
     state = load_checkpoint(str(killed / "checkpoint_last.pth"))  # the last checkpoint is always loadable
     assert state["epoch"] == 0 and 0 < state["step_in_epoch"] < 3, "not killed in the middle of an epoch"
 
-    _check(subprocess.run([sys.executable, TRAIN, "--config", cfg, f"train.output_dir={killed}", "--resume",
-                           "auto"], env=_env(), capture_output=True, text=True, timeout=300))
+    train_mod.run(load_config(cfg, [f"train.output_dir={killed}"]), resume="auto")
     a, b = _iters(full), _iters(killed)
     assert sorted(a) == sorted(b) == list(range(1, 7))
+    iterations = [json.loads(line)["iteration"] for line in (killed / "log.jsonl").read_text().splitlines()
+                  if json.loads(line)["type"] == "iter"]
+    assert iterations == list(range(1, 7))  # the resumed run continued the log: no iteration twice
     for it in a:
         assert b[it] == a[it], f"iteration {it} differs after resume"
     end_a, end_b = (load_checkpoint(str(d / "checkpoint_last.pth")) for d in (full, killed))
@@ -169,7 +173,7 @@ def test_non_finite_loss_stops_with_step_terms_and_image_ids(data_root, tmp_path
     with pytest.raises(train_mod.NonFiniteLossError) as info:
         train_mod.run(cfg)
     msg = str(info.value)
-    assert "global step 3 (epoch 0, batch 2)" in msg
+    assert "global step 3 (epoch 1, batch 3)" in msg
     assert "loss_giou=nan" in msg and "loss=nan" in msg and "loss_ce=" in msg
     assert f"image ids {_batch_image_ids(data_root, 7, 0, 2, 2)}" in msg
     assert str(last) in msg
@@ -246,7 +250,7 @@ def test_eval_only_and_eval_tool(short_run, tmp_path):
 def test_run_writes_config_logs_and_tensorboard(short_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from sparse_detr.config import load_config, to_dict
+    from sparse_detr.config import to_dict
 
     cfg, path = short_run
     out = Path(path).parent
@@ -266,19 +270,25 @@ def test_run_writes_config_logs_and_tensorboard(short_run):
 def test_training_and_evaluation_give_the_model_the_unpadded_image_sizes(data_root, tmp_path, monkeypatch):
     """The loops pass `image_sizes` (host ints read from the CPU targets), so the kept-token count k is bounded by
     the real images, not the padded canvas: with mixed sizes in a batch, k is smaller than without them."""
+    import math
+
     from sparse_detr.models.detector import SparseDETR
-    from sparse_detr.models.selection import max_kept_tokens
 
     original, calls = SparseDETR.forward, []
 
     def spy(self, images, mask=None, image_sizes=None, return_maps=False):
         out = original(self, images, mask, image_sizes=image_sizes, return_maps=return_maps)
         shapes = [tuple(s) for s in out["spatial_shapes"].tolist()]
-        extents = [(int((~m).any(1).sum()), int((~m).any(0).sum())) for m in mask]  # read off the mask
-        calls.append({"training": self.training, "sizes": image_sizes, "extents": extents,
+        valid = (~out["padding_mask"]).sum(1).tolist()  # the tokens of each image, counted off the mask
+        calls.append({"training": self.training, "sizes": image_sizes,
+                      "extents": [(int((~m).any(1).sum()), int((~m).any(0).sum())) for m in mask],
                       "k": out["kept_indices"].shape[1],
-                      "k_sized": max_kept_tokens(self.selector.budget.rho, shapes, tuple(images.shape[-2:]), extents),
-                      "k_padded": max_kept_tokens(self.selector.budget.rho, shapes, tuple(images.shape[-2:]))})
+                      # Sec. 3: floor(rho * valid) + 1 tokens per image; k must hold the largest image's ...
+                      "k_needed": max(math.floor(self.selector.budget.rho * v) + 1 for v in valid),
+                      # ... and, bounded by the canvas only, it would be that of a full canvas.
+                      "k_canvas": math.floor(self.selector.budget.rho * sum(h * w for h, w in shapes)) + 1,
+                      # A host bound from the image sizes may overcount by a row and a column per level.
+                      "slack": math.ceil(self.selector.budget.rho * sum(h + w + 1 for h, w in shapes)) + 1})
         return out
 
     monkeypatch.setattr(SparseDETR, "forward", spy)
@@ -290,5 +300,179 @@ def test_training_and_evaluation_give_the_model_the_unpadded_image_sizes(data_ro
     train_mod.run(config_from_dict(cfg))
     assert [c["training"] for c in calls].count(True) == 4 and not calls[-1]["training"]  # trained, then evaluated
     for call in calls:
-        assert call["sizes"] == call["extents"] and call["k"] == call["k_sized"] <= call["k_padded"]
-    assert any(c["k"] < c["k_padded"] for c in calls if c["training"])  # seeded: one such batch in these four
+        assert call["sizes"] == call["extents"]
+        assert call["k_needed"] <= call["k"] <= min(call["k_canvas"], call["k_needed"] + call["slack"])
+    assert any(c["k"] < c["k_canvas"] for c in calls if c["training"])  # seeded: one such batch in these four
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Nothing lost, nothing vague (issue 15): each test fails on the code before it.
+
+def _tree(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def _records(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def test_rejected_resume_writes_nothing_into_the_output_folder(short_run, tmp_path):
+    cfg, path = short_run
+    run = tmp_path / "run"
+    shutil.copytree(Path(path).parent, run)
+    before = _tree(run)
+    other = config_from_dict({**cfg, "model": {**cfg["model"], "hidden_dim": 64},
+                              "train": {**cfg["train"], "output_dir": str(run)}})
+    with pytest.raises(ConfigMismatchError, match="model.hidden_dim"):
+        train_mod.run(other, resume="auto")
+    assert _tree(run) == before  # config.yaml and the logs untouched
+
+
+def test_resume_from_a_weights_only_file_says_to_use_checkpoint(short_run, tmp_path):
+    from sparse_detr.engine.checkpoint import CheckpointError
+
+    cfg, path = short_run
+    weights = tmp_path / "weights.pth"
+    torch.save({"model": load_checkpoint(path)["model"]}, weights)
+    cfg = config_from_dict({**cfg, "train": {**cfg["train"], "output_dir": str(tmp_path / "out")}})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))} holds model weights only.*"
+                                              rf"--checkpoint {re.escape(str(weights))}"):
+        train_mod.run(cfg, resume=str(weights))
+    assert not (tmp_path / "out").exists()
+
+
+def test_stale_checkpoint_temp_files_are_removed_at_start_up(short_run, tmp_path):
+    cfg, path = short_run
+    run = tmp_path / "run"
+    shutil.copytree(Path(path).parent, run)
+    ours = [run / ".checkpoint_last.pth.k2j_x9aq.tmp", run / ".checkpoint_best.pth.00000000.tmp"]
+    theirs = [run / "notes.tmp", run / ".checkpoint_last.pth.tmp", run / ".checkpoint_last.pth.abc.tmp",
+              run / "checkpoint_last.pth.k2j_x9aq.tmp"]
+    for p in ours + theirs:
+        p.write_bytes(b"x" * 100)
+    train_mod.run(config_from_dict({**cfg, "train": {**cfg["train"], "output_dir": str(run)}}), resume="auto")
+    assert not any(p.exists() for p in ours) and all(p.exists() for p in theirs)
+    assert "removed 2 temporary file(s)" in (run / "log.txt").read_text()
+
+
+def test_a_second_run_on_the_same_folder_is_refused_naming_the_first(short_run, tmp_path):
+    from sparse_detr.engine.output_dir import OutputFolderBusyError, lock_output_dir
+
+    cfg, _ = short_run
+    out = tmp_path / "busy"
+    held = lock_output_dir(str(out))  # as another run would (flock: a second open file conflicts)
+    try:
+        with pytest.raises(OutputFolderBusyError, match=rf"{re.escape(str(out))} is in use.*process {os.getpid()}"):
+            train_mod.run(config_from_dict({**cfg, "train": {**cfg["train"], "output_dir": str(out)}}))
+        assert sorted(os.listdir(out)) == [".lock"]
+    finally:
+        held.release()
+    train_mod.run(config_from_dict({**cfg, "train": {**cfg["train"], "output_dir": str(out),
+                                                     "max_iters_per_epoch": 1, "eval_every_epochs": 0}}))
+
+
+def test_failed_evaluation_keeps_the_epoch_and_names_the_image(data_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    ann_file = root / "annotations" / "instances_train.json"
+    data = json.loads(ann_file.read_text())
+    data["annotations"][0]["bbox"][2] += 500  # sticks out of its image: clipped, with a warning
+    ann_file.write_text(json.dumps(data))
+    bad = root / "val" / "000001.png"
+    good = bad.read_bytes()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out"
+    cfg = config_from_dict(_config(str(root), out, max_iters_per_epoch=2, vis_num_images=0))
+    with pytest.raises(train_mod.EvaluationError, match=rf"after epoch 1.*{re.escape(str(bad))}") as info:
+        train_mod.run(cfg)
+    assert str(out / "checkpoint_last.pth") in str(info.value)
+    state = load_checkpoint(str(out / "checkpoint_last.pth"))
+    assert state["iteration"] == 2 and state["eval_pending"]
+    # The dataset's warnings reach the run's logs, not only stderr.
+    assert "clipped 1 box(es)" in (out / "log.txt").read_text()
+    assert any(r["type"] == "warning" and "clipped 1 box(es)" in r["message"] for r in _records(out))
+
+    bad.write_bytes(good)
+    metrics = train_mod.run(cfg, resume="auto")  # evaluates the saved epoch, trains nothing more
+    state = load_checkpoint(str(out / "checkpoint_last.pth"))
+    assert state["iteration"] == 2 and not state["eval_pending"] and state["metrics"]["AP"] == metrics["AP"]
+    assert os.path.isfile(out / "checkpoint_best.pth")
+    assert [r["type"] for r in _records(out)].count("eval") == 1
+
+
+def test_non_finite_matching_cost_goes_through_the_same_report(data_root, tmp_path, monkeypatch):
+    from sparse_detr.models.detector import SparseDETR
+
+    original, calls, poison = SparseDETR.forward, [], {1}
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls.append(1)
+        if self.training and len(calls) in poison:  # as the weights that lr=1e8 gives after a step
+            out["pred_boxes"] = out["pred_boxes"] * float("nan")
+        return out
+
+    monkeypatch.setattr(SparseDETR, "forward", poisoned)
+    with pytest.raises(train_mod.NonFiniteLossError, match=r"global step 1 \(epoch 1, batch 1\).*HungarianMatcher"):
+        train_mod.run(config_from_dict(_config(data_root, tmp_path / "first", max_iters_per_epoch=4)))
+    calls.clear()
+    poison.clear()
+    poison.add(2)  # after a good step: the report then has every term's name
+    out = tmp_path / "later"
+    with pytest.raises(train_mod.NonFiniteLossError) as info:
+        train_mod.run(config_from_dict(_config(data_root, out, max_iters_per_epoch=4)))
+    msg = str(info.value)
+    assert "global step 2 (epoch 1, batch 2)" in msg and "HungarianMatcher: non-finite matching cost" in msg
+    assert "loss=nan" in msg and "loss_ce=nan" in msg  # every term of the step, named
+    assert f"image ids {_batch_image_ids(data_root, 7, 0, 1, 2)}" in msg
+    assert _records(out)[-1]["type"] == "error" and _records(out)[-1]["iteration"] == 2
+    for path in (tmp_path / "first" / "log.jsonl", out / "log.jsonl"):
+        assert json.loads(path.read_text().splitlines()[-1])["type"] == "error"
+
+
+def test_interrupted_run_resumes_with_one_record_per_iteration(data_root, tmp_path, monkeypatch):
+    """Ctrl-C says where the run stopped; the resumed run continues log.jsonl and TensorBoard without repeating
+    the iterations it recomputes; epochs are numbered from 1 in log.txt, log.jsonl and the resume message."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    original, calls = SetCriterion.forward, []
+
+    def interrupted(self, outputs, targets):
+        calls.append(1)
+        if len(calls) == 4:  # Ctrl-C in the 4th step, after the checkpoint of step 2 and the record of step 3
+            raise KeyboardInterrupt
+        return original(self, outputs, targets)
+
+    monkeypatch.setattr(SetCriterion, "forward", interrupted)
+    out = tmp_path / "out"
+    cfg = config_from_dict(_config(data_root, out, epochs=2, max_iters_per_epoch=4, checkpoint_every_iters=2,
+                                   eval_every_epochs=0))
+    with pytest.raises(train_mod.TrainingInterrupted, match=rf"epoch 1 after batch 3 \(global step 3\); the last "
+                                                           rf"checkpoint is {re.escape(str(out))}"):
+        train_mod.run(cfg)
+    assert [r["iteration"] for r in _records(out) if r["type"] == "iter"] == [1, 2, 3]
+    assert load_checkpoint(str(out / "checkpoint_last.pth"))["iteration"] == 2
+    monkeypatch.setattr(SetCriterion, "forward", original)
+    train_mod.run(cfg, resume="auto")
+    records = _records(out)
+    iters = [r for r in records if r["type"] == "iter"]
+    assert [r["iteration"] for r in iters] == list(range(1, 9))  # 3 recomputed once, nothing twice
+    assert [(r["epoch"], r["batch"]) for r in iters] == [(e, b) for e in (1, 2) for b in (1, 2, 3, 4)]
+    assert [r["epoch"] for r in records if r["type"] == "epoch"] == [1, 2]
+    text = (out / "log.txt").read_text()
+    assert "epoch [1/2]" in text and "epoch [2/2]" in text and "epoch [0/" not in text
+    assert "resumed from" in text and "epoch 1 after batch 2 (global step 2)" in text
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
+
+
+def test_auto_thread_count_follows_the_free_cores():
+    from sparse_detr.engine.builders import resolve_num_threads
+
+    assert resolve_num_threads("auto", environ={}, cores=2, load=8.0) == 1  # busy: one thread, no stalls
+    assert resolve_num_threads("auto", environ={}, cores=8, load=0.3) == 8
+    assert resolve_num_threads("auto", environ={}, cores=8, load=3.0) == 5
+    assert resolve_num_threads("auto", environ={"LOCAL_WORLD_SIZE": "2"}, cores=8, load=0.0) == 4
+    assert resolve_num_threads("auto", environ={"OMP_NUM_THREADS": "3"}, cores=8, load=0.0) == 3
+    assert resolve_num_threads(6, environ={"OMP_NUM_THREADS": "3"}, cores=2, load=9.0) == 6  # explicit wins

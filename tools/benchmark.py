@@ -24,6 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sparse_detr.engine.cli import run_tool  # noqa: E402
 from sparse_detr.engine.benchmark import BenchmarkOptions, benchmark_configs  # noqa: E402
 from sparse_detr.engine.benchmark_report import format_markdown  # noqa: E402
 
@@ -82,4 +83,4 @@ def write_outputs(records: list, json_path, markdown_path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))  # a user mistake: its message alone (--debug: traceback)

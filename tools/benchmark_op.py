@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's sparse_detr
 
+from sparse_detr.engine.cli import run_tool  # noqa: E402
 from sparse_detr.ops import available_backends, ms_deform_attn_reference, set_cuda_kernel  # noqa: E402
 from sparse_detr.ops.kernels import CUDA_KERNELS, ms_deform_attn_kernel  # noqa: E402
 
@@ -207,4 +208,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))  # a user mistake: its message alone (--debug: traceback)

@@ -11,8 +11,9 @@ tools/convert_official.py converts the file once):
 
     python tools/eval.py --config configs/sparse_detr_swin_t_rho0.1.yaml --checkpoint sparse_detr_swin_t_rho0.1.pth
 
-The checkpoint's architecture must match the config (a clear error lists the fields that differ); `key=value`
-arguments override config fields as in tools/train.py. Detections are written in the COCO results format
+`--config` is optional for our own checkpoints: they store their config. Given, its architecture must match the
+checkpoint's (a short error lists the fields that differ, before any data is read); `key=value` arguments override
+config fields as in tools/train.py. Detections are written in the COCO results format
 (dataset category ids, xywh pixels) to --out (default: train.output_dir/detections_<checkpoint name>.json).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ try:
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sparse_detr.engine.cli import run_tool
 from sparse_detr.config import load_config
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -48,13 +50,18 @@ def format_metrics(metrics: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--config", help="YAML config file (default: the one stored in the checkpoint)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint to evaluate")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     parser.add_argument("--out", help="detections json (default: next to the run's other outputs)")
     args = parser.parse_intermixed_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    from sparse_detr.engine.checkpoint import load_checkpoint
+    from sparse_detr.engine.inference import resolve_config
+
+    # The weights come from the checkpoint: no pretrained-backbone file is needed.
+    overrides = list(args.overrides) + ["model.pretrained_backbone=null"]
+    cfg = resolve_config(load_checkpoint(args.checkpoint), args.checkpoint, args.config, overrides)
     out = args.out or os.path.join(cfg.train.output_dir,
                                    f"detections_{Path(args.checkpoint).stem}{'_ema' if args.ema else ''}.json")
     from sparse_detr.engine.train import evaluate_checkpoint
@@ -66,4 +73,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))  # a user mistake: its message alone (--debug: traceback)

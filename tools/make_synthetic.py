@@ -4,7 +4,9 @@
     python tools/make_synthetic.py --out data/synthetic_big --num-train 2000 --num-val 200 --image-size 256 512
     python tools/make_synthetic.py --out data/cluttered --preset cluttered --max-objects 20 --image-size 256 320
 
-Same arguments, byte-identical files. Layout: OUT/{train,val}/*.png and OUT/annotations/instances_{train,val}.json.
+Same arguments, byte-identical files. Layout: OUT/{train,val}/*.png, OUT/annotations/instances_{train,val}.json and
+the marker OUT/synthetic_params.json. OUT must be missing, empty, or a folder this tool made with the same
+arguments: nothing else is ever overwritten.
 Train on it with dataset="synthetic" (or dataset="coco" pointing img_folder/ann_file at those paths).
 """
 
@@ -20,6 +22,7 @@ try:
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sparse_detr.engine.cli import run_tool
 from sparse_detr.data.synthetic import make_synthetic_coco
 
 
@@ -47,4 +50,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))  # a user mistake: its message alone (--debug: traceback)

@@ -26,6 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sparse_detr.engine.cli import run_tool  # noqa: E402
 from sparse_detr.config import ConfigError  # noqa: E402
 from sparse_detr.engine.sweep import ConfigChangedError, SweepOptions, plan_runs, run_sweep  # noqa: E402
 
@@ -78,4 +79,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))  # a user mistake: its message alone (--debug: traceback)

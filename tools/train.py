@@ -32,7 +32,10 @@ Evaluate a checkpoint (see also tools/eval.py, which prints the per-class table 
 `key=value` arguments override config fields (validated, e.g. `model.rho=0.2 train.epochs=12`). The output folder
 receives config.yaml (the resolved config), log.txt, log.jsonl (per-iteration, per-epoch, evaluation and
 checkpoint records), tensorboard/ (`tensorboard --logdir OUTPUT_DIR`), checkpoint_last.pth (every epoch and every
-train.checkpoint_every_iters iterations), checkpoint_best.pth (best AP) and detections_val.json.
+train.checkpoint_every_iters iterations), checkpoint_best.pth (best AP) and detections_val.json; `.lock` names the
+run that owns the folder. A mistake in the command (a misspelled key, a missing file, a checkpoint of another
+architecture) is printed as one message with exit code 3; Ctrl-C prints where the run stopped and the command that
+resumes it (exit 130); `--debug` (or SPARSE_DETR_DEBUG=1) shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ try:
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sparse_detr.engine.cli import run_tool
 from sparse_detr.config import load_config
 
 
@@ -72,4 +76,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))  # a user mistake: its message alone (--debug: traceback)

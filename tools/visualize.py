@@ -6,9 +6,11 @@ One PNG per image, the panels side by side (see sparse_detr/engine/visualize.py 
         --checkpoint outputs/sparse_rho0.1/checkpoint_best.pth --images data/coco/val2017 --max-images 8 \
         --out outputs/vis
 
-`--images` takes a file or a folder. The checkpoint is read with `torch.load(weights_only=True)`; the label map
-it stores names the classes. `key=value` arguments override the config (e.g. `model.rho=0.2` to see what a
-model trained at ρ = 0.1 keeps at ρ = 0.2).
+`--images` takes a file or a folder. Images are resized by the config's evaluation transform (shorter side
+data.val_size, longer at most data.max_size) unless --size / --max-size say otherwise. `--config` is optional: the
+checkpoint stores its config (given, it must match the checkpoint's architecture). The checkpoint is read with
+`torch.load(weights_only=True)`; the label map it stores names the classes. `key=value` arguments override the
+config (e.g. `model.rho=0.2` to see what a model trained at ρ = 0.1 keeps at ρ = 0.2).
 """
 
 import argparse
@@ -17,13 +19,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sparse_detr.engine.cli import run_tool  # noqa: E402
 from sparse_detr.engine.visualize import run_visualization  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", help="YAML config (default: the one stored in the checkpoint; given, it must match "
+                                     "the checkpoint's architecture)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--images", required=True, help="an image file or a folder of images")
     p.add_argument("--out", default="outputs/vis", help="output folder (default: outputs/vis)")
@@ -32,8 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--columns", type=int, default=4, help="panels per row")
     p.add_argument("--panel-width", type=int, default=400, help="width of each panel in pixels")
-    p.add_argument("--size", type=int, default=800, help="resize: shorter image side (the val transform)")
-    p.add_argument("--max-size", type=int, default=1333, help="resize: longest image side at most")
+    p.add_argument("--size", type=int, help="resize: shorter image side (default: the config's data.val_size)")
+    p.add_argument("--max-size", type=int, help="resize: longest image side at most (default: data.max_size)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p.parse_args(argv)
 
@@ -49,4 +53,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))  # a user mistake: its message alone (--debug: traceback)

@@ -35,10 +35,20 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from sparse_detr.errors import UserError
+
 from .transforms import boxes_xyxy_to_normalized_cxcywh, make_base_transforms
 
 
 LABEL_MAPPINGS = ("contiguous", "category_id")
+
+
+class DataError(UserError, ValueError):
+    """An annotation file is malformed; the message names the file, the entry and the field."""
+
+
+class ImageError(UserError, RuntimeError):
+    """An image file is missing, unreadable, or not the size its annotation file says."""
 
 
 class LabelMap:
@@ -182,7 +192,7 @@ class CocoAnnotations:
 
 def _require(obj: Any, key: str, where: str) -> Any:
     if not isinstance(obj, dict) or key not in obj:
-        raise ValueError(f"{where}: missing required key '{key}'")
+        raise DataError(f"{where}: missing required key '{key}'")
     return obj[key]
 
 
@@ -190,7 +200,7 @@ def _require_int(obj: dict, key: str, where: str) -> int:
     value = _require(obj, key, where)
     # bool is an int subclass; a `true` id is a json mistake, not an id.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{where}: field '{key}' must be an integer, got {value!r}")
+        raise DataError(f"{where}: field '{key}' must be an integer, got {value!r}")
     return value
 
 
@@ -200,19 +210,19 @@ def _raise_annotation_error(ann_file: str, index: int, ann: Any, images: dict, l
     ann_id = _require_int(ann, "id", f"{ann_file}: annotations[{index}]")
     where = f"{ann_file}: annotation id {ann_id}"
     if ann_id in seen_ids:
-        raise ValueError(f"{where}: duplicate annotation id")
+        raise DataError(f"{where}: duplicate annotation id")
     image_id = _require_int(ann, "image_id", where)
     if image_id not in images:
-        raise ValueError(f"{where}: field 'image_id' refers to unknown image id {image_id}")
+        raise DataError(f"{where}: field 'image_id' refers to unknown image id {image_id}")
     where = f"{where} (image id {image_id})"
     category_id = _require_int(ann, "category_id", where)
     if category_id not in label_map:
-        raise ValueError(f"{where}: field 'category_id' {category_id} is not in 'categories' "
+        raise DataError(f"{where}: field 'category_id' {category_id} is not in 'categories' "
                          f"(known ids: {label_map.category_ids})")
     bbox = _require(ann, "bbox", where)
     if (not isinstance(bbox, list) or len(bbox) != 4
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
-        raise ValueError(f"{where}: field 'bbox' must be a list of 4 numbers [x, y, w, h], got {bbox!r}")
+        raise DataError(f"{where}: field 'bbox' must be a list of 4 numbers [x, y, w, h], got {bbox!r}")
     raise AssertionError(f"{where}: rejected by the fast check but no error found")  # keeps the two paths honest
 
 
@@ -232,16 +242,16 @@ def load_coco_json(ann_file: str, label_mapping: str = "contiguous") -> tuple[Co
         with open(ann_file, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{ann_file}: malformed JSON: {e}") from e
+        raise DataError(f"{ann_file}: malformed JSON: {e}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{ann_file}: top level must be a JSON object with 'images', 'annotations', 'categories'")
+        raise DataError(f"{ann_file}: top level must be a JSON object with 'images', 'annotations', 'categories'")
     for key in ("images", "annotations", "categories"):
         if not isinstance(_require(data, key, ann_file), list):
-            raise ValueError(f"{ann_file}: key '{key}' must be a list")
+            raise DataError(f"{ann_file}: key '{key}' must be a list")
 
     categories = data["categories"]
     if not categories:
-        raise ValueError(f"{ann_file}: 'categories' is empty; a detector needs at least one class")
+        raise DataError(f"{ann_file}: 'categories' is empty; a detector needs at least one class")
     for i, cat in enumerate(categories):
         where = f"{ann_file}: categories[{i}]"
         _require_int(cat, "id", where)
@@ -249,18 +259,18 @@ def load_coco_json(ann_file: str, label_mapping: str = "contiguous") -> tuple[Co
     try:
         label_map = LabelMap.from_categories(categories, label_mapping)
     except ValueError as e:
-        raise ValueError(f"{ann_file}: {e}") from None
+        raise DataError(f"{ann_file}: {e}") from None
 
     images: dict[int, dict] = {}
     for i, img in enumerate(data["images"]):
         image_id = _require_int(img, "id", f"{ann_file}: images[{i}]")
         where = f"{ann_file}: image id {image_id}"
         if image_id in images:
-            raise ValueError(f"{where}: duplicate image id")
+            raise DataError(f"{where}: duplicate image id")
         _require(img, "file_name", where)
         for key in ("width", "height"):
             if _require_int(img, key, where) <= 0:
-                raise ValueError(f"{where}: field '{key}' must be positive, got {img[key]}")
+                raise DataError(f"{where}: field '{key}' must be positive, got {img[key]}")
         images[image_id] = img
     sorted_ids = sorted(images)
     position = {image_id: i for i, image_id in enumerate(sorted_ids)}
@@ -289,7 +299,9 @@ def load_coco_json(ann_file: str, label_mapping: str = "contiguous") -> tuple[Co
         ann_labels.append(label_map.to_label(category_id))
 
     xywh = np.array(ann_boxes) if ann_boxes else np.zeros((0, 4))
-    if xywh.dtype.kind not in "iuf" or xywh.shape != (len(ann_boxes), 4):
+    # numpy turns [True, 5, 8, 9] into ints silently: a bool among numbers needs its own (cheap) look.
+    if (xywh.dtype.kind not in "iuf" or xywh.shape != (len(ann_boxes), 4)
+            or any(type(v) is bool for bbox in ann_boxes for v in bbox)):
         for i, bbox in enumerate(ann_boxes):  # find the offender for the message
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
                 _raise_annotation_error(ann_file, i, data["annotations"][i], images, label_map, set())
@@ -368,10 +380,10 @@ class CocoDataset(torch.utils.data.Dataset):
             with Image.open(path) as pil:
                 pil = pil.convert("RGB")  # forces the full decode inside the try (PIL opens lazily)
         except (OSError, SyntaxError, ValueError) as e:  # PIL reports missing/corrupt/truncated files this way
-            raise RuntimeError(f"cannot read image {path} (image id {record.image_id}): {e}") from e
+            raise ImageError(f"cannot read image {path} (image id {record.image_id}): {e}") from e
         if (pil.height, pil.width) != (record.height, record.width):
             # Boxes were validated against the json size; a different file size means they would be wrong.
-            raise RuntimeError(f"image {path} (image id {record.image_id}) is {pil.width}x{pil.height} but "
+            raise ImageError(f"image {path} (image id {record.image_id}) is {pil.width}x{pil.height} but "
                                f"{self.ann_file} says {record.width}x{record.height}")
         return tv_tensors.Image(F.pil_to_tensor(pil))
 

@@ -18,8 +18,11 @@ does not change the validation images. Drawing uses PIL without anti-aliasing, s
 Presets: ``preset="demo"`` (the above, a quick demo) or ``"cluttered"`` (``cluttered.py``: textured background,
 many objects over a COCO-like size range, distractor shapes of no class, partial occlusion; for the ablations).
 
-``ensure_synthetic(out_dir, **kwargs)`` generates only when the files are missing or were made with other
-parameters (a marker json holds them). Under torchrun, call it on the main process and then barrier.
+Nothing of the user's is ever overwritten or deleted: generation goes only into a missing or empty folder, or one
+that carries this generator's marker (``synthetic_params.json``, written before the first file) with the same
+parameters; any other folder is a ``SyntheticFolderError`` naming it. ``ensure_synthetic(out_dir, **kwargs)``
+reuses a complete folder of the same parameters and generates otherwise. Under torchrun, call it on the main
+process and then barrier.
 """
 
 from __future__ import annotations
@@ -27,18 +30,23 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import re
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from sparse_detr.errors import UserError
 
 SHAPES = ("rectangle", "ellipse", "triangle", "cross", "ring", "diamond")
 CATEGORY_IDS = (1, 3, 5, 7, 9, 11)  # gaps on purpose: labels must go through the LabelMap
 SPLITS = ("train", "val")
 PRESETS = ("demo", "cluttered")
 MARKER = "synthetic_params.json"
-GENERATOR_VERSION = 1  # bump when the drawing changes, so ensure_synthetic regenerates old folders
+GENERATOR_VERSION = 1  # bump when the drawing changes: a folder of another version is then refused, not reused
+
+
+class SyntheticFolderError(UserError, ValueError):
+    """The output folder holds files this generator did not write (or wrote with other parameters)."""
 
 
 def draw_shape_mask(shape: str, canvas_hw: tuple[int, int], box: tuple[int, int, int, int],
@@ -198,10 +206,6 @@ def _write_split(out_dir: str, split: str, split_index: int, count: int, seed: i
         for obj in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": obj["category_id"],
                                 "bbox": obj["bbox"], "area": obj["area"], "iscrowd": 0})
-    # Remove our own stale images from a previous, larger run (only names this generator writes).
-    for name in os.listdir(img_dir):
-        if re.fullmatch(r"\d{6}\.png", name) and int(name[:6]) >= count:
-            os.remove(os.path.join(img_dir, name))
     data = {
         "info": {"description": f"sparse-detr synthetic shapes ({preset})", "version": str(GENERATOR_VERSION),
                  "seed": seed},
@@ -237,34 +241,68 @@ def make_synthetic_coco(out_dir: str, num_train: int = 64, num_val: int = 16, se
         raise ValueError(f"need 16 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
     if num_train < 0 or num_val < 0 or max_objects < 0:
         raise ValueError("num_train, num_val and max_objects must be >= 0")
+    params = {name: value for name, value in locals().items() if name in _defaults()}
+    marker = _claim_folder(out_dir, params)
     for split_index, (split, count) in enumerate(zip(SPLITS, (num_train, num_val))):
         _write_split(out_dir, split, split_index, count, seed, min_size, max_size, max_objects, empty_every, preset)
+    _write_marker(marker, params, complete=True)
     return synthetic_paths(out_dir)
 
 
+def _defaults() -> dict[str, Any]:
+    # Read from make_synthetic_coco itself, so the marker can never disagree with what was generated.
+    return {name: p.default for name, p in inspect.signature(make_synthetic_coco).parameters.items()
+            if name != "out_dir"}
+
+
+def _read_marker(marker: str) -> dict | None:
+    try:
+        with open(marker, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_marker(marker: str, params: dict[str, Any], complete: bool) -> None:
+    with open(marker, "w", encoding="utf-8") as f:
+        json.dump({**params, "generator_version": GENERATOR_VERSION, "complete": complete}, f, sort_keys=True)
+
+
+def _claim_folder(out_dir: str, params: dict[str, Any]) -> str:
+    """Check that generating into ``out_dir`` overwrites nothing of anyone else's, then mark the folder as ours
+    (incomplete) before the first file is written, so an interrupted generation is still recognised as ours."""
+    marker = os.path.join(out_dir, MARKER)
+    found = _read_marker(marker)
+    wanted = {**params, "generator_version": GENERATOR_VERSION}
+    if found is not None:
+        old = {k: v for k, v in found.items() if k != "complete"}
+        if old != wanted:
+            diff = ", ".join(f"{k}={old.get(k)!r} (asked {wanted.get(k)!r})" for k in sorted(set(old) | set(wanted))
+                             if old.get(k) != wanted.get(k))
+            raise SyntheticFolderError(
+                f"{out_dir} holds a synthetic dataset made with other parameters ({diff}); it is not regenerated "
+                f"in place: delete that folder (it holds only generated data) or choose another data.root / --out")
+    elif os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise SyntheticFolderError(
+            f"{out_dir} is not empty and has no {MARKER} (the synthetic generator's marker): generating there "
+            f"could overwrite files that are not ours; choose a missing or empty folder for data.root / --out")
+    os.makedirs(out_dir, exist_ok=True)
+    _write_marker(marker, params, complete=False)
+    return marker
+
+
 def ensure_synthetic(out_dir: str, **kwargs: Any) -> dict[str, Any]:
-    """``make_synthetic_coco(out_dir, **kwargs)`` unless ``out_dir`` already holds it with the same parameters."""
-    # Defaults read from make_synthetic_coco itself, so the marker can never disagree with what was generated.
-    defaults = {name: p.default for name, p in inspect.signature(make_synthetic_coco).parameters.items()
-                if name != "out_dir"}
+    """``make_synthetic_coco(out_dir, **kwargs)`` unless ``out_dir`` already holds it, complete, with the same
+    parameters. Raises ``SyntheticFolderError`` for a folder that is not ours (see the module docstring)."""
+    defaults = _defaults()
     unknown = set(kwargs) - set(defaults)
     if unknown:
         raise TypeError(f"ensure_synthetic: unknown argument(s) {sorted(unknown)}; known: {sorted(defaults)}")
-    params = {**defaults, **kwargs, "generator_version": GENERATOR_VERSION}
+    params = {**defaults, **kwargs}
     paths = synthetic_paths(out_dir)
-    marker = os.path.join(out_dir, MARKER)
-    try:
-        with open(marker, encoding="utf-8") as f:
-            up_to_date = json.load(f) == params
-    except (OSError, ValueError):
-        up_to_date = False
-    if up_to_date and all(os.path.isfile(paths[s]["ann_file"]) for s in SPLITS):
+    found = _read_marker(os.path.join(out_dir, MARKER))
+    if (found == {**params, "generator_version": GENERATOR_VERSION, "complete": True}
+            and all(os.path.isfile(paths[s]["ann_file"]) for s in SPLITS)):
         return paths
-    # Remove the old marker first and write the new one last: an interrupted generation leaves no marker (and
-    # mixed files) behind, so the next call regenerates instead of trusting it.
-    if os.path.exists(marker):
-        os.remove(marker)
-    make_synthetic_coco(out_dir, **{k: v for k, v in params.items() if k != "generator_version"})
-    with open(marker, "w", encoding="utf-8") as f:
-        json.dump(params, f, sort_keys=True)
-    return paths
+    return make_synthetic_coco(out_dir, **params)

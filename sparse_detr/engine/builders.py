@@ -14,9 +14,14 @@ Reproducible, resumable data order (why the train loader is not a plain DataLoad
   resumed run and a 2-process run see exactly the images an uninterrupted single-process run sees.
 * The loaders get their own `generator`, so creating an iterator never draws from the global RNG that dropout
   uses (the checkpointed RNG state then continues exactly).
+* `data.group_by_aspect_ratio`: `GroupedBatchSampler` cuts the same per-epoch order into batches of images from
+  one aspect-ratio bin (torchvision's detection references do the same), a pure function of that order, so
+  resume skips whole batches and stays exact.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import random
 from dataclasses import dataclass
@@ -32,9 +37,9 @@ from sparse_detr.data import build_dataset, collate_batch, ensure_synthetic, mak
 from sparse_detr.engine import dist
 from sparse_detr.engine.optim import build_ema, build_lr_scheduler, build_optimizer, scaled_lr
 
-__all__ = ["LoopOptions", "EpochSampler", "SeededSamples", "build_split", "build_datasets", "build_train_loader",
-           "build_val_loader", "check_num_classes", "build_model_and_criterion", "wrap_distributed",
-           "build_optimization", "loop_options"]
+__all__ = ["LoopOptions", "EpochSampler", "GroupedBatchSampler", "aspect_ratio_groups", "SeededSamples",
+           "build_split", "build_datasets", "build_train_loader", "build_val_loader", "check_num_classes", "build_model_and_criterion", "wrap_distributed",
+           "build_optimization", "loop_options", "resolve_num_threads", "setup_threads"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,54 @@ class EpochSampler(Sampler):
     def samples_per_epoch(self) -> int:
         """Samples this rank sees in a full epoch (the skip aside)."""
         return len(self.inner)
+
+
+def aspect_ratio_groups(sizes: np.ndarray, factor: int = 3) -> list[int]:
+    """Bin index of every image's width/height, from `sizes` (N,2) (h, w): 2*factor bins with edges
+    2**linspace(-1, 1, 2*factor + 1) inside (ratios beyond 1/2 or 2 share the outer bins)."""
+    edges = (2.0 ** np.linspace(-1.0, 1.0, 2 * factor + 1))[1:-1].tolist()
+    return [bisect.bisect_right(edges, float(w) / float(h)) for h, w in np.asarray(sizes).reshape(-1, 2)]
+
+
+class GroupedBatchSampler(Sampler):
+    """Batches of `batch_size` from `sampler`'s `(epoch, index)` order, each from one group where possible.
+
+    A sample joins its group's open batch; a batch is yielded when full. At the end of the epoch the samples
+    left in unfinished groups are batched together in their original order (so an epoch has exactly
+    samples // batch_size batches, like drop_last), and the final partial batch is dropped."""
+
+    def __init__(self, sampler: EpochSampler, group_ids: list[int], batch_size: int) -> None:
+        self.sampler, self.group_ids, self.batch_size = sampler, group_ids, batch_size
+        self.skip_batches = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """`skip` in samples, as `EpochSampler.set_epoch`: always whole batches here."""
+        self.sampler.set_epoch(epoch, skip=0)
+        self.skip_batches = skip // self.batch_size
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.sampler.samples_per_epoch
+
+    def _batches(self):
+        open_batches: dict[int, list] = {}
+        position: dict[tuple, int] = {}
+        for i, key in enumerate(self.sampler):
+            position[key] = i
+            batch = open_batches.setdefault(self.group_ids[key[1]], [])
+            batch.append(key)
+            if len(batch) == self.batch_size:
+                yield batch
+                open_batches[self.group_ids[key[1]]] = []
+        rest = sorted((k for b in open_batches.values() for k in b), key=position.__getitem__)
+        for i in range(0, len(rest) - self.batch_size + 1, self.batch_size):
+            yield rest[i:i + self.batch_size]
+
+    def __iter__(self):
+        return itertools.islice(self._batches(), self.skip_batches, None)
+
+    def __len__(self) -> int:
+        return max(0, self.samples_per_epoch // self.batch_size - self.skip_batches)
 
 
 class SeededSamples(Dataset):
@@ -180,14 +233,22 @@ def _loader_kwargs(cfg: Config, device: torch.device, rank: int) -> dict:
                 generator=make_generator(cfg.train.seed, rank))
 
 
-def build_train_loader(cfg: Config, dataset: Dataset, info: dist.DistInfo) -> tuple[DataLoader, EpochSampler]:
+def build_train_loader(cfg: Config, dataset: Dataset, info: dist.DistInfo) -> tuple[DataLoader, Sampler]:
     """Shuffled, resumable train loader (drop_last: every step sees a full global batch)."""
     sampler = EpochSampler(dataset, info.world_size, info.rank, cfg.train.seed, shuffle=True)
     if sampler.samples_per_epoch < cfg.train.batch_size:
         raise ValueError(f"the training set has {len(dataset)} images: fewer than one global batch of "
                          f"{cfg.train.batch_size} x {info.world_size} processes")
-    loader = DataLoader(SeededSamples(dataset, cfg.train.seed), batch_size=cfg.train.batch_size, sampler=sampler,
-                        drop_last=True, **_loader_kwargs(cfg, info.device, info.rank))
+    samples = SeededSamples(dataset, cfg.train.seed)
+    if cfg.data.group_by_aspect_ratio:
+        sizes = getattr(getattr(dataset, "annotations", None), "sizes", None)
+        if sizes is None:
+            raise ValueError("data.group_by_aspect_ratio needs a COCO-format dataset (image sizes from its json)")
+        sampler = GroupedBatchSampler(sampler, aspect_ratio_groups(sizes), cfg.train.batch_size)
+        loader = DataLoader(samples, batch_sampler=sampler, **_loader_kwargs(cfg, info.device, info.rank))
+    else:
+        loader = DataLoader(samples, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
+                            **_loader_kwargs(cfg, info.device, info.rank))
     return loader, sampler
 
 
@@ -245,6 +306,33 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def resolve_num_threads(setting: "int | str", environ=os.environ, cores: Optional[int] = None,
+                        load: Optional[float] = None) -> int:
+    """`train.num_threads` as a number. auto: OMP_NUM_THREADS when set; else the cores this process may use,
+    minus the 1-minute load average (other processes' runnable threads), shared by the processes of this node
+    (torchrun's LOCAL_WORLD_SIZE), at least 1.
+
+    Why: an OpenMP team larger than the free cores makes every parallel region wait for descheduled threads; on
+    2 busy cores the demo ran 3-8x slower with 2 threads than with 1 (docs/benchmarks.md#cpu-threads)."""
+    if setting != "auto":
+        return int(setting)
+    if environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(environ["OMP_NUM_THREADS"]) >= 1:
+        return int(environ["OMP_NUM_THREADS"])
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    local = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, int(cores - load + 0.5) // local)
+
+
+def setup_threads(cfg: Config) -> str:
+    """Apply `train.num_threads` to this process; returns a line for the log."""
+    n = resolve_num_threads(cfg.train.num_threads)
+    torch.set_num_threads(n)
+    return f"{n} CPU thread(s) per process (train.num_threads={cfg.train.num_threads})"
 
 
 def setup_determinism(cfg: Config) -> Optional[str]:

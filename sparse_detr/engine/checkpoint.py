@@ -40,10 +40,12 @@ import torch
 
 from sparse_detr.models.selection import SELECTORS
 from sparse_detr.models.swin import has_official_swin_keys, official_to_ours
+from sparse_detr.errors import UserError
 
 __all__ = [
-    "FORMAT_VERSION", "LAYOUT_FIELDS", "LAST", "BEST", "ConfigMismatchError", "save_checkpoint", "load_checkpoint",
-    "check_config_compatible", "find_last_checkpoint", "get_rng_state", "set_rng_state",
+    "FORMAT_VERSION", "LAYOUT_FIELDS", "LAST", "BEST", "ConfigMismatchError", "CheckpointError",
+    "CheckpointNotFoundError", "save_checkpoint", "load_checkpoint", "check_resumable", "check_config_compatible",
+    "find_last_checkpoint", "get_rng_state", "set_rng_state",
 ]
 
 FORMAT_VERSION = 2
@@ -62,8 +64,20 @@ LAYOUT_FIELDS = (
 )
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError, ValueError):
     """The checkpoint was trained with a different architecture than the config asks for."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """The file is not a (resumable) checkpoint of ours: truncated, corrupt, foreign, newer or weights only."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """No file at the checkpoint path."""
+
+
+# What `--resume` needs beyond the weights (a file saved as {"model": ...} has the weights only).
+RESUME_KEYS = ("optimizer", "lr_scheduler", "epoch", "step_in_epoch", "iteration")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,19 +166,19 @@ def load_checkpoint(path: str) -> dict:
     Raises FileNotFoundError (missing), RuntimeError (truncated, corrupt, not a checkpoint of ours, or from a newer
     format), each naming the file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     try:
         # The official checkpoints store their argparse flags as a Namespace (plain attributes, safe to build).
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip/pickle/unpickler errors come in many types; all mean "unreadable"
-        raise RuntimeError(f"cannot read checkpoint {path} (truncated, corrupt, or not loadable with "
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated, corrupt, or not loadable with "
                            f"weights_only=True): {type(e).__name__}: {e}") from e
     if not isinstance(state, dict) or "model" not in state:
-        raise RuntimeError(f"{path} is not a sparse-detr checkpoint (no 'model' entry)")
+        raise CheckpointError(f"{path} is not a sparse-detr checkpoint (no 'model' entry)")
     version = state.get("format_version", 0)
     if version > FORMAT_VERSION:
-        raise RuntimeError(f"{path} has checkpoint format {version}; this code reads up to {FORMAT_VERSION}")
+        raise CheckpointError(f"{path} has checkpoint format {version}; this code reads up to {FORMAT_VERSION}")
     return _upgrade(state, path)
 
 
@@ -184,6 +198,14 @@ def _upgrade(state: dict, path: str) -> dict:
                       f"with model.backbone=swin_t_torchvision (model.backbone=swin_t is now the official Swin-T)",
                       stacklevel=3)
     return state
+
+
+def check_resumable(state: dict, path: str) -> None:
+    """Raise CheckpointError when `state` lacks what `--resume` restores (optimizer, schedule, position)."""
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} holds model weights only (no {', '.join(missing)}), so it cannot be resumed; "
+                              f"start a new training from these weights with --checkpoint {path}")
 
 
 def _layout_view(model_cfg: dict) -> dict:

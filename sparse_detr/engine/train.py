@@ -6,8 +6,15 @@
 One iteration: forward (bf16 autocast on GPU if asked) → unweighted losses → `weighted_total` → the loss terms
 averaged over processes (one all-reduce of a stacked vector) → backward → gradient clipping → ONE host sync that
 reads the averaged terms and the gradient norm → optimizer step only if all of them are finite → EMA update.
-A non-finite value stops the run with `NonFiniteLossError` (global step, every term, the batch's image ids on
-every rank) before the weights change and before anything is saved: the last checkpoint stays the last good one.
+A non-finite value (a loss term, the gradient norm, or a matching cost the matcher refuses) stops the run with
+`NonFiniteLossError` (global step, every term, the batch's image ids on every rank, an "error" record in
+log.jsonl) before the weights change and before anything is saved: the last checkpoint stays the last good one.
+
+Nothing is lost: a run is checked against its checkpoint (resumable? same architecture?) before it writes
+anything into the output folder; it then locks the folder (see output_dir.py), removes the temporary files a
+killed checkpoint write left, and at the end of an epoch saves the checkpoint BEFORE evaluating (a failing
+evaluation, e.g. an unreadable val image, keeps the epoch; the resumed run evaluates it again). Epochs and
+batches are numbered from 1 in every log and message; the checkpoint's `epoch` counts finished epochs.
 
 Resume is exact: the checkpoint stores the epoch, the batches done in it and every rank's RNG states; the data
 order and augmentation are functions of (seed, epoch, index) (see builders.py), so the resumed run skips the
@@ -20,6 +27,7 @@ import itertools
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -29,23 +37,38 @@ import torch
 from sparse_detr.config import Config, save_config, to_dict
 from sparse_detr.data import LabelMap, batch_image_sizes
 from sparse_detr.engine import builders, dist
-from sparse_detr.engine.checkpoint import (BEST, LAST, check_config_compatible, find_last_checkpoint,
-                                           get_rng_state, load_checkpoint, save_checkpoint, set_rng_state)
+from sparse_detr.engine.checkpoint import (BEST, LAST, check_config_compatible, check_resumable,
+                                           find_last_checkpoint, get_rng_state, load_checkpoint, save_checkpoint,
+                                           set_rng_state)
+from sparse_detr.engine.output_dir import lock_output_dir, remove_stale_temp_files, truncate_jsonl
 from sparse_detr.engine.evaluate import evaluate, load_coco_gt
+from sparse_detr.engine.inference import checkpoint_weights, load_weights
 from sparse_detr.engine.logging import (JsonlLog, MeterGroup, TensorboardLog, format_eta, peak_memory_mb,
-                                        setup_text_logger)
+                                        release_free_memory, resident_memory_mb, setup_text_logger)
 from sparse_detr.engine.visualize import visualize_image
 from sparse_detr.engine.optim import restore_scheduler, scheduler_state
 from sparse_detr.box_ops import box_cxcywh_to_xyxy
+from sparse_detr.errors import UserError
 from sparse_detr.models.criterion import check_finite, weighted_total
 
-__all__ = ["NonFiniteLossError", "Progress", "Trainer", "run"]
+__all__ = ["NonFiniteLossError", "EvaluationError", "TrainingInterrupted", "Progress", "Trainer", "run"]
 
 MAIN_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "loss_mask")  # shown in the progress line (all go to the logs)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss term or the gradient norm became NaN/inf; the message says where and on which images."""
+class NonFiniteLossError(UserError, FloatingPointError):
+    """A loss term, the gradient norm or a matching cost became NaN/inf; the message says where and on which
+    images."""
+
+
+class EvaluationError(UserError, RuntimeError):
+    """The evaluation after an epoch failed on bad input (e.g. an unreadable image); the epoch's checkpoint is kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C: the message says where the run stopped; the tools add the command that resumes it."""
+
+    resumable = True
 
 
 @dataclass
@@ -56,6 +79,18 @@ class Progress:
     best_ap: float = -1.0
     metrics: dict = field(default_factory=dict)
     last_checkpoint: Optional[str] = None
+    eval_pending: bool = False  # the last checkpoint was saved before its epoch's evaluation ran
+
+
+def _float_tensors(tree: Any) -> list[torch.Tensor]:
+    """Every floating-point tensor in a nested dict/list of outputs."""
+    if isinstance(tree, torch.Tensor):
+        return [tree] if tree.is_floating_point() else []
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _float_tensors(v)]
+    return []
 
 
 def _to_float32(tree: Any) -> Any:
@@ -72,7 +107,9 @@ def _to_float32(tree: Any) -> Any:
 class Trainer:
     def __init__(self, *, model, criterion, postprocessor, optimizer, scheduler, ema, train_loader, train_sampler,
                  val_loader, coco_gt, label_map, info: dist.DistInfo, options: builders.LoopOptions,
-                 config: dict) -> None:
+                 config: dict, start_iteration: Optional[int] = None) -> None:
+        """start_iteration: the global step of the checkpoint a resumed run starts from (its TensorBoard
+        events after that step are hidden, see logging.py)."""
         self.model, self.criterion, self.postprocessor = model, criterion, postprocessor
         self.optimizer, self.scheduler, self.ema = optimizer, scheduler, ema
         self.train_loader, self.train_sampler, self.val_loader = train_loader, train_sampler, val_loader
@@ -82,14 +119,18 @@ class Trainer:
         # tests/test_gradients.py checks that every shipped config family trains every parameter.
         self.net = builders.wrap_distributed(model, self.device, info.distributed)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        full = train_sampler.samples_per_epoch // train_loader.batch_size
+        # The batch size of the loader, or of its batch sampler (data.group_by_aspect_ratio).
+        self.batch_size = train_loader.batch_size or train_loader.batch_sampler.batch_size
+        full = train_sampler.samples_per_epoch // self.batch_size
         self.iters_per_epoch = min(full, options.max_iters_per_epoch) if options.max_iters_per_epoch > 0 else full
         self.use_bf16 = options.amp == "bf16" and self.device.type == "cuda"
         self.progress = Progress()
+        self._loss_names: Optional[list[str]] = None  # of the last good step (for a matcher failure's report)
         main = info.rank == 0
         self.log = setup_text_logger(options.output_dir if main else None, main)
         self.jsonl = JsonlLog(os.path.join(options.output_dir, "log.jsonl") if main else None)
-        self.tb = TensorboardLog(os.path.join(options.output_dir, "tensorboard") if main else None)
+        self.tb = TensorboardLog(os.path.join(options.output_dir, "tensorboard") if main else None,
+                                 purge_step=None if start_iteration is None else start_iteration + 1)
         if options.amp == "bf16" and not self.use_bf16:
             self.log.warning("train.amp=bf16 is only used on CUDA; training in float32 on %s", self.device)
 
@@ -104,6 +145,7 @@ class Trainer:
             "epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "iteration": p.iteration,
             "rng": dist.all_gather_object(get_rng_state()), "config": self.config,
             "label_map": self.label_map.to_dict(), "best_ap": p.best_ap, "metrics": p.metrics,
+            "eval_pending": p.eval_pending,
         }
 
     def save(self, names: tuple[str, ...] = (LAST,)) -> None:
@@ -112,14 +154,16 @@ class Trainer:
             for name in names:
                 path = os.path.join(self.opts.output_dir, name)
                 save_checkpoint(path, state)
-                self.jsonl.write("checkpoint", path=path, epoch=self.progress.epoch,
-                                 step_in_epoch=self.progress.step_in_epoch, iteration=self.progress.iteration)
+                p = self.progress
+                # 1-based, as the text log: saved after batch `batch` of epoch `epoch`.
+                epoch, batch = (p.epoch + 1, p.step_in_epoch) if p.step_in_epoch else (p.epoch, self.iters_per_epoch)
+                self.jsonl.write("checkpoint", path=path, epoch=epoch, batch=batch, iteration=p.iteration)
             self.progress.last_checkpoint = os.path.join(self.opts.output_dir, names[0])
 
     def load_weights(self, ckpt: dict, source: str) -> None:
         """Model (and EMA) weights only: `--checkpoint` for evaluation or to start training from them."""
         check_config_compatible(ckpt.get("config"), self.config, source)
-        self.model.load_state_dict(ckpt["model"])
+        load_weights(self.model, ckpt["model"], source)  # inference.py: a short report when they do not fit
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
         if ckpt.get("label_map") and LabelMap.from_dict(ckpt["label_map"]) != self.label_map:
@@ -139,39 +183,76 @@ class Trainer:
         p = self.progress
         p.epoch, p.step_in_epoch, p.iteration = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["iteration"]
         p.best_ap, p.metrics, p.last_checkpoint = ckpt.get("best_ap", -1.0), ckpt.get("metrics") or {}, source
+        p.eval_pending = bool(ckpt.get("eval_pending", False))
         states = ckpt.get("rng") or []
         if len(states) == self.info.world_size:
             set_rng_state(states[self.info.rank])
         else:
             self.log.warning("%s was written by %d process(es), this run has %d: RNG states not restored, the "
                              "run continues but not bit-identically", source, len(states), self.info.world_size)
-        self.log.info("resumed from %s: epoch %d, batch %d, global step %d", source, p.epoch, p.step_in_epoch,
-                      p.iteration)
+        where = (f"epoch {p.epoch + 1} after batch {p.step_in_epoch}" if p.step_in_epoch
+                 else f"the end of epoch {p.epoch}")
+        self.log.info("resumed from %s: %s (global step %d)%s", source, where, p.iteration,
+                      "; its evaluation runs first" if p.eval_pending else "")
+        self.jsonl.write("resume", path=source, iteration=p.iteration)
 
     # ---------------------------------------------------------------------------------------------- training
     def fit(self) -> dict:
         p, o = self.progress, self.opts
+        if p.eval_pending:  # resumed from a checkpoint saved just before an evaluation that did not finish
+            self._evaluate_and_save(p.epoch - 1)
         if p.epoch >= o.epochs:
             self.log.info("already trained for %d epochs (train.epochs=%d): nothing to do", p.epoch, o.epochs)
             return p.metrics
         self.log.info("training: %d epochs x %d iterations, %d process(es) x batch %d, %d trainable parameters",
-                      o.epochs, self.iters_per_epoch, self.info.world_size, self.train_loader.batch_size,
+                      o.epochs, self.iters_per_epoch, self.info.world_size, self.batch_size,
                       sum(t.numel() for t in self.params))
         for epoch in range(p.epoch, o.epochs):
             start = time.perf_counter()
             averages = self.train_one_epoch(epoch)
             self.scheduler.step()
             p.epoch, p.step_in_epoch = epoch + 1, 0
-            improved = False
-            if o.eval_every_epochs > 0 and ((epoch + 1) % o.eval_every_epochs == 0 or epoch + 1 == o.epochs):
-                p.metrics = self.evaluate(epoch)
-                ap = p.metrics.get("ema", p.metrics).get("AP", -1.0)  # the EMA weights are what one deploys
-                improved = ap > p.best_ap
-                p.best_ap = max(p.best_ap, ap)
-            self.save((LAST, BEST) if improved else (LAST,))
-            self.jsonl.write("epoch", **{**averages, "epoch": epoch, "iteration": p.iteration, "best_ap": p.best_ap,
-                                         "time": time.perf_counter() - start})
+            p.eval_pending = o.eval_every_epochs > 0 and ((epoch + 1) % o.eval_every_epochs == 0
+                                                          or epoch + 1 == o.epochs)
+            self.save((LAST,))  # before the evaluation, which can fail: the epoch is never lost
+            if p.eval_pending:
+                self._evaluate_and_save(epoch)
+            release_free_memory()  # the heap fragmentation of varying image sizes, not a leak (logging.py)
+            self.jsonl.write("epoch", **{**averages, "epoch": epoch + 1, "iteration": p.iteration,
+                                         "best_ap": p.best_ap, "time": time.perf_counter() - start,
+                                         "resident_mb": resident_memory_mb()})
         return p.metrics
+
+    def _evaluate_and_save(self, epoch: int) -> None:
+        """Evaluate after `epoch` (0-based), then save the metrics into checkpoint_last (and _best if improved)."""
+        p = self.progress
+        kept = (f"The epoch's checkpoint {p.last_checkpoint} was kept; relaunch with --resume auto to evaluate it "
+                f"again (or train.eval_every_epochs=0 to train without evaluating).")
+        try:
+            metrics = self.evaluate(epoch)
+        except UserError as e:
+            raise EvaluationError(f"evaluation after epoch {epoch + 1} failed: {e}\n{kept}") from e
+        except Exception as e:
+            e.add_note(f"(in the evaluation after epoch {epoch + 1}) {kept}")
+            raise
+        ap = metrics.get("ema", metrics).get("AP", -1.0)  # the EMA weights are what one deploys
+        improved = ap > p.best_ap
+        p.metrics, p.best_ap, p.eval_pending = metrics, max(p.best_ap, ap), False
+        self.save((LAST, BEST) if improved else (LAST,))
+
+    def interrupted_message(self) -> str:
+        p = self.progress
+        kept = (f"the last checkpoint is {p.last_checkpoint}" if p.last_checkpoint
+                else "no checkpoint had been written yet")
+        return (f"interrupted in epoch {p.epoch + 1} after batch {p.step_in_epoch} (global step {p.iteration}); "
+                f"{kept}")
+
+    def report_warnings(self, caught: list) -> None:
+        """Warnings raised while building the datasets (e.g. dropped or clipped boxes), into log.txt and log.jsonl
+        too, not only to stderr."""
+        for w in caught:
+            self.log.warning("%s: %s", w.category.__name__, w.message)
+            self.jsonl.write("warning", category=w.category.__name__, message=str(w.message))
 
     def close(self) -> None:
         self.tb.close()
@@ -180,7 +261,7 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         p, o, n = self.progress, self.opts, self.iters_per_epoch
         first = p.step_in_epoch
-        self.train_sampler.set_epoch(epoch, skip=first * self.train_loader.batch_size)
+        self.train_sampler.set_epoch(epoch, skip=first * self.batch_size)
         self.net.train()
         self.criterion.train()
         meters = MeterGroup(window=o.log_every)
@@ -193,7 +274,7 @@ class Trainer:
             p.step_in_epoch = step + 1
             iter_time = time.perf_counter() - tick
             meters.update(iter_time=iter_time, data_time=data_time, **values)
-            self.jsonl.write("iter", epoch=epoch, step=step, iteration=p.iteration, data_time=data_time,
+            self.jsonl.write("iter", epoch=epoch + 1, batch=step + 1, iteration=p.iteration, data_time=data_time,
                              time=iter_time, **values)
             if (step + 1) % o.log_every == 0 or step + 1 == n:
                 self._log_progress(epoch, step, meters)
@@ -212,10 +293,25 @@ class Trainer:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
         with autocast:
             outputs = self.net(images, mask, image_sizes=sizes)
-        losses = self.criterion(_to_float32(outputs), targets)
-        total = weighted_total(losses, self.criterion.weight_dict)
+        outputs = _to_float32(outputs)
+        failure = None
+        try:
+            losses = self.criterion(outputs, targets)
+        except FloatingPointError as e:  # the matcher refuses NaN/inf costs (non-finite predictions)
+            if self._loss_names is None:  # the very first step: no names for a report shared with other ranks
+                self._raise_non_finite(epoch, step, {}, {}, targets, failure=str(e), collective=False)
+            failure = str(e)
+            # NaN terms of the usual names, and a backward pass through every output, so that the collectives
+            # below (loss all-reduce, DDP's gradient all-reduce) still match the other ranks'; then one report.
+            losses = {k: torch.full((), math.nan, device=self.device) for k in self._loss_names}
+            total = 0.0 * sum(t.sum() for t in _float_tensors(outputs) if t.requires_grad)
+        else:
+            total = weighted_total(losses, self.criterion.weight_dict)
         names = ["loss"] + sorted(losses)
-        local = torch.stack([total.detach()] + [losses[k].detach().float().reshape(()) for k in names[1:]])
+        local = torch.stack([total.detach().reshape(())] + [losses[k].detach().float().reshape(())
+                                                            for k in names[1:]])
+        if failure is not None:
+            local[0] = math.nan
         reduced = dist.all_reduce_mean(local)  # before backward: every rank logs (and checks) the same numbers
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -224,7 +320,8 @@ class Trainer:
         host = torch.cat([reduced, grad_norm.detach().reshape(1).float().to(reduced.device)]).tolist()  # the sync
         values = dict(zip(names + ["grad_norm"], host))
         if not all(math.isfinite(v) for k, v in values.items() if not k.startswith("stat_")):
-            self._raise_non_finite(epoch, step, values, dict(zip(names, local.tolist())), targets)
+            self._raise_non_finite(epoch, step, values, dict(zip(names, local.tolist())), targets, failure=failure)
+        self._loss_names = names[1:]
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -233,25 +330,30 @@ class Trainer:
             values["lr" if name == "default" else f"lr_{name}"] = group["lr"]
         return values
 
-    def _raise_non_finite(self, epoch: int, step: int, values: dict, local: dict, targets) -> None:
+    def _raise_non_finite(self, epoch: int, step: int, values: dict, local: dict, targets,
+                          failure: Optional[str] = None, collective: bool = True) -> None:
         ids = [int(t["image_id"]) for t in targets]
-        everyone = dist.all_gather_object({"ids": ids, "bad": {k: v for k, v in local.items()
-                                                               if not math.isfinite(v)}})
-        try:
-            check_finite({k: torch.tensor(v) for k, v in values.items() if not k.startswith("stat_")})
-            named = "the gradient norm is non-finite"
-        except FloatingPointError as e:
-            named = str(e)
+        mine = {"ids": ids, "bad": {k: v for k, v in local.items() if not math.isfinite(v)}, "failure": failure}
+        everyone = dist.all_gather_object(mine) if collective else [mine]
+        failed = [(r, e["failure"]) for r, e in enumerate(everyone) if e["failure"]]
+        if failed:
+            named = "; ".join(f"on rank {r}: {msg}" if len(everyone) > 1 else msg for r, msg in failed)
+        else:
+            try:
+                check_finite({k: torch.tensor(v) for k, v in values.items() if not k.startswith("stat_")})
+                named = "the gradient norm is non-finite"
+            except FloatingPointError as e:
+                named = str(e)
         p = self.progress
-        terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+        terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items()) or "not computed (the matcher failed first)"
         ranks = "\n".join(f"  rank {r}: image ids {e['ids']}; non-finite local terms: {e['bad'] or 'none'}"
                           for r, e in enumerate(everyone))
         kept = (f"the last good checkpoint {p.last_checkpoint} was kept" if p.last_checkpoint
                 else "no checkpoint had been written yet")
-        msg = (f"non-finite loss at global step {p.iteration + 1} (epoch {epoch}, batch {step}); {named}.\n"
+        msg = (f"non-finite loss at global step {p.iteration + 1} (epoch {epoch + 1}, batch {step + 1}); {named}.\n"
                f"All terms (mean over processes): {terms}\n{ranks}\n"
                f"The optimizer step was not taken and nothing was saved; {kept}.")
-        self.jsonl.write("error", epoch=epoch, step=step, iteration=p.iteration + 1, message=msg)
+        self.jsonl.write("error", epoch=epoch + 1, batch=step + 1, iteration=p.iteration + 1, message=msg)
         raise NonFiniteLossError(msg)
 
     def _log_progress(self, epoch: int, step: int, meters: MeterGroup) -> None:
@@ -261,11 +363,12 @@ class Trainer:
         left_total = left_epoch + (o.epochs - epoch - 1) * n * sec
         terms = "  ".join(f"{k} {meters[k].median:.4f} ({meters[k].global_avg:.4f})"
                           for k in ("loss",) + MAIN_TERMS if k in meters)
+        peak = peak_memory_mb(self.device)  # CUDA: peak allocated; CPU: peak resident, shown with the current one
+        mem = f"{peak:.0f}MB" if self.device.type == "cuda" else f"{resident_memory_mb():.0f}MB (peak {peak:.0f}MB)"
         self.log.info("epoch [%d/%d] [%*d/%d]  %s  lr %.2e  grad_norm %.2f  %.2f it/s  data %.3fs  "
-                      "eta epoch %s total %s  mem %.0fMB", epoch + 1, o.epochs, len(str(n)), step + 1, n, terms,
+                      "eta epoch %s total %s  mem %s", epoch + 1, o.epochs, len(str(n)), step + 1, n, terms,
                       meters["lr"].last, meters["grad_norm"].median, 1.0 / max(sec, 1e-9),
-                      meters["data_time"].avg, format_eta(left_epoch), format_eta(left_total),
-                      peak_memory_mb(self.device))
+                      meters["data_time"].avg, format_eta(left_epoch), format_eta(left_total), mem)
         self.tb.scalars("train", {k: m.avg for k, m in meters.meters.items()}, p.iteration)
 
     # ---------------------------------------------------------------------------------------------- evaluation
@@ -283,7 +386,7 @@ class Trainer:
         metrics = dist.all_gather_object(metrics)[0]  # only rank 0 computed them
         self.log.info("epoch %d evaluation: %s", epoch + 1, "  ".join(
             f"{k} {100 * v:.1f}" for k, v in metrics.items() if isinstance(v, float)))
-        self.jsonl.write("eval", epoch=epoch, iteration=self.progress.iteration, **metrics)
+        self.jsonl.write("eval", epoch=epoch + 1, iteration=self.progress.iteration, **metrics)
         for prefix, m in (("val", metrics), ("val_ema", metrics.get("ema", {}))):
             self.tb.scalars(prefix, {k: v for k, v in m.items() if isinstance(v, float)}, self.progress.iteration)
             self.tb.scalars(prefix + "_per_class", m.get("per_class", {}), self.progress.iteration)
@@ -316,15 +419,35 @@ def run(cfg: Config, *, resume: Optional[str] = None, eval_only: bool = False,
     checkpoint: model weights to evaluate (`eval_only`) or to start training from (no optimizer state).
     """
     note = builders.setup_determinism(cfg)  # before anything touches CUDA
+    threads = builders.setup_threads(cfg)
     info = dist.init_from_env(cfg.train.device)
-    trainer = None
+    trainer = lock = None
     try:
         opts = builders.loop_options(cfg)
+        config = to_dict(cfg)
+        # Everything that can reject the checkpoint is checked before anything is written into the output folder.
+        path = find_last_checkpoint(opts.output_dir) if resume == "auto" else resume
+        ckpt = None
+        if path is not None:
+            ckpt = load_checkpoint(path)
+            check_resumable(ckpt, path)
+            check_config_compatible(ckpt.get("config"), config, path)
+        elif checkpoint is not None:
+            ckpt = load_checkpoint(checkpoint)
+            check_config_compatible(ckpt.get("config"), config, checkpoint)
+        elif eval_only:
+            raise ValueError("--eval-only needs --checkpoint PATH or --resume")
+        stale: list[str] = []
         if info.rank == 0:
-            os.makedirs(opts.output_dir, exist_ok=True)
+            lock = lock_output_dir(opts.output_dir)  # before any write: one run per folder
+            stale = remove_stale_temp_files(opts.output_dir)
+            if path is not None:
+                truncate_jsonl(os.path.join(opts.output_dir, "log.jsonl"), ckpt["iteration"],
+                               drop_eval_at=ckpt["iteration"] if ckpt.get("eval_pending") else None)
             save_config(cfg, os.path.join(opts.output_dir, "config.yaml"))
         builders.seed_everything(cfg.train.seed)  # the same initial weights on every rank
-        train_set, val_set = builders.build_datasets(cfg)
+        with warnings.catch_warnings(record=True) as caught:
+            train_set, val_set = builders.build_datasets(cfg)
         model, criterion, postprocessor = builders.build_model_and_criterion(cfg, info.device)
         optimizer, scheduler, ema = builders.build_optimization(cfg, model, info.world_size)
         train_loader, sampler = builders.build_train_loader(cfg, train_set, info)
@@ -332,25 +455,33 @@ def run(cfg: Config, *, resume: Optional[str] = None, eval_only: bool = False,
         trainer = Trainer(model=model, criterion=criterion, postprocessor=postprocessor, optimizer=optimizer,
                           scheduler=scheduler, ema=ema, train_loader=train_loader, train_sampler=sampler,
                           val_loader=builders.build_val_loader(cfg, val_set, info), coco_gt=coco_gt,
-                          label_map=train_set.label_map, info=info, options=opts, config=to_dict(cfg))
+                          label_map=train_set.label_map, info=info, options=opts, config=config,
+                          start_iteration=ckpt["iteration"] if path is not None else None)
+        trainer.log.info(threads)
         if note:
             trainer.log.info(note)
+        trainer.report_warnings(caught)
+        if stale:
+            trainer.log.info("removed %d temporary file(s) of a checkpoint write that was killed: %s", len(stale),
+                             ", ".join(stale))
         builders.seed_everything(cfg.train.seed + info.rank)  # dropout etc.: per rank, reproducible
-        path = find_last_checkpoint(opts.output_dir) if resume == "auto" else resume
         if resume == "auto" and path is None:
             trainer.log.info("--resume auto: no checkpoint in %s, starting from scratch", opts.output_dir)
         if path is not None:
-            trainer.restore(load_checkpoint(path), source=path)
+            trainer.restore(ckpt, source=path)
         elif checkpoint is not None:
-            trainer.load_weights(load_checkpoint(checkpoint), source=checkpoint)
+            trainer.load_weights(ckpt, source=checkpoint)
         if eval_only:
-            if path is None and checkpoint is None:
-                raise ValueError("--eval-only needs --checkpoint PATH or --resume")
             return trainer.evaluate(trainer.progress.epoch - 1)
         return trainer.fit()
+    except KeyboardInterrupt:
+        message = trainer.interrupted_message() if trainer is not None else "interrupted before training started"
+        raise TrainingInterrupted(message) from None
     finally:
         if trainer is not None:
             trainer.close()
+        if lock is not None:
+            lock.release()
         dist.cleanup()
 
 
@@ -360,25 +491,20 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, *, use_ema: bool = False,
 
     use_ema: evaluate the checkpoint's EMA weights instead of the raw ones. Returns the metrics on every rank.
     """
+    builders.setup_threads(cfg)
     info = dist.init_from_env(cfg.train.device)
     try:
-        val_set = builders.build_split(cfg, "val")
-        model, _, postprocessor = builders.build_model_and_criterion(cfg, info.device)
+        # The checkpoint against the config first (inference.py: the same short report in every tool), then data.
         ckpt = load_checkpoint(checkpoint)
         check_config_compatible(ckpt.get("config"), to_dict(cfg), checkpoint)
+        val_set = builders.build_split(cfg, "val")
+        model, _, postprocessor = builders.build_model_and_criterion(cfg, info.device)
         trained = LabelMap.from_dict(ckpt["label_map"]) if ckpt.get("label_map") else None
         if trained is not None and trained != val_set.label_map:
             raise ValueError(f"{checkpoint} was trained with another label map ({trained!r}) than {val_set.ann_file} "
                              f"gives ({val_set.label_map!r}): the predicted labels would be mapped to the wrong "
                              f"category ids (check data.label_mapping)")
-        if use_ema:
-            if ckpt.get("ema") is None:
-                raise ValueError(f"{checkpoint} has no EMA weights (trained with train.ema=false)")
-            # AveragedModel's state_dict: the averaged module under "module." plus its update counter.
-            weights = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-        else:
-            weights = ckpt["model"]
-        model.load_state_dict(weights)
+        load_weights(model, checkpoint_weights(ckpt, checkpoint, use_ema), checkpoint)
         coco_gt = getattr(val_set, "coco", None) or load_coco_gt(val_set.ann_file)
         metrics = evaluate(model, postprocessor, builders.build_val_loader(cfg, val_set, info), info.device,
                            val_set.label_map, coco_gt, detections_path=detections_path)

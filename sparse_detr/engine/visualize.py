@@ -27,14 +27,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
 
 from sparse_detr.box_ops import box_xyxy_to_cxcywh
 from sparse_detr.data.coco import LabelMap
-from sparse_detr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from sparse_detr.data.transforms import denormalize, make_transforms
 from sparse_detr.models.selection import selector_name
 
 __all__ = ["prepare_image", "make_panels", "render_visualization", "visualize_image", "heatmap_colors", "list_images",
-           "run_visualization"]
+           "run_visualization", "draw_detections"]
 
 # One colour per feature level (fine to coarse), also used for the box outlines of the detections.
 LEVEL_COLORS = [(230, 60, 60), (60, 200, 90), (70, 120, 240), (240, 200, 40), (200, 80, 220), (40, 210, 220)]
@@ -59,18 +61,16 @@ def heatmap_colors(values: np.ndarray) -> np.ndarray:
 
 def prepare_image(image: Union[Image.Image, Tensor], size: int = 800, max_size: int = 1333
                   ) -> tuple[Tensor, Image.Image]:
-    """(normalised (3, h, w) model input, the RGB picture it shows). A PIL image is resized as the val transform
-    does (shorter side `size`, longer <= `max_size`); a tensor is taken as an already normalised model input."""
+    """(normalised (3, h, w) model input, the RGB picture it shows). A PIL image goes through the evaluation
+    transform (`make_transforms(train=False)`: shorter side `size`, longer <= `max_size`); a tensor is taken as an
+    already normalised model input."""
     if isinstance(image, Tensor):
         pixels = (denormalize(image.detach().float().cpu()) * 255).round().to(torch.uint8)
         return image, Image.fromarray(pixels.permute(1, 2, 0).numpy())
     picture = image.convert("RGB")
-    w, h = picture.size
-    scale = min(size / min(w, h), max_size / max(w, h))
-    picture = picture.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std, picture
+    x = make_transforms(train=False, val_size=size, max_size=max_size)(tv_tensors.Image(TF.pil_to_tensor(picture)))
+    x = x.as_subclass(Tensor)
+    return x, picture.resize((x.shape[-1], x.shape[-2]), Image.BILINEAR)
 
 
 def _level_maps(flat: Tensor, spatial_shapes: Tensor) -> list[np.ndarray]:
@@ -129,8 +129,10 @@ def _label_name(label: int, label_map: Optional[Union[LabelMap, dict]]) -> str:
     return str(label)
 
 
-def _detection_panel(picture: Image.Image, det: dict, score_thresh: float, label_map,
-                     target: Optional[dict]) -> Image.Image:
+def draw_detections(picture: Image.Image, det: dict, score_thresh: float = 0.0, label_map=None,
+                    target: Optional[dict] = None) -> Image.Image:
+    """A copy of `picture` with the detections (`boxes` xyxy pixels of the picture, `labels`, `scores`) at or above
+    `score_thresh` drawn with their class names and scores, and the optional ground truth in white."""
     panel = picture.copy()
     draw, font = ImageDraw.Draw(panel), _font(12)
     if target is not None:  # ground truth (xyxy pixels of the shown picture) in white, under the predictions
@@ -167,7 +169,7 @@ def make_panels(model: nn.Module, postprocessor: nn.Module, image: Union[Image.I
         net.train(was_training)
     size = torch.tensor([[picture.height, picture.width]], device=device)
     det = {k: v.cpu() for k, v in postprocessor(out, size)[0].items()}
-    panels = {"detections": _detection_panel(picture, det, score_thresh, label_map, target)}
+    panels = {"detections": draw_detections(picture, det, score_thresh, label_map, target)}
 
     shapes = out["spatial_shapes"]
     scores = out.get("mask_logits", out.get("scores"))
@@ -257,28 +259,25 @@ def list_images(path: str) -> list[str]:
     return files
 
 
-def run_visualization(config: str, checkpoint: str, images: str, out_dir: str, score_thresh: float = 0.3,
+def run_visualization(config: Optional[str], checkpoint: str, images: str, out_dir: str, score_thresh: float = 0.3,
                       device: str = "cpu", overrides: tuple = (), max_images: int = 0, columns: int = 4,
-                      panel_width: int = 400, size: int = 800, max_size: int = 1333) -> list[str]:
-    """Build the config's model, load `checkpoint` (weights_only), write one PNG per image into `out_dir`.
-    Returns the written paths. The label map stored in the checkpoint names the classes."""
-    from sparse_detr.config import load_config
-    from sparse_detr.engine.checkpoint import load_checkpoint
-    from sparse_detr.models import build_model
+                      panel_width: int = 400, size: Optional[int] = None, max_size: Optional[int] = None
+                      ) -> list[str]:
+    """Load `checkpoint` (weights_only) with `config` (None = the config stored in it; given, checked against it),
+    write one PNG per image into `out_dir`. Returns the written paths. `size` / `max_size` default to the config's
+    evaluation resize (data.val_size / data.max_size); the label map stored in the checkpoint names the classes."""
+    from sparse_detr.engine.inference import load_for_inference
 
-    cfg = load_config(config, list(overrides) + ["model.pretrained_backbone=null"])  # the checkpoint has them
-    model, _, postprocessor = build_model(cfg)
-    state = load_checkpoint(checkpoint)
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
-    label_map = state.get("label_map")
+    loaded = load_for_inference(checkpoint, config, overrides, device=device)
+    size = size or loaded.cfg.data.val_size
+    max_size = max_size or loaded.cfg.data.max_size
     files = list_images(images)[:max_images or None]
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for path in files:
         with Image.open(path) as im:
             picture = im.convert("RGB")
-        canvas = visualize_image(model, postprocessor, picture, label_map, score_thresh,
+        canvas = visualize_image(loaded.model, loaded.postprocessor, picture, loaded.label_map, score_thresh,
                                  columns=columns, panel_width=panel_width, size=size, max_size=max_size)
         out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_vis.png")
         canvas.save(out)

@@ -20,11 +20,28 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from sparse_detr.errors import UserError
+
 from .position_encoding import PositionEmbeddingSine
 from .swin import STAGE_CHANNELS, SwinT, has_official_swin_keys, official_to_ours
 
 __all__ = ["FrozenBatchNorm2d", "Backbone", "Joiner", "build_backbone"]
 
+
+
+class PretrainedWeightsError(UserError, RuntimeError):
+    """`model.pretrained_backbone` is unreadable."""
+
+
+def load_weights_file(path: str) -> object:
+    """`torch.load(weights_only=True)` of a backbone weights file; any failure names the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"backbone weights not found: {path} (model.pretrained_backbone)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip/pickle/unpickler errors come in many types; all mean "unreadable"
+        raise PretrainedWeightsError(f"cannot read backbone weights {path} (model.pretrained_backbone; truncated, "
+                                     f"corrupt or not loadable with weights_only=True): {type(e).__name__}: {e}") from e
 
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm2d with fixed statistics and affine parameters, all stored as buffers.
@@ -190,9 +207,7 @@ class Backbone(nn.Module):
     def load_pretrained(self, path: str | os.PathLike) -> None:
         """Load an ImageNet checkpoint of the network into ``body`` (strict but for the detection-only keys)."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"backbone weights not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_file(path)
         for wrapper in ("model", "state_dict"):
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]

@@ -207,9 +207,14 @@ class SparseDETR(nn.Module):
             masks.append(level_mask)
             pos.append(self.backbone[1](level_mask).to(src.dtype))
 
-        shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]  # host ints from tensor shapes: no sync
-        # non_blocking: the copy need not wait for the queued backbone work.
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long).to(images.device, non_blocking=True)
+        shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]  # host ints from tensor shapes: no sync
+        if any(isinstance(v, torch.SymInt) for hw in shapes for v in hw):
+            # torch.export traces symbolic sizes (dynamic ONNX export): as_tensor would fix them to the example's.
+            spatial_shapes = torch.stack([torch.stack([torch.full((), v, dtype=torch.long, device=images.device)
+                                                       for v in hw]) for hw in shapes])
+        else:
+            # non_blocking: a pageable host-to-device copy is staged without waiting for the queued backbone work.
+            spatial_shapes = torch.as_tensor(shapes, dtype=torch.long).to(images.device, non_blocking=True)
         sizes = spatial_shapes.prod(1)
         return {
             "src": torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1),

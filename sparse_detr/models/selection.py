@@ -48,10 +48,31 @@ def _valid_bounds(shapes: Sequence[tuple[int, int]], canvas_hw: tuple[int, int],
 
 def max_kept_tokens(rho: float, shapes: Sequence[tuple[int, int]], canvas_hw: tuple[int, int],
                     image_hw: Optional[Sequence[tuple[int, int]]] = None) -> int:
-    """Host k ≥ max_b (floor(ρ · valid_b) + 1), in [1, S], from shapes and (if known) image sizes: no sync."""
+    """Host-side k ≥ max_b (floor(ρ · valid_b) + 1), in [1, S], from the level shapes, the padded canvas size and
+    (if known) the unpadded image sizes: no device sync."""
     total = sum(h * w for h, w in shapes)
     bounds = _valid_bounds(shapes, canvas_hw, image_hw)
-    return min(total, max(math.floor(sum(b) * rho) + 1 for b in bounds))
+    return _min(total, max(_keep_bound(sum(b), rho) for b in bounds))
+
+
+def _keep_bound(valid: int, rho: float) -> int:
+    """floor(valid · ρ) + 1 of a host size; integer-only when the size is symbolic (torch.export of a dynamic
+    ONNX graph), where float arithmetic would put guards on the image size."""
+    if isinstance(valid, torch.SymInt):
+        return _floor_mul_bound(valid, rho) + 1
+    return math.floor(valid * rho) + 1
+
+
+def _floor_mul_bound(u: torch.SymInt, rho: float) -> torch.SymInt:
+    """An integer-only bound ≥ floor(u · ρ) (float64) for a symbolic u: (u · N) // 2^32 with N / 2^32 ≥ ρ + 2^-32
+    exceeds the float64 product's rounding error for u < 2^31, so k is the float k or, at a rounding edge, one
+    larger (an extra slot, marked invalid)."""
+    scale = 2 ** 32
+    return (u * (math.floor(rho * scale) + 2)) // scale
+
+
+def _min(a: int, b: int) -> int:
+    return torch.sym_min(a, b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else min(a, b)
 
 
 def kept_token_counts(padding_mask: Tensor, rho: float, k: int) -> Tensor:
@@ -124,7 +145,7 @@ def select_under_budget(scores: Tensor, padding_mask: Tensor, budget: KeepBudget
         parts, level_counts, start = [], [], 0
         for lvl, ((h, w), rho_l) in enumerate(zip(shapes, budget.rho_levels)):
             size = h * w
-            k_l = min(size, max(math.floor(b[lvl] * rho_l) + 1 for b in bounds))
+            k_l = _min(size, max(_keep_bound(b[lvl], rho_l) for b in bounds))
             counts_l = _counts((~padding_mask[:, start:start + size]).sum(1), rho_l, k_l)
             top = masked[:, start:start + size].topk(k_l, dim=1, sorted=True)
             slot_valid = torch.arange(k_l, device=scores.device)[None, :] < counts_l[:, None]
@@ -138,7 +159,7 @@ def select_under_budget(scores: Tensor, padding_mask: Tensor, budget: KeepBudget
     layers = [(k, counts)]
     for rho_i in (budget.rho_layers or ())[1:]:
         prev_k, prev_counts = layers[-1]
-        k_i = min(prev_k, max(math.floor(sum(b) * rho_i) + 1 for b in bounds))
+        k_i = _min(prev_k, max(_keep_bound(sum(b), rho_i) for b in bounds))
         layers.append((k_i, torch.minimum(_counts(valid_total, rho_i, k_i), prev_counts)))
     return Selection(indices, valid, counts, level_counts, layers)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparse_detr.models.backbone import Joiner
+from sparse_detr.models.backbone import Joiner, load_weights_file
 from sparse_detr.models.position_encoding import PositionEmbeddingSine
 
 __all__ = ["TinyCNN", "TinyBackbone", "build_tiny_backbone"]
@@ -57,7 +57,7 @@ class TinyBackbone(nn.Module):
         if not return_interm_layers:
             self.num_channels, self.strides = self.num_channels[-1:], self.strides[-1:]
         if pretrained is not None:
-            self.body.load_state_dict(torch.load(os.fspath(pretrained), map_location="cpu", weights_only=True))
+            self.body.load_state_dict(load_weights_file(os.fspath(pretrained)))
         self.body.requires_grad_(train_backbone)
 
     def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:

@@ -1,0 +1,128 @@
+"""Predict on image files and write the results (what `tools/predict.py` runs).
+
+`predict_files(predictor, files, out_dir)` writes into `out_dir`:
+
+    detections.json   COCO results format: [{"image_id", "category_id", "bbox": [x, y, w, h] pixels, "score"}]
+    images.json       a COCO skeleton of the inputs ({"images": [{id, file_name, width, height}], "categories",
+                      "annotations": []}), so `COCO("images.json").loadRes("detections.json")` works
+    <stem>_det.png    each image with its detections at or above the score threshold drawn
+
+Image ids come from `ann_file` (a COCO json that lists the images by file name: the detections can then be
+evaluated against it) or are 1..N in input order. Nothing is overwritten unless `overwrite=True`; the json files
+are written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Optional, Sequence
+
+from PIL import Image
+
+from sparse_detr.engine.predictor import Predictor
+from sparse_detr.engine.visualize import draw_detections
+
+__all__ = ["predict_files", "Progress"]
+
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, a line every 10% otherwise)."""
+
+    def __init__(self, total: int, what: str = "images", stream=None) -> None:
+        self.total, self.what, self.stream = total, what, stream or sys.stderr
+        self.start, self.done, self._last_tenth = time.perf_counter(), 0, -1
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        elapsed = time.perf_counter() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        filled = int(30 * self.done / max(1, self.total))
+        line = (f"[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {self.what}  "
+                f"{rate:.2f}/s  ETA {eta:.0f} s")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if self.done >= self.total else ""))
+        elif self.done * 10 // max(1, self.total) != self._last_tenth or self.done >= self.total:
+            self._last_tenth = self.done * 10 // max(1, self.total)
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _image_ids(files: Sequence[str], ann_file: Optional[str]) -> list[int]:
+    if ann_file is None:
+        return list(range(1, len(files) + 1))
+    with open(ann_file, "r", encoding="utf-8") as f:
+        images = json.load(f).get("images", [])
+    by_name = {os.path.basename(im["file_name"]): int(im["id"]) for im in images}
+    missing = [os.path.basename(p) for p in files if os.path.basename(p) not in by_name]
+    if missing:
+        raise ValueError(f"{ann_file} lists no image named {missing[0]} ({len(missing)} of the {len(files)} inputs "
+                         "are not in it)")
+    return [by_name[os.path.basename(p)] for p in files]
+
+
+def _write_json_atomic(path: str, data) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def predict_files(predictor: Predictor, files: Sequence[str], out_dir: str, score_thresh: float = 0.3,
+                  ann_file: Optional[str] = None, draw: bool = True, overwrite: bool = False,
+                  progress: bool = True) -> dict:
+    """Run `predictor` on `files`, write the outputs listed in the module docstring. `score_thresh` applies to the
+    drawings and the json alike. Returns {"detections": path, "images": path, "drawn": [paths], "count": n}."""
+    files = list(files)
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in files]
+    if len(set(stems)) != len(stems):
+        dup = next(s for s in stems if stems.count(s) > 1)
+        raise ValueError(f"two inputs are named {dup!r}: their drawings would overwrite each other")
+    ids = _image_ids(files, ann_file)
+    det_path, img_path = os.path.join(out_dir, "detections.json"), os.path.join(out_dir, "images.json")
+    drawn_paths = [os.path.join(out_dir, f"{s}_det.png") for s in stems] if draw else []
+    existing = [p for p in [det_path, img_path] + drawn_paths if os.path.exists(p)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists ({len(existing)} output files would be overwritten): choose "
+                              "another --out or pass --force")
+    os.makedirs(out_dir, exist_ok=True)
+
+    results, images = [], []
+    bar = Progress(len(files)) if progress else None
+    for start in range(0, len(files), predictor.batch_size):
+        chunk = files[start:start + predictor.batch_size]
+        for offset, det in enumerate(predictor.predict(chunk, score_thresh=score_thresh)):
+            i = start + offset
+            height, width = det["image_size"]
+            images.append({"id": ids[i], "file_name": os.path.basename(files[i]), "width": width, "height": height})
+            for box, score, category in zip(det["boxes"].tolist(), det["scores"].tolist(),
+                                            det["category_ids"].tolist()):
+                if category < 0:  # a logit that is no category of the dataset
+                    continue
+                x0, y0, x1, y1 = box
+                results.append({"image_id": ids[i], "category_id": int(category), "score": round(score, 5),
+                                "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)]})
+            if draw:
+                with Image.open(files[i]) as im:
+                    picture = im.convert("RGB")
+                draw_detections(picture, det, score_thresh, predictor.label_map).save(drawn_paths[i])
+        if bar is not None:
+            bar.update(len(chunk))
+
+    label_map = predictor.label_map
+    categories = ([{"id": c, "name": n} for c, n in zip(label_map.category_ids, label_map.to_dict()["names"])]
+                  if label_map is not None else
+                  [{"id": c, "name": str(c)} for c in sorted({r["category_id"] for r in results})])
+    _write_json_atomic(img_path, {"images": images, "annotations": [], "categories": categories})
+    _write_json_atomic(det_path, results)
+    return {"detections": det_path, "images": img_path, "drawn": drawn_paths, "count": len(results)}

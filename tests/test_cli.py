@@ -1,0 +1,82 @@
+"""The tools' error handling (sparse_detr/engine/cli.py): a user's mistake is its message alone with exit code 3,
+Ctrl-C one line with the command that resumes, a bug a traceback; --debug / SPARSE_DETR_DEBUG show tracebacks."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparse_detr.config import ConfigError
+from sparse_detr.engine.cli import DEBUG_ENV, EXIT_INTERRUPTED, EXIT_USER_ERROR, run_tool
+from sparse_detr.engine.train import TrainingInterrupted
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _raises(error):
+    def main(argv):
+        raise error
+    return main
+
+
+def test_user_error_is_one_message_and_a_distinct_exit_code(capsys, monkeypatch):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    assert run_tool(_raises(ConfigError("c.yaml: unknown key `train.lrr`")), ["--config", "c.yaml"]) \
+        == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.endswith("error: c.yaml: unknown key `train.lrr`\n") and "Traceback" not in err
+    assert EXIT_USER_ERROR not in (0, 1, 2)  # not success, a crash, or argparse's usage error
+    for debug in (["--debug"], []):
+        if not debug:
+            monkeypatch.setenv(DEBUG_ENV, "1")
+        with pytest.raises(ConfigError):
+            run_tool(_raises(ConfigError("x")), debug)
+
+
+def test_bug_keeps_its_traceback_and_debug_flag_is_not_passed_on(monkeypatch):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    with pytest.raises(ZeroDivisionError):
+        run_tool(_raises(ZeroDivisionError("a bug")), [])
+    seen = []
+    assert run_tool(seen.append, ["--config", "c.yaml", "--debug"]) == 0
+    assert seen == [["--config", "c.yaml"]]
+
+
+def test_ctrl_c_is_one_line_with_the_resume_command(capsys, monkeypatch):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(sys, "argv", ["tools/train.py"])
+    error = TrainingInterrupted("interrupted in epoch 2 after batch 5 (global step 25); the last checkpoint is x")
+    argv = ["--config", "c.yaml", "--resume", "old.pth", "train.output_dir=out dir"]
+    assert run_tool(_raises(error), argv) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "global step 25" in err
+    assert err.rstrip().endswith("resume with: python tools/train.py --config c.yaml 'train.output_dir=out dir' "
+                                 "--resume auto")
+    assert run_tool(_raises(KeyboardInterrupt()), []) == EXIT_INTERRUPTED  # other tools: just "interrupted"
+    assert capsys.readouterr().err == "train.py: interrupted\n"
+
+
+def test_worker_traceback_is_cut_from_the_message(capsys):
+    from sparse_detr.data.coco import ImageError
+
+    text = ("Caught ImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+            '  File "x.py", line 3, in f\n    pil = Image.open(path)\n'
+            "PIL.UnidentifiedImageError: cannot identify image file\n\n"
+            "The above exception was the direct cause of the following exception:\n\n"
+            'Traceback (most recent call last):\n  File "x.py", line 5, in f\n    raise ImageError(m)\n'
+            "sparse_detr.data.coco.ImageError: cannot read image /d/val/000001.png (image id 2): truncated")
+    assert run_tool(_raises(ImageError(text)), []) == EXIT_USER_ERROR
+    assert capsys.readouterr().err.endswith("error: cannot read image /d/val/000001.png (image id 2): truncated\n")
+
+
+def test_train_tool_prints_a_misspelled_key_alone(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop(DEBUG_ENV, None)
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), "--config",
+                           str(REPO / "configs" / "demo_synthetic.yaml"), "train.lrr=1",
+                           f"train.output_dir={tmp_path}"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_USER_ERROR
+    assert proc.stderr.startswith("train.py: error: command-line override 'train.lrr=1': unknown key `train.lrr` "
+                                  "(did you mean `train.lr`?)") and "Traceback" not in proc.stderr
