@@ -28,12 +28,12 @@ t0=$(date +%s)
 run_stage() {
   local name="$1" limit="$2"; shift 2
   local left=$(( BUDGET_S - ($(date +%s) - t0) ))
-  (( left < limit )) && limit=$left
-  if (( limit <= 5 )); then
+  if (( left <= 5 )); then
     echo "== $name: skipped (the ${BUDGET_S} s budget is spent) =="
     printf '%s\t%s\t%s\n' "$name" "skipped" 0 >> "$OUT/stages.tsv"
     return 1
   fi
+  (( left < limit )) && limit=$left
   echo "== $name (limit ${limit} s) =="
   local start=$(date +%s)
   timeout --signal=INT --kill-after=10 "$limit" "$@"
