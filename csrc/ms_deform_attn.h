@@ -11,7 +11,8 @@
 //   level_start_index   (L,)   int64        offset of level l in S
 //   sampling_locations  (N, Q, H, L, P, 2)  normalised (x, y) in [0, 1]
 //   attention_weights   (N, Q, H, L, P)
-//   output              (N, Q, H * C)
+//   output              (N, Q, H * C)       value's dtype
+// sampling_locations and attention_weights share value's dtype, or are float32 for a 16-bit value.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -24,6 +25,21 @@ namespace sparse_detr {
 struct AttnDims {
   int64_t N, S, H, C, L, Q, P;
 };
+
+// Which CUDA kernel pair runs the op: the default (one thread per channel) or the fast one
+// (several channels per thread, see csrc/cuda/ms_deform_attn_cuda_fast.cu). Chosen from Python
+// (SPARSE_DETR_CUDA_KERNEL, sparse_detr.ops.set_cuda_kernel); defined in bindings.cpp.
+enum class CudaKernel : int { kDefault = 0, kFast = 1 };
+CudaKernel cuda_kernel_choice();
+void set_cuda_kernel_choice(CudaKernel choice);
+
+// Mixed precision: a 16-bit value may come with float32 locations and weights (16-bit coordinates
+// lose sub-pixel precision on large levels); otherwise all three share value's dtype.
+inline bool coordinate_dtype_ok(at::ScalarType value, at::ScalarType loc, at::ScalarType attn) {
+  if (loc != attn) return false;
+  if (loc == value) return true;
+  return loc == at::kFloat && (value == at::kHalf || value == at::kBFloat16);
+}
 
 inline AttnDims check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                              const at::Tensor& level_start_index,
@@ -59,11 +75,11 @@ inline AttnDims check_inputs(const at::Tensor& value, const at::Tensor& spatial_
   TORCH_CHECK(level_start_index.scalar_type() == at::kLong,
               "ms_deform_attn: level_start_index must be int64, got ",
               level_start_index.scalar_type());
-  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type() &&
-                  attention_weights.scalar_type() == value.scalar_type(),
-              "ms_deform_attn: sampling_locations and attention_weights must have value's dtype ",
-              value.scalar_type(), ", got ", sampling_locations.scalar_type(), " and ",
-              attention_weights.scalar_type());
+  TORCH_CHECK(coordinate_dtype_ok(value.scalar_type(), sampling_locations.scalar_type(),
+                                  attention_weights.scalar_type()),
+              "ms_deform_attn: sampling_locations and attention_weights must both have value's "
+              "dtype ", value.scalar_type(), " (or float32 when value is float16/bfloat16), got ",
+              sampling_locations.scalar_type(), " and ", attention_weights.scalar_type());
   const auto dev = value.device();
   TORCH_CHECK(spatial_shapes.device() == dev && level_start_index.device() == dev &&
                   sampling_locations.device() == dev && attention_weights.device() == dev,

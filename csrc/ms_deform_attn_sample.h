@@ -2,13 +2,16 @@
 //
 // Every function here is a `__host__ __device__` inline template when compiled by nvcc and a plain
 // inline template when compiled by a C++ compiler, so the CPU tests exercise exactly the arithmetic
-// that the GPU runs. The kernels only decide *how* to loop (channels vectorised on the CPU, one
-// thread per channel on the GPU); *what* is computed for one sampling point lives here.
+// that the GPU runs. The kernels only decide *how* to loop (channels vectorised on the CPU; one
+// thread per channel in the default CUDA pair, a vector of channels per thread in the fast pair);
+// *what* is computed for one sampling point lives here.
 //
 // Conventions (Deformable DETR, `grid_sample(..., align_corners=False, padding_mode="zeros")`):
 //   * a sampling location (x, y) is normalised to [0, 1] over the level's width and height;
 //   * its pixel coordinate is px = x * W - 0.5, py = y * H - 0.5 (pixel centres at integers);
-//   * the four neighbouring pixels are read with bilinear weights; a neighbour outside the map reads 0.
+//   * the four neighbouring pixels are read with bilinear weights; a neighbour outside the map reads 0;
+//   * a NaN or +-inf location makes the sample NaN (its output row and its weight / location
+//     gradients), as grid_sample does: a NaN in the offsets must not vanish as "outside the map".
 #pragma once
 
 #include <cmath>
@@ -38,18 +41,34 @@ struct BilinearSample {
   acc_t fy;          // py - y0
 };
 
-// Locate the sampling point (loc_x, loc_y) on a level of size height x width.
-// Returns false when all four corners are outside the map (the sample is exactly 0 and so are all
-// its gradients); NaN locations also return false. Otherwise fills `s`.
+// Where a sampling point lies relative to a level.
+enum class SampleStatus {
+  kOutside,    // all four corners outside the map: the sample is exactly 0, and so are its gradients
+  kInside,     // at least one corner inside: `s` is filled
+  kNonFinite,  // NaN or +-inf location: the sample is NaN (as grid_sample's is), see nonfinite_sample
+};
+
+// Quiet NaN in host and device code (numeric_limits is not usable in device code without flags).
 template <typename acc_t>
-SDETR_FN bool bilinear_setup(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width,
-                             BilinearSample<acc_t>& s) {
+SDETR_FN acc_t sdetr_nan() {
+  return static_cast<acc_t>(NAN);
+}
+
+// Locate the sampling point (loc_x, loc_y) on a level of size height x width and fill `s` when
+// the result is kInside.
+template <typename acc_t>
+SDETR_FN SampleStatus bilinear_setup(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width,
+                                     BilinearSample<acc_t>& s) {
   const acc_t px = loc_x * static_cast<acc_t>(width) - acc_t(0.5);
   const acc_t py = loc_y * static_cast<acc_t>(height) - acc_t(0.5);
-  // Written as a negated conjunction so that NaN lands in the "outside" branch.
+  // v - v is 0 for finite v and NaN for NaN and +-inf: a NaN in the offsets must reach the output
+  // and the gradients (grid_sample semantics) instead of reading as "outside" and vanishing.
+  if (!((px - px) == acc_t(0) && (py - py) == acc_t(0))) {
+    return SampleStatus::kNonFinite;
+  }
   if (!(px > acc_t(-1) && py > acc_t(-1) && px < static_cast<acc_t>(width) &&
         py < static_cast<acc_t>(height))) {
-    return false;
+    return SampleStatus::kOutside;
   }
   const acc_t x0f = sdetr_floor(px);
   const acc_t y0f = sdetr_floor(py);
@@ -72,7 +91,17 @@ SDETR_FN bool bilinear_setup(acc_t loc_x, acc_t loc_y, int64_t height, int64_t w
   s.weight[1] = gy * s.fx;
   s.weight[2] = s.fy * gx;
   s.weight[3] = s.fy * s.fx;
-  return true;
+  return SampleStatus::kInside;
+}
+
+// A non-finite sample (kNonFinite): its value is NaN in every channel, and so are the gradients
+// w.r.t. its attention weight and both location coordinates; it adds nothing to grad_value (no
+// corner is known), as in grid_sample's backward.
+template <typename acc_t>
+SDETR_FN void nonfinite_sample_backward(acc_t& grad_attn, acc_t& grad_x, acc_t& grad_y) {
+  grad_attn = sdetr_nan<acc_t>();
+  grad_x = sdetr_nan<acc_t>();
+  grad_y = sdetr_nan<acc_t>();
 }
 
 // True when every corner is inside the map (the common case, which the CPU kernel fuses).
@@ -103,10 +132,10 @@ SDETR_UNROLL
 
 // Gradients of one sample's contribution `attn * sample(loc)` to the output.
 //
-// `dot[k]` is <grad_output, value at corner k> over the channels the caller handles (one channel on
-// the GPU, all C channels on the CPU; 0 for corners outside the map). Every result below is linear
-// in `dot`, so partial sums over channels can be reduced afterwards: that is what lets the same
-// function serve a per-channel GPU thread and a channel-vectorised CPU loop.
+// `dot[k]` is <grad_output, value at corner k> over the channels the caller handles (one channel in
+// the default CUDA pair, a vector of channels in the fast one, all C channels on the CPU; 0 for
+// corners outside the map). Every result below is linear in `dot`, so partial sums over channels
+// can be reduced before or after the call: that is what lets the same function serve all kernels.
 //   grad_attn = d/d attn            = sum_k w_k dot_k                       (the sampled value)
 //   grad_x    = d/d loc_x = attn * W * d sample/d px, with
 //               d sample/d px = (1 - fy) (v01 - v00) + fy (v11 - v10)

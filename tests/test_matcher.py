@@ -127,3 +127,91 @@ def test_flatten_indices_offsets_targets_by_image():
                (torch.tensor([0]), torch.tensor([2]))]
     batch_idx, pred_idx, tgt_idx = flatten_indices(indices, [2, 1, 3])
     assert batch_idx.tolist() == [0, 0, 2] and pred_idx.tolist() == [1, 4, 0] and tgt_idx.tolist() == [1, 0, 5]
+
+
+def _heads(g, bsz, num_classes):
+    """Heads of one step as the criterion sees them: varied query counts, some with valid masks."""
+    heads = []
+    for queries, masked in ((6, False), (6, False), (11, True), (4, True), (9, True)):
+        head = _outputs(bsz, queries, num_classes, g)
+        if masked:
+            head["valid"] = torch.rand(bsz, queries, generator=g) > 0.4
+        heads.append(head)
+    return heads
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_match_heads_equals_per_head_match(seed):
+    g = torch.Generator().manual_seed(10 + seed)
+    sizes = [int(torch.randint(0, 6, (1,), generator=g)) for _ in range(3)] + [0]  # an image without boxes
+    targets = _targets(sizes, 5, g)
+    heads = _heads(g, 4, 5)
+    agnostic = [False, False, True, False, False]  # the two-stage head may match against label 0
+    matcher = HungarianMatcher()
+    got = matcher.match_heads(heads, targets, agnostic)
+    assert len(got) == len(heads)
+    for head, flag, (batch_idx, pred_idx, tgt_idx) in zip(heads, agnostic, got):
+        head_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets] if flag else targets
+        want = flatten_indices(matcher(head, head_targets), sizes)
+        for a, b in zip((batch_idx, pred_idx, tgt_idx), want):
+            assert a.dtype == torch.int64 and torch.equal(a, b)
+
+
+def test_match_heads_without_any_target():
+    g = torch.Generator().manual_seed(7)
+    got = HungarianMatcher().match_heads(_heads(g, 2, 3), _targets([0, 0], 3, g))
+    assert len(got) == 5 and all(t.shape == (0,) and t.dtype == torch.int64 for match in got for t in match)
+
+
+class OnDevice(torch.Tensor):
+    """A CPU tensor that plays an accelerator tensor: results of ops on it stay OnDevice, ``.cpu()`` (the way the
+    matcher copies to the host) is counted as a transfer, and every other host read of its data is counted too."""
+
+    transfers = 0
+    host_reads = 0
+    _READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__bool__,
+              torch.Tensor.__int__, torch.Tensor.__float__}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cpu:
+            OnDevice.transfers += 1
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {})).as_subclass(torch.Tensor)
+        if func in cls._READS:
+            OnDevice.host_reads += 1
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _on_device(x):
+    if isinstance(x, torch.Tensor):
+        leaf = x.detach().as_subclass(OnDevice)
+        return leaf.requires_grad_(x.requires_grad) if x.is_floating_point() else leaf
+    if isinstance(x, dict):
+        return {k: _on_device(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_on_device(v) for v in x]
+    return x
+
+
+def test_criterion_step_makes_one_device_to_host_transfer():
+    from sparse_detr.models.criterion import SetCriterion, build_weight_dict
+
+    g = torch.Generator().manual_seed(8)
+    outputs = _outputs(2, 5, 4, g)
+    outputs["aux_outputs"] = [_outputs(2, 5, 4, g) for _ in range(2)]
+    outputs["enc_outputs"] = {**_outputs(2, 12, 4, g), "valid": torch.rand(2, 12, generator=g) > 0.3}
+    outputs["enc_aux_outputs"] = [{**_outputs(2, 6, 4, g), "valid": torch.rand(2, 6, generator=g) > 0.3}
+                                  for _ in range(2)]
+    targets = _targets([3, 0], 4, g)  # one image without boxes
+    criterion = SetCriterion(4, HungarianMatcher(), build_weight_dict(num_dec_layers=3, num_enc_aux=2,
+                                                                      two_stage=True))
+    expected = criterion(outputs, targets)  # plain CPU tensors: the values to reproduce
+
+    OnDevice.transfers = OnDevice.host_reads = 0
+    losses = criterion(_on_device(outputs), _on_device(targets))
+    assert OnDevice.transfers == 1, "one packed copy of every head's costs per step"
+    assert OnDevice.host_reads == 0
+    assert losses.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(losses[k].as_subclass(torch.Tensor), expected[k])

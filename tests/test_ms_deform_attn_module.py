@@ -122,13 +122,35 @@ def test_gradients_reach_every_parameter():
         assert param.grad is not None and torch.count_nonzero(param.grad) > 0, name
 
 
-def test_autocast_runs_the_op_in_float32():
+def _spy_op_dtypes(monkeypatch):
+    """Record (value, sampling_locations, attention_weights) dtypes of every op call of the module."""
+    import sparse_detr.models.ms_deform_attn as module
+
+    seen = []
+    real = module.ms_deform_attn
+
+    def spy(value, shapes, starts, loc, attn, **kwargs):
+        seen.append((value.dtype, loc.dtype, attn.dtype))
+        return real(value, shapes, starts, loc, attn, **kwargs)
+
+    monkeypatch.setattr(module, "ms_deform_attn", spy)
+    return seen
+
+
+def test_autocast_passes_16bit_value_and_float32_locations(monkeypatch):
+    seen = _spy_op_dtypes(monkeypatch)
     m = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=2)
+    torch.nn.init.normal_(m.sampling_offsets.weight, std=0.1)
     query, refs, flat, shapes, starts = make_batch()
     expected = m(query, refs, flat, shapes, starts)
+    assert seen == [(torch.float32,) * 3]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(query, refs, flat, shapes, starts)
+    assert seen[1] == (torch.bfloat16, torch.float32, torch.float32)
+    # bf16 projections: a few 2**-8 relative roundings on values of order 1.
     torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
+    m.double()(query.double(), refs.double(), flat.double(), shapes, starts)
+    assert seen[2] == (torch.float64,) * 3  # gradcheck precision is kept
 
 
 def test_bad_configuration_and_inputs_raise():

@@ -10,8 +10,9 @@ The paper's comparison (Sparse DETR ρ = 0.1..0.5 against the dense "Efficient D
         configs/sparse_detr_r50_rho0.5.yaml --device cpu --images 2 \
         --markdown outputs/benchmark.md --json outputs/benchmark.json
 
-On a GPU add `--device cuda --train-step`; `--coco data/coco` uses the first val2017 images instead of random
-800×1333 ones (resized as the val transform: shorter side --height, longer side <= --width).
+On a GPU add `--device cuda --train-step` (and `--autocast bfloat16` for mixed precision); `--coco data/coco` uses
+the first val2017 images instead of random 800×1333 ones (resized as the val transform: shorter side --height, longer
+side <= --width).
 `key=value` arguments after the options override every config (e.g. `model.num_queries=100`).
 See sparse_detr/engine/benchmark.py for what each number means.
 """
@@ -44,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-step", action="store_true", help="also time forward+backward and its peak memory")
     p.add_argument("--train-runs", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--autocast", default=None, choices=("bfloat16", "float16"),
+                   help="time FPS and the training step under torch.autocast in this dtype")
     p.add_argument("--json", default=None, help="write the per-config records here")
     p.add_argument("--markdown", default=None, help="write the tables here")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every config")
@@ -59,7 +62,7 @@ def main(argv=None) -> list:
     options = BenchmarkOptions(device=args.device, batch_sizes=tuple(args.batch_sizes), num_images=args.images,
                                height=args.height, width=args.width, coco_dir=args.coco, warmup=args.warmup,
                                timed_runs=args.runs, train_step=args.train_step, train_runs=args.train_runs,
-                               overrides=tuple(args.overrides))
+                               autocast=args.autocast, overrides=tuple(args.overrides))
     # Outputs are rewritten after every config, so a long CPU run that fails late keeps what it measured.
     records = benchmark_configs(args.configs, options, log=lambda m: print(m, flush=True),
                                 on_record=lambda recs: write_outputs(recs, args.json, args.markdown))

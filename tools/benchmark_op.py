@@ -15,13 +15,19 @@ Sampling locations are each query's own token centre (a random token for the dec
 Gaussian offset of about two pixels of the finest level, which mimics the locality of trained
 models; ``--locations uniform`` spreads them uniformly over the map instead.
 
+On CUDA both kernel pairs are timed (``cuda default``, ``cuda fast``; ``--kernels`` picks).
+``--coord-dtype float32`` with a 16-bit ``--dtype`` times the mixed-precision layout MSDeformAttn uses
+under autocast (16-bit value, fp32 locations and weights).
+
 Examples::
 
     python tools/benchmark_op.py --device cpu --repeats 3 --markdown /tmp/op_cpu.md
-    python tools/benchmark_op.py --device cuda --dtype bfloat16
+    python tools/benchmark_op.py --device cuda --dtype bfloat16 --coord-dtype float32 --json /tmp/op.json
 """
 
 import argparse
+import json
+import os
 import platform
 import statistics
 import subprocess
@@ -30,9 +36,11 @@ import time
 
 import torch
 
-from sparse_detr.engine.cli import run_tool
-from sparse_detr.ops import available_backends, ms_deform_attn_reference
-from sparse_detr.ops.kernels import ms_deform_attn_kernel
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's sparse_detr
+
+from sparse_detr.engine.cli import run_tool  # noqa: E402
+from sparse_detr.ops import available_backends, ms_deform_attn_reference, set_cuda_kernel  # noqa: E402
+from sparse_detr.ops.kernels import CUDA_KERNELS, ms_deform_attn_kernel  # noqa: E402
 
 LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
 BATCH, HEADS, CHANNELS, POINTS = 2, 8, 32, 4
@@ -40,8 +48,9 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
           "bfloat16": torch.bfloat16}
 
 
-def make_inputs(case, device, dtype, locations, seed=0):
-    """Return (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)."""
+def make_inputs(case, device, dtype, locations, seed=0, coord_dtype=None):
+    """Return (value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+    locations and weights in ``coord_dtype`` (default: ``dtype``)."""
     gen = torch.Generator().manual_seed(seed)
     shapes = torch.tensor(LEVELS, dtype=torch.int64)
     areas = shapes.prod(1)
@@ -70,7 +79,8 @@ def make_inputs(case, device, dtype, locations, seed=0):
     value = torch.randn(BATCH, tokens, HEADS, CHANNELS, generator=gen)
     attn = torch.rand(BATCH, n_queries, HEADS, L, POINTS, generator=gen)
     attn = attn / attn.sum(dim=(-2, -1), keepdim=True)
-    out = [value.to(dtype), shapes, starts, loc.to(dtype), attn.to(dtype)]
+    coord_dtype = coord_dtype or dtype
+    out = [value.to(dtype), shapes, starts, loc.to(coord_dtype), attn.to(coord_dtype)]
     return [t.to(device) for t in out]
 
 
@@ -128,7 +138,12 @@ def machine_name(device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="value's dtype")
+    parser.add_argument("--coord-dtype", default=None, choices=sorted(DTYPES),
+                        help="dtype of locations and weights (default: --dtype)")
+    parser.add_argument("--kernels", default=",".join(CUDA_KERNELS),
+                        help="CUDA kernel pairs to time (comma-separated subset of default,fast)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--cases", default="dense,sparse,decoder",
                         help="comma-separated subset of dense,sparse,decoder")
@@ -140,37 +155,56 @@ def main(argv=None):
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    impls = {} if args.skip_reference else {"reference": ms_deform_attn_reference}
-    if device.type in available_backends():
-        impls[f"{device.type} kernel"] = ms_deform_attn_kernel
+    coord_dtype = DTYPES[args.coord_dtype] if args.coord_dtype else dtype
+    # name -> (function, CUDA kernel pair to select first or None)
+    impls = {} if args.skip_reference else {"reference": (ms_deform_attn_reference, None)}
+    if device.type == "cuda" and "cuda" in available_backends():
+        for pair in args.kernels.split(","):
+            if pair not in CUDA_KERNELS:
+                parser.error(f"--kernels: {pair!r} is not one of {CUDA_KERNELS}")
+            impls[f"cuda {pair}"] = (ms_deform_attn_kernel, pair)
+    elif device.type in available_backends():
+        impls[f"{device.type} kernel"] = (ms_deform_attn_kernel, None)
     else:
         print(f"no compiled {device.type} kernel (built: {available_backends()})", file=sys.stderr)
 
     header = [
-        f"Device: {machine_name(device)}; torch {torch.__version__}; dtype {args.dtype}; "
-        f"locations {args.locations}; median of {args.repeats} runs.",
+        f"Device: {machine_name(device)}; torch {torch.__version__}; value {args.dtype}, "
+        f"locations/weights {args.coord_dtype or args.dtype}; locations {args.locations}; "
+        f"median of {args.repeats} runs.",
         f"Command: `python tools/benchmark_op.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         "",
         "| case | queries | implementation | forward (ms) | speed-up | fwd+bwd (ms) | speed-up |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     print("\n".join(header), flush=True)
-    rows = []
+    rows, records = [], []
     for case in args.cases.split(","):
-        inputs = make_inputs(case, device, dtype, args.locations)
-        results = {name: bench(fn, inputs, device, args.repeats) for name, fn in impls.items()}
+        inputs = make_inputs(case, device, dtype, args.locations, coord_dtype=coord_dtype)
+        results = {}
+        for name, (fn, pair) in impls.items():
+            if pair is not None:
+                set_cuda_kernel(pair)
+            results[name] = bench(fn, inputs, device, args.repeats)
         base = results.get("reference")
         for name, (fwd, fwd_bwd) in results.items():
             ratio_f = f"{base[0] / fwd:.1f}x" if base else "-"
             ratio_b = f"{base[1] / fwd_bwd:.1f}x" if base else "-"
-            row = (f"| {case} | {inputs[3].shape[1]} | {name} | {fwd:.1f} | {ratio_f} | "
-                   f"{fwd_bwd:.1f} | {ratio_b} |")
+            row = (f"| {case} | {inputs[3].shape[1]} | {name} | {fwd:.2f} | {ratio_f} | "
+                   f"{fwd_bwd:.2f} | {ratio_b} |")
             rows.append(row)
+            records.append({"case": case, "queries": int(inputs[3].shape[1]), "implementation": name,
+                            "dtype": args.dtype, "coord_dtype": args.coord_dtype or args.dtype,
+                            "forward_ms": fwd, "forward_backward_ms": fwd_bwd,
+                            "device": machine_name(device)})
             print(row, flush=True)
         del inputs
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("\n".join(header + rows) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 //
 // Registered as the CPU implementation of `sparse_detr::ms_deform_attn` and
 // `sparse_detr::ms_deform_attn_backward` (schemas defined in sparse_detr/ops/kernels.py).
-// Supports float32, float64 and bfloat16; accumulates in float (float32, bfloat16) or double.
+// value: float32, float64, bfloat16 or float16; sampling_locations and attention_weights in value's
+// dtype or, for a 16-bit value, in float32 (mixed precision: 16-bit coordinates would lose sub-pixel
+// precision). Accumulates in float (float32, 16-bit) or double; each gradient has its input's dtype.
 //
 // Layout choices, for speed: value stays (N, S, H, C), so the C channels of one pixel and one head
 // are contiguous and every inner loop below is a unit-stride loop over C that the compiler
@@ -49,9 +51,10 @@ void check_levels_cpu(const at::Tensor& shapes, const at::Tensor& starts, const 
   }
 }
 
-template <typename scalar_t>
+// scalar_t: value / output dtype; coord_t: sampling_locations / attention_weights dtype.
+template <typename scalar_t, typename coord_t>
 void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
-                    const scalar_t* loc, const scalar_t* attn, scalar_t* out, const AttnDims d) {
+                    const coord_t* loc, const coord_t* attn, scalar_t* out, const AttnDims d) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = d.C, H = d.H, LP = d.L * d.P, pixel_stride = d.H * d.C;
   // ~ a few thousand flops per query and head: keep tiny problems on one thread.
@@ -63,8 +66,8 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
       const int64_t n = nq / d.Q;
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row = nq * H + h;  // (n, q, h) row of loc/attn/out
-        const scalar_t* row_loc = loc + row * LP * 2;
-        const scalar_t* row_attn = attn + row * LP;
+        const coord_t* row_loc = loc + row * LP * 2;
+        const coord_t* row_attn = attn + row * LP;
         for (int64_t c = 0; c < C; ++c) acc[c] = acc_t(0);
         for (int64_t l = 0; l < d.L; ++l) {
           const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
@@ -72,8 +75,12 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
           for (int64_t p = 0; p < d.P; ++p) {
             const int64_t lp = l * d.P + p;
             BilinearSample<acc_t> s;
-            if (!bilinear_setup<acc_t>(static_cast<acc_t>(row_loc[2 * lp]),
-                                       static_cast<acc_t>(row_loc[2 * lp + 1]), height, width, s)) {
+            const SampleStatus status = bilinear_setup<acc_t>(
+                static_cast<acc_t>(row_loc[2 * lp]), static_cast<acc_t>(row_loc[2 * lp + 1]),
+                height, width, s);
+            if (status == SampleStatus::kOutside) continue;
+            if (status == SampleStatus::kNonFinite) {
+              for (int64_t c = 0; c < C; ++c) acc[c] = sdetr_nan<acc_t>();
               continue;
             }
             const acc_t a = static_cast<acc_t>(row_attn[lp]);
@@ -109,12 +116,12 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
 }
 
 // grad_value_acc has value's shape and dtype acc_t (value itself for float/double, an fp32 buffer
-// for bfloat16 so that many small contributions are not rounded to 8 bits one by one).
-template <typename scalar_t>
+// for 16-bit values so that many small contributions are not rounded one by one).
+template <typename scalar_t, typename coord_t>
 void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int64_t* shapes,
-                     const int64_t* starts, const scalar_t* loc, const scalar_t* attn,
-                     at::opmath_type<scalar_t>* grad_value_acc, scalar_t* grad_loc,
-                     scalar_t* grad_attn, const AttnDims d) {
+                     const int64_t* starts, const coord_t* loc, const coord_t* attn,
+                     at::opmath_type<scalar_t>* grad_value_acc, coord_t* grad_loc,
+                     coord_t* grad_attn, const AttnDims d) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = d.C, H = d.H, LP = d.L * d.P, pixel_stride = d.H * d.C;
   at::parallel_for(0, d.N * H, 1, [&](int64_t begin, int64_t end) {
@@ -124,10 +131,10 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
       const int64_t n = nh / H, h = nh % H;
       for (int64_t q = 0; q < d.Q; ++q) {
         const int64_t row = (n * d.Q + q) * H + h;
-        const scalar_t* row_loc = loc + row * LP * 2;
-        const scalar_t* row_attn = attn + row * LP;
-        scalar_t* row_grad_loc = grad_loc + row * LP * 2;
-        scalar_t* row_grad_attn = grad_attn + row * LP;
+        const coord_t* row_loc = loc + row * LP * 2;
+        const coord_t* row_attn = attn + row * LP;
+        coord_t* row_grad_loc = grad_loc + row * LP * 2;
+        coord_t* row_grad_attn = grad_attn + row * LP;
         for (int64_t c = 0; c < C; ++c) g[c] = static_cast<acc_t>(grad_out[row * C + c]);
         for (int64_t l = 0; l < d.L; ++l) {
           const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
@@ -137,11 +144,15 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
           for (int64_t p = 0; p < d.P; ++p) {
             const int64_t lp = l * d.P + p;
             BilinearSample<acc_t> s;
-            if (!bilinear_setup<acc_t>(static_cast<acc_t>(row_loc[2 * lp]),
-                                       static_cast<acc_t>(row_loc[2 * lp + 1]), height, width, s)) {
-              row_grad_attn[lp] = scalar_t(0);
-              row_grad_loc[2 * lp] = scalar_t(0);
-              row_grad_loc[2 * lp + 1] = scalar_t(0);
+            const SampleStatus status = bilinear_setup<acc_t>(
+                static_cast<acc_t>(row_loc[2 * lp]), static_cast<acc_t>(row_loc[2 * lp + 1]),
+                height, width, s);
+            if (status != SampleStatus::kInside) {
+              acc_t ga = acc_t(0), gx = acc_t(0), gy = acc_t(0);
+              if (status == SampleStatus::kNonFinite) nonfinite_sample_backward(ga, gx, gy);
+              row_grad_attn[lp] = static_cast<coord_t>(ga);
+              row_grad_loc[2 * lp] = static_cast<coord_t>(gx);
+              row_grad_loc[2 * lp + 1] = static_cast<coord_t>(gy);
               continue;
             }
             const acc_t a = static_cast<acc_t>(row_attn[lp]);
@@ -191,9 +202,9 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
             }
             acc_t ga, gx, gy;
             bilinear_backward(s, dot, a, height, width, ga, gx, gy);
-            row_grad_attn[lp] = static_cast<scalar_t>(ga);
-            row_grad_loc[2 * lp] = static_cast<scalar_t>(gx);
-            row_grad_loc[2 * lp + 1] = static_cast<scalar_t>(gy);
+            row_grad_attn[lp] = static_cast<coord_t>(ga);
+            row_grad_loc[2 * lp] = static_cast<coord_t>(gx);
+            row_grad_loc[2 * lp + 1] = static_cast<coord_t>(gy);
           }
         }
       }
@@ -213,11 +224,18 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value_in, const at::Tens
   check_levels_cpu(shapes, starts, d);
   at::Tensor out = at::empty({d.N, d.Q, d.H * d.C}, value.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, value.scalar_type(),
-                                 "ms_deform_attn_forward_cpu", [&] {
-    forward_kernel<scalar_t>(value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
-                             starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(),
-                             attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), d);
+  const bool mixed = loc.scalar_type() != value.scalar_type();  // 16-bit value, fp32 coordinates
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half,
+                                  value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+    if (mixed) {
+      forward_kernel<scalar_t, float>(value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
+                                      starts.data_ptr<int64_t>(), loc.data_ptr<float>(),
+                                      attn.data_ptr<float>(), out.data_ptr<scalar_t>(), d);
+    } else {
+      forward_kernel<scalar_t, scalar_t>(value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
+                                         starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(),
+                                         attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), d);
+    }
   });
   return out;
 }
@@ -237,21 +255,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const at::Tensor attn = attn_in.contiguous();
   check_levels_cpu(shapes, starts, d);
 
-  const bool low_precision = value.scalar_type() == at::kBFloat16;
+  const bool low_precision =
+      value.scalar_type() == at::kBFloat16 || value.scalar_type() == at::kHalf;
+  const bool mixed = loc.scalar_type() != value.scalar_type();
   at::Tensor grad_value_acc =
       at::zeros(value.sizes(), value.options().dtype(low_precision ? at::kFloat
                                                                    : value.scalar_type()));
   at::Tensor grad_loc = at::empty_like(loc);
   at::Tensor grad_attn = at::empty_like(attn);
   if (grad_loc.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, value.scalar_type(),
-                                   "ms_deform_attn_backward_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half,
+                                    value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      backward_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
-                                shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-                                loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
-                                grad_value_acc.data_ptr<acc_t>(), grad_loc.data_ptr<scalar_t>(),
-                                grad_attn.data_ptr<scalar_t>(), d);
+      if (mixed) {
+        backward_kernel<scalar_t, float>(
+            grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
+            starts.data_ptr<int64_t>(), loc.data_ptr<float>(), attn.data_ptr<float>(),
+            grad_value_acc.data_ptr<acc_t>(), grad_loc.data_ptr<float>(),
+            grad_attn.data_ptr<float>(), d);
+      } else {
+        backward_kernel<scalar_t, scalar_t>(
+            grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
+            starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
+            grad_value_acc.data_ptr<acc_t>(), grad_loc.data_ptr<scalar_t>(),
+            grad_attn.data_ptr<scalar_t>(), d);
+      }
     });
   }
   at::Tensor grad_value = low_precision ? grad_value_acc.to(value.scalar_type()) : grad_value_acc;

@@ -1,8 +1,11 @@
-// CUDA kernels of multi-scale deformable attention (forward and backward).
+// CUDA kernels of multi-scale deformable attention (forward and backward): the default pair.
 //
 // Registered as the CUDA implementation of `sparse_detr::ms_deform_attn` and
-// `sparse_detr::ms_deform_attn_backward` (schemas defined in sparse_detr/ops/kernels.py).
-// float32, float64, float16 and bfloat16; arithmetic in at::opmath_type (fp32 for the 16-bit types).
+// `sparse_detr::ms_deform_attn_backward` (schemas defined in sparse_detr/ops/kernels.py). When the
+// fast pair is selected (SPARSE_DETR_CUDA_KERNEL=fast) and supports the inputs, the registered
+// functions call it instead (ms_deform_attn_cuda_fast.cu).
+// value float32, float64, float16 or bfloat16; locations / weights in value's dtype or, for a 16-bit
+// value, float32. Arithmetic in at::opmath_type (fp32 for the 16-bit types).
 //
 // One thread per (n, q, h, c), channel fastest: the C threads of one (n, q, h) share the sampling
 // locations and weights (a broadcast read) and read consecutive channels of each corner pixel
@@ -29,6 +32,7 @@
 
 #include "../ms_deform_attn.h"
 #include "../ms_deform_attn_sample.h"
+#include "ms_deform_attn_cuda.h"
 
 namespace sparse_detr {
 namespace {
@@ -41,12 +45,13 @@ int64_t num_blocks(int64_t total) {
   return std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, cap));
 }
 
-template <typename scalar_t, typename acc_t>
+// scalar_t: value / output dtype; coord_t: locations / weights dtype; acc_t: arithmetic.
+template <typename scalar_t, typename coord_t, typename acc_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ value,
                                const int64_t* __restrict__ shapes,
                                const int64_t* __restrict__ starts,
-                               const scalar_t* __restrict__ loc,
-                               const scalar_t* __restrict__ attn, scalar_t* __restrict__ out,
+                               const coord_t* __restrict__ loc,
+                               const coord_t* __restrict__ attn, scalar_t* __restrict__ out,
                                const AttnDims d) {
   const int64_t total = d.N * d.Q * d.H * d.C;
   const int64_t LP = d.L * d.P, pixel_stride = d.H * d.C;
@@ -56,23 +61,28 @@ __global__ void forward_kernel(const scalar_t* __restrict__ value,
     const int64_t row = i / d.C;  // (n, q, h)
     const int64_t h = row % d.H;
     const int64_t n = row / (d.H * d.Q);
-    const scalar_t* row_loc = loc + row * LP * 2;
-    const scalar_t* row_attn = attn + row * LP;
+    const coord_t* row_loc = loc + row * LP * 2;
+    const coord_t* row_attn = attn + row * LP;
     acc_t acc = acc_t(0);
+    bool nonfinite = false;
     for (int64_t l = 0; l < d.L; ++l) {
       const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
       const scalar_t* level = value + ((n * d.S + starts[l]) * d.H + h) * d.C + c;
       for (int64_t p = 0; p < d.P; ++p) {
         const int64_t lp = l * d.P + p;
         BilinearSample<acc_t> s;
-        if (bilinear_setup<acc_t>(static_cast<acc_t>(row_loc[2 * lp]),
-                                  static_cast<acc_t>(row_loc[2 * lp + 1]), height, width, s)) {
+        const SampleStatus status = bilinear_setup<acc_t>(
+            static_cast<acc_t>(row_loc[2 * lp]), static_cast<acc_t>(row_loc[2 * lp + 1]), height,
+            width, s);
+        if (status == SampleStatus::kInside) {
           acc += static_cast<acc_t>(row_attn[lp]) *
                  bilinear_sample<scalar_t, acc_t>(s, level, pixel_stride);
+        } else if (status == SampleStatus::kNonFinite) {
+          nonfinite = true;
         }
       }
     }
-    out[i] = static_cast<scalar_t>(acc);  // out is (N, Q, H*C): flat index (row, c) == i
+    out[i] = static_cast<scalar_t>(nonfinite ? sdetr_nan<acc_t>() : acc);  // out is (N, Q, H*C): flat index (row, c) == i
   }
 }
 
@@ -89,13 +99,13 @@ __device__ __forceinline__ acc_t group_sum(acc_t v, int group) {
 // grad_value / grad_loc / grad_attn are acc_t buffers (the outputs themselves for float/double).
 // `group`: lanes reduced together (see file comment); `group_owns`: group == C, so the group is
 // the only writer of its grad_loc / grad_attn entries and stores instead of adding.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename coord_t, typename acc_t>
 __global__ void backward_kernel(const scalar_t* __restrict__ grad_out,
                                 const scalar_t* __restrict__ value,
                                 const int64_t* __restrict__ shapes,
                                 const int64_t* __restrict__ starts,
-                                const scalar_t* __restrict__ loc,
-                                const scalar_t* __restrict__ attn, acc_t* __restrict__ grad_value,
+                                const coord_t* __restrict__ loc,
+                                const coord_t* __restrict__ attn, acc_t* __restrict__ grad_value,
                                 acc_t* __restrict__ grad_loc, acc_t* __restrict__ grad_attn,
                                 const AttnDims d, const int group, const bool group_owns) {
   const int64_t total = d.N * d.Q * d.H * d.C;
@@ -111,8 +121,8 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_out,
     const int64_t row = i / d.C;
     const int64_t h = row % d.H;
     const int64_t n = row / (d.H * d.Q);
-    const scalar_t* row_loc = loc + row * LP * 2;
-    const scalar_t* row_attn = attn + row * LP;
+    const coord_t* row_loc = loc + row * LP * 2;
+    const coord_t* row_attn = attn + row * LP;
     const acc_t g = active ? static_cast<acc_t>(grad_out[i]) : acc_t(0);
     const bool leader = active && (c % group == 0);
     for (int64_t l = 0; l < d.L; ++l) {
@@ -124,8 +134,12 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_out,
         const int64_t lp = l * d.P + p;
         acc_t ga = acc_t(0), gx = acc_t(0), gy = acc_t(0);
         BilinearSample<acc_t> s;
-        if (bilinear_setup<acc_t>(static_cast<acc_t>(row_loc[2 * lp]),
-                                  static_cast<acc_t>(row_loc[2 * lp + 1]), height, width, s)) {
+        const SampleStatus status = bilinear_setup<acc_t>(
+            static_cast<acc_t>(row_loc[2 * lp]), static_cast<acc_t>(row_loc[2 * lp + 1]), height,
+            width, s);
+        if (status == SampleStatus::kNonFinite) {
+          nonfinite_sample_backward(ga, gx, gy);  // NaN in every lane, so in the sum too
+        } else if (status == SampleStatus::kInside) {
           const acc_t a = static_cast<acc_t>(row_attn[lp]);
           acc_t dot[4];
 #pragma unroll
@@ -165,16 +179,26 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value_in, const at::Ten
   const at::Tensor value = value_in.contiguous(), shapes = shapes_in.contiguous();
   const at::Tensor starts = starts_in.contiguous(), loc = loc_in.contiguous();
   const at::Tensor attn = attn_in.contiguous();
+  if (cuda_kernel_choice() == CudaKernel::kFast && fast_kernel_supports(d, value)) {
+    return fast_forward_cuda(value, shapes, starts, loc, attn, d);
+  }
   at::Tensor out = at::empty({d.N, d.Q, d.H * d.C}, value.options());
   const int64_t total = out.numel();
   if (total == 0) return out;
   auto stream = at::cuda::getCurrentCUDAStream();
+  const bool mixed = loc.scalar_type() != value.scalar_type();  // 16-bit value, fp32 coordinates
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16,
                                   value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_kernel<scalar_t, acc_t><<<num_blocks(total), kThreads, 0, stream>>>(
-        value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-        loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), d);
+    if (mixed) {
+      forward_kernel<scalar_t, float, acc_t><<<num_blocks(total), kThreads, 0, stream>>>(
+          value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+          loc.data_ptr<float>(), attn.data_ptr<float>(), out.data_ptr<scalar_t>(), d);
+    } else {
+      forward_kernel<scalar_t, scalar_t, acc_t><<<num_blocks(total), kThreads, 0, stream>>>(
+          value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+          loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), d);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -193,8 +217,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const at::Tensor value = value_in.contiguous(), shapes = shapes_in.contiguous();
   const at::Tensor starts = starts_in.contiguous(), loc = loc_in.contiguous();
   const at::Tensor attn = attn_in.contiguous();
+  if (cuda_kernel_choice() == CudaKernel::kFast && fast_kernel_supports(d, value)) {
+    return fast_backward_cuda(grad_out, value, shapes, starts, loc, attn, d);
+  }
 
   const auto dtype = value.scalar_type();
+  const bool mixed = loc.scalar_type() != dtype;
   const bool low_precision = dtype == at::kHalf || dtype == at::kBFloat16;
   const auto acc_options = value.options().dtype(low_precision ? at::kFloat : dtype);
   // Power-of-two C: reduce over aligned lane groups; otherwise one atomic per channel thread.
@@ -214,18 +242,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, dtype,
                                     "ms_deform_attn_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      backward_kernel<scalar_t, acc_t><<<num_blocks(total), kThreads, 0, stream>>>(
-          grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
-          starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
-          grad_value.data_ptr<acc_t>(), grad_loc.data_ptr<acc_t>(), grad_attn.data_ptr<acc_t>(), d,
-          group, group_owns);
+      if (mixed) {
+        backward_kernel<scalar_t, float, acc_t><<<num_blocks(total), kThreads, 0, stream>>>(
+            grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
+            starts.data_ptr<int64_t>(), loc.data_ptr<float>(), attn.data_ptr<float>(),
+            grad_value.data_ptr<acc_t>(), grad_loc.data_ptr<acc_t>(), grad_attn.data_ptr<acc_t>(),
+            d, group, group_owns);
+      } else {
+        backward_kernel<scalar_t, scalar_t, acc_t><<<num_blocks(total), kThreads, 0, stream>>>(
+            grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
+            starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
+            grad_value.data_ptr<acc_t>(), grad_loc.data_ptr<acc_t>(), grad_attn.data_ptr<acc_t>(),
+            d, group, group_owns);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  if (low_precision) {
-    return std::make_tuple(grad_value.to(dtype), grad_loc.to(dtype), grad_attn.to(dtype));
-  }
-  return std::make_tuple(grad_value, grad_loc, grad_attn);
+  // Each gradient in its input's dtype (no-ops for float/double and for fp32 coordinates).
+  return std::make_tuple(grad_value.to(dtype), grad_loc.to(loc.scalar_type()),
+                         grad_attn.to(attn.scalar_type()));
 }
 
 }  // namespace

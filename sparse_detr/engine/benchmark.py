@@ -20,6 +20,8 @@ One record per config (see `benchmark_config`):
   turns (CUDA synchronised).
 * `train_step_s`, `train_peak_mem_mb`, `train_gflops_per_image` (`options.train_step`): forward + criterion +
   backward on random targets; memory = CUDA max allocated, or on the CPU the growth of the resident set size.
+* `autocast` (`options.autocast`, e.g. "bfloat16"): the FPS and training-step runs ran under `torch.autocast` in
+  that dtype (FLOPs are counted in fp32: they depend on shapes only).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class BenchmarkOptions:
     timed_runs: int = 3
     train_step: bool = False
     train_runs: int = 2
+    autocast: Optional[str] = None  # "bfloat16" / "float16": time FPS and the training step under torch.autocast
     seed: int = 0
     overrides: Sequence[str] = field(default_factory=tuple)  # key=value for every config
 
@@ -231,15 +234,22 @@ def count_flops(model: nn.Module, images: list[Tensor]) -> dict:
     }
 
 
+def _autocast(device: torch.device, dtype: Optional[str]):
+    """torch.autocast in `dtype` ("bfloat16", "float16") on the device, or a no-op for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
 def measure_fps(models: Sequence[nn.Module], images: list[Tensor], batch_size: int, warmup: int, runs: int,
-                device: torch.device) -> list[float]:
+                device: torch.device, autocast: Optional[str] = None) -> list[float]:
     """Images per second of each model's eval forward on one batch of `batch_size` images (the pool cycled).
 
     The models take turns run by run (A B C A B C ...), and each gets the MEDIAN of its run times: on a shared
     machine the load drifts, and a config timed alone would inherit whatever load its minutes happened to see."""
     batch = [images[i % len(images)].to(device) for i in range(batch_size)]
     times: list[list[float]] = [[] for _ in models]
-    with torch.inference_mode():
+    with torch.inference_mode(), _autocast(device, autocast):
         for i in range(warmup + runs):
             for model, record in zip(models, times):
                 model.eval()
@@ -288,7 +298,7 @@ def _random_targets(num: int, num_classes: int, device: torch.device, seed: int)
 
 
 def measure_train_step(model: nn.Module, criterion: nn.Module, images: list[Tensor], device: torch.device,
-                       runs: int = 2, seed: int = 0) -> dict:
+                       runs: int = 2, seed: int = 0, autocast: Optional[str] = None) -> dict:
     """Seconds per forward + weighted loss + backward on `images` as one batch, its peak memory and FLOPs."""
     from sparse_detr.models.criterion import weighted_total
 
@@ -297,7 +307,8 @@ def measure_train_step(model: nn.Module, criterion: nn.Module, images: list[Tens
     model.train()
 
     def step() -> None:
-        loss = weighted_total(criterion(model(batch), targets), criterion.weight_dict)
+        with _autocast(device, autocast):
+            loss = weighted_total(criterion(model(batch), targets), criterion.weight_dict)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -381,12 +392,13 @@ def benchmark_configs(paths: Sequence[str], options: BenchmarkOptions, log=print
     built = [_build(path, options) for path in paths]
     records = []
     for path, (cfg, model, _) in zip(paths, built):
-        records.append(_cost_record(path, cfg, model, pool))
+        records.append({**_cost_record(path, cfg, model, pool), "autocast": options.autocast})
         log(f"{path}: {records[-1]['gflops_official']:.1f} GFLOPs (official convention)")
         on_record(add_ratios(records))
     for bs in options.batch_sizes:
         start = time.perf_counter()
-        fps = measure_fps([m for _, m, _ in built], pool, bs, options.warmup, options.timed_runs, pool[0].device)
+        fps = measure_fps([m for _, m, _ in built], pool, bs, options.warmup, options.timed_runs, pool[0].device,
+                          options.autocast)
         for record, value in zip(records, fps):
             record[f"fps_bs{bs}"] = value
         log(f"FPS at batch {bs}: " + ", ".join(f"{r['name']} {v:.3g}" for r, v in zip(records, fps))
@@ -395,7 +407,7 @@ def benchmark_configs(paths: Sequence[str], options: BenchmarkOptions, log=print
     if options.train_step:
         for record, (_, model, criterion) in zip(records, built):
             record.update(measure_train_step(model, criterion, pool[:1], pool[0].device, options.train_runs,
-                                             options.seed))
+                                             options.seed, options.autocast))
             log(f"{record['config']}: train step {record['train_step_s']:.2f} s")
             on_record(add_ratios(records))
     return add_ratios(records)

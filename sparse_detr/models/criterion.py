@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from sparse_detr.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
-from sparse_detr.models.matcher import HungarianMatcher, MatchIndices, flatten_indices
+from sparse_detr.models.matcher import FlatMatch, HungarianMatcher, MatchIndices, flatten_indices
 from sparse_detr.models.selection import TokenSelector
 
 def build_weight_dict(cls: float = 2.0, bbox: float = 5.0, giou: float = 2.0, num_dec_layers: int = 6,
@@ -115,14 +115,18 @@ class SetCriterion(nn.Module):
         return loss_bbox, loss_giou
 
     def head_losses(self, head: dict[str, Tensor], targets: list[dict[str, Tensor]], num_boxes: Tensor | float,
-                    suffix: str = "") -> tuple[dict[str, Tensor], tuple[Tensor, Tensor, Tensor]]:
-        """Match one head {pred_logits (B, Q, K), pred_boxes (B, Q, 4), valid (B, Q) optional}; keys get ``suffix``.
-        Returns (losses, (batch_idx, pred_idx, labels)), the matched pairs (N,) each on the device."""
+                    suffix: str = "", match: FlatMatch | None = None) -> tuple[dict[str, Tensor],
+                                                                                tuple[Tensor, Tensor, Tensor]]:
+        """Match one head {pred_logits (B, Q, K), pred_boxes (B, Q, 4), valid (B, Q) optional}, unless ``match``
+        (its (batch_idx, pred_idx, tgt_idx) on the device, from ``HungarianMatcher.match_heads``) is given; keys
+        get ``suffix``. Returns (losses, (batch_idx, pred_idx, labels)), the matched pairs (N,) each on the device."""
         logits, boxes, valid = head["pred_logits"], head["pred_boxes"], head.get("valid")
         device = logits.device
-        indices: MatchIndices = self.matcher.match(logits, boxes, targets, valid)
-        sizes = [int(t["labels"].shape[0]) for t in targets]
-        batch_idx, pred_idx, tgt_idx = (x.to(device) for x in flatten_indices(indices, sizes))
+        if match is None:
+            indices: MatchIndices = self.matcher.match(logits, boxes, targets, valid)
+            sizes = [int(t["labels"].shape[0]) for t in targets]
+            match = tuple(x.to(device) for x in flatten_indices(indices, sizes))
+        batch_idx, pred_idx, tgt_idx = match
         all_labels = torch.cat([t["labels"] for t in targets]).to(device)
         all_boxes = torch.cat([t["boxes"] for t in targets]).to(device)
 
@@ -141,26 +145,35 @@ class SetCriterion(nn.Module):
         device = outputs["pred_logits"].device
         num_boxes = _num_boxes(targets, device)
 
-        losses, matched = self.head_losses(outputs, targets, num_boxes)
-        with torch.no_grad():
-            losses["stat_class_error"] = self._class_error(outputs["pred_logits"], *matched)
-
+        # Every head is listed first and matched in one call (one device -> host copy of all costs per step, one
+        # copy of the indices back); then each head's losses: (head, targets, suffix, class-agnostic matching).
+        heads = [(outputs, targets, "", False)]
         for i, aux in enumerate(outputs.get("aux_outputs") or []):
-            losses.update(self.head_losses(aux, targets, num_boxes, suffix=f"_{i}")[0])
+            heads.append((aux, targets, f"_{i}", False))
 
         if outputs.get("enc_outputs") is not None:
             enc_targets = targets
             if self.class_agnostic_enc:
                 enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            losses.update(self.head_losses(outputs["enc_outputs"], enc_targets, num_boxes, suffix="_enc")[0])
+            heads.append((outputs["enc_outputs"], enc_targets, "_enc", self.class_agnostic_enc))
 
         # Sparse DETR Sec. 3.3: encoder aux loss on each layer's kept tokens.
         for i, enc_aux in enumerate(outputs.get("enc_aux_outputs") or []):
-            losses.update(self.head_losses(enc_aux, targets, num_boxes, suffix=f"_enc_aux_{i}")[0])
+            heads.append((enc_aux, targets, f"_enc_aux_{i}", False))
+
+        if self.selector is not None:  # the selector's Hungarian-trained heads (selection.py)
+            heads += [(head, targets, suffix, False) for suffix, head in self.selector.matched_heads(outputs)]
+
+        matches = self.matcher.match_heads([h[0] for h in heads], targets, [h[3] for h in heads])
+        losses = {}
+        for (head, head_targets, suffix, _), match in zip(heads, matches):
+            head_loss, matched = self.head_losses(head, head_targets, num_boxes, suffix, match)
+            losses.update(head_loss)
+            if suffix == "":
+                with torch.no_grad():
+                    losses["stat_class_error"] = self._class_error(outputs["pred_logits"], *matched)
 
         if self.selector is not None:
-            for suffix, head in self.selector.matched_heads(outputs):
-                losses.update(self.head_losses(head, targets, num_boxes, suffix=suffix)[0])
             losses.update(self.selector.losses(outputs, targets))
 
         if not self._checked_keys:

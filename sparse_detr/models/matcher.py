@@ -8,13 +8,16 @@ here is the one of Deformable DETR / Sparse DETR (method notes, Sec. 7):
 
 The matcher is a pure function of these costs, run under ``torch.no_grad()``: the whole (B, Q, T_total) cost is built
 on the model's device in one batched computation, copied to the CPU once, and scipy's ``linear_sum_assignment`` solves
-each image's block. The same matcher serves every head: the final decoder layer, the decoder auxiliary layers, the
+each image's block. ``match_heads`` does this for every head of a training step at once: one packed device -> host copy
+of all costs and valid masks, and one host -> device copy of all matched indices (each blocking copy stalls the GPU). The same matcher serves every head: the final decoder layer, the decoder auxiliary layers, the
 two-stage encoder head (``enc_outputs``, one prediction per token) and Sparse DETR's encoder auxiliary heads
 (``enc_aux_outputs``, one prediction per kept token). The last two carry a ``valid`` mask: predictions on padding
 tokens / invalid proposals / unused top-k slots are never matched.
 """
 
 from __future__ import annotations
+
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +32,7 @@ from sparse_detr.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 INVALID_COST = 1e6
 
 MatchIndices = list[tuple[Tensor, Tensor]]
+FlatMatch = tuple[Tensor, Tensor, Tensor]  # (batch_idx, pred_idx, tgt_idx), see flatten_indices
 
 
 def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -187,6 +191,71 @@ class HungarianMatcher(nn.Module):
         cost_cpu = cost.cpu()
         valid_cpu = None if valid is None else valid.cpu()
         return solve_assignment(cost_cpu, sizes, valid_cpu)
+
+    @torch.no_grad()
+    def match_heads(self, heads: Sequence[Mapping[str, Tensor]], targets: list[dict[str, Tensor]],
+                    class_agnostic: Sequence[bool] | None = None) -> list[FlatMatch]:
+        """Match several heads of one step with one device -> host and one host -> device transfer.
+
+        Gives the same matches as ``match`` on each head; the targets are concatenated once for all heads.
+
+        Args:
+            heads: dicts with ``pred_logits`` (B, Q_h, K_h), ``pred_boxes`` (B, Q_h, 4) cxcywh, optional ``valid``
+                (B, Q_h) bool, all on one device.
+            targets: B dicts with ``labels`` (T_b,) int64 and ``boxes`` (T_b, 4) cxcywh (T_b may be 0).
+            class_agnostic: per head, match against every label set to 0 (a binary two-stage head); default all False.
+        Returns:
+            Per head (batch_idx, pred_idx, tgt_idx), each (N_h,) int64 on the heads' device, as ``flatten_indices``
+            gives them: ``tgt_idx`` indexes the batch's concatenated targets.
+        """
+        flags = [False] * len(heads) if class_agnostic is None else list(class_agnostic)
+        if len(flags) != len(heads):
+            raise ValueError(f"HungarianMatcher: {len(heads)} heads but {len(flags)} class_agnostic flags")
+        for head in heads:
+            if len(targets) != head["pred_logits"].shape[0]:
+                raise ValueError(f"HungarianMatcher: {head['pred_logits'].shape[0]} images in outputs, "
+                                 f"{len(targets)} targets")
+        if not heads:
+            return []
+        device = heads[0]["pred_logits"].device
+        sizes = [int(t["boxes"].shape[0]) for t in targets]
+        if sum(sizes) == 0:  # nothing to match anywhere: no device work, no copies
+            empty = torch.empty(0, dtype=torch.int64, device=device)
+            return [(empty, empty, empty) for _ in heads]
+        tgt_labels = torch.cat([t["labels"] for t in targets]).to(device)
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device)
+        zero_labels = torch.zeros_like(tgt_labels) if any(flags) else None
+
+        # Pack every head's (B, Q_h, T) cost and (B, Q_h) valid mask (as 0/1) into one float32 buffer.
+        pieces, layout = [], []
+        for head, agnostic in zip(heads, flags):
+            valid = head.get("valid")
+            cost = self.cost_matrix(head["pred_logits"], head["pred_boxes"], zero_labels if agnostic else tgt_labels,
+                                    tgt_boxes, valid)
+            pieces.append(cost.flatten())
+            if valid is not None:
+                pieces.append(valid.flatten().to(cost.dtype))
+            layout.append((tuple(cost.shape), valid is not None))
+        packed = torch.cat(pieces).cpu()  # THE device -> host transfer of the step
+
+        flat: list[FlatMatch] = []
+        offset = 0
+        for (bsz, queries, total), has_valid in layout:
+            cost_cpu = packed[offset:offset + bsz * queries * total].view(bsz, queries, total)
+            offset += cost_cpu.numel()
+            valid_cpu = None
+            if has_valid:
+                valid_cpu = packed[offset:offset + bsz * queries].view(bsz, queries) > 0.5
+                offset += bsz * queries
+            flat.append(flatten_indices(solve_assignment(cost_cpu, sizes, valid_cpu), sizes))
+
+        # Every head's three index vectors in one (3, N_total) tensor: one host -> device transfer back.
+        lengths = [int(b.numel()) for b, _, _ in flat]
+        indices = torch.cat([torch.stack(f) for f in flat], dim=1)
+        if device.type == "cuda":
+            indices = indices.pin_memory()  # lets the copy run asynchronously
+        indices = indices.to(device, non_blocking=True)
+        return [tuple(part) for part in indices.split(lengths, dim=1)]
 
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> MatchIndices:

@@ -140,16 +140,22 @@ class MSDeformAttn(nn.Module):
             size = reference_points[:, :, None, :, None, 2:]
             locations = centre + offsets / P * size * 0.5
 
-        # The op wants one dtype. Under autocast value/offsets may be 16-bit while the reference
-        # points (and the softmax) stay fp32: run the op in the widest dtype, because 16-bit
-        # sampling locations are off by up to a pixel on a 167-pixel-wide level.
-        dtype = torch.promote_types(torch.promote_types(value.dtype, locations.dtype), weights.dtype)
+        # Mixed precision (autocast): value keeps its 16-bit dtype (half the bandwidth of the op's
+        # largest input), while locations and weights stay fp32 - the reference points are fp32 and
+        # a 16-bit location is off by up to 1/8 pixel at x = 128-256. Outside autocast all three
+        # share the widest dtype (fp32, or fp64 for gradcheck).
+        coord_dtype = torch.promote_types(torch.promote_types(locations.dtype, weights.dtype),
+                                          torch.float32)
+        if value.dtype in (torch.float16, torch.bfloat16) and coord_dtype == torch.float32:
+            value_dtype = value.dtype
+        else:
+            value_dtype = coord_dtype = torch.promote_types(value.dtype, coord_dtype)
         output = ms_deform_attn(
-            value.to(dtype).contiguous(),
+            value.to(value_dtype).contiguous(),
             input_spatial_shapes,
             input_level_start_index,
-            locations.to(dtype).contiguous(),
-            weights.to(dtype).contiguous(),
+            locations.to(coord_dtype).contiguous(),
+            weights.to(coord_dtype).contiguous(),
         )
         output = self.output_proj(output)
         if return_sampling:

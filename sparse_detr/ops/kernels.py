@@ -21,12 +21,15 @@ Use ``sparse_detr.ops.ms_deform_attn`` (it validates inputs and picks a backend)
 ``torch.ops.sparse_detr.ms_deform_attn``.
 """
 
+import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["CPU_KERNEL", "CUDA_KERNEL", "EXTENSION_ERROR", "ms_deform_attn_kernel"]
+__all__ = ["CPU_KERNEL", "CUDA_KERNEL", "CUDA_KERNELS", "EXTENSION_ERROR", "cuda_kernel",
+           "ms_deform_attn_kernel", "set_cuda_kernel"]
 
 if not hasattr(torch.library, "register_autograd"):  # added in torch 2.4
     raise ImportError(f"sparse_detr.ops needs torch >= 2.5 (torch.library.register_autograd); "
@@ -106,6 +109,46 @@ CPU_KERNEL: bool = _C is not None
 CUDA_KERNEL: bool = _C is not None and bool(_C.cuda_compiled())
 #: True when the CPU kernel runs multi-threaded (built with OpenMP).
 OPENMP: bool = _C is not None and bool(_C.openmp_compiled())
+
+
+#: The CUDA kernel pairs: "default" (one thread per channel, the official design) and "fast"
+#: (vectorised channels, locations/weights staged once per query and head; csrc/cuda/*_fast.cu).
+CUDA_KERNELS = ("default", "fast")
+_CUDA_KERNEL_ENV = "SPARSE_DETR_CUDA_KERNEL"
+_cuda_kernel = "default"
+
+
+def set_cuda_kernel(name: str) -> None:
+    """Select the CUDA kernel pair used by every later call of the op (``"default"`` or ``"fast"``).
+
+    The fast pair falls back to the default one for inputs it does not handle (C / vector width
+    > 32). Without a CUDA build the choice is only recorded.
+    """
+    global _cuda_kernel
+    if name not in CUDA_KERNELS:
+        raise ValueError(f"sparse_detr: CUDA kernel must be one of {CUDA_KERNELS}, got {name!r}")
+    if _C is not None and hasattr(_C, "set_cuda_kernel"):
+        _C.set_cuda_kernel(name)
+    _cuda_kernel = name
+
+
+def cuda_kernel() -> str:
+    """The selected CUDA kernel pair (``SPARSE_DETR_CUDA_KERNEL`` at import, or ``set_cuda_kernel``)."""
+    if _C is not None and hasattr(_C, "cuda_kernel"):
+        return str(_C.cuda_kernel())
+    return _cuda_kernel
+
+
+def _cuda_kernel_from_env() -> str:
+    choice = os.environ.get(_CUDA_KERNEL_ENV, "default").strip().lower() or "default"
+    if choice not in CUDA_KERNELS:
+        warnings.warn(f"{_CUDA_KERNEL_ENV}={choice!r} is not one of {CUDA_KERNELS}; using 'default'",
+                      stacklevel=2)
+        choice = "default"
+    return choice
+
+
+set_cuda_kernel(_cuda_kernel_from_env())
 
 
 def ms_deform_attn_kernel(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,

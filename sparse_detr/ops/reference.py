@@ -49,12 +49,19 @@ def ms_deform_attn_reference(
         attention_weights: (N, Q, H, L, P) weights of the samples (normally softmaxed over L*P).
 
     Returns:
-        (N, Q, H*C) attended values; channels of head h are ``[h*C, (h+1)*C)``.
+        (N, Q, H*C) attended values in value's dtype; channels of head h are ``[h*C, (h+1)*C)``.
 
     No input validation: ``sparse_detr.ops.ms_deform_attn`` validates before it calls this.
     """
     N, _, H, C = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
+    # Mixed precision (16-bit value, fp32 locations/weights): sample in the wider dtype, return
+    # value's dtype; autograd casts each gradient back to its input's dtype.
+    out_dtype = value.dtype
+    compute = torch.promote_types(value.dtype, sampling_locations.dtype)
+    value = value.to(compute)
+    sampling_locations = sampling_locations.to(compute)
+    attention_weights = attention_weights.to(compute)
     # grid_sample's grid lives in [-1, 1]: -1 is the left edge of the first pixel.
     grids = 2 * sampling_locations - 1
 
@@ -73,4 +80,4 @@ def ms_deform_attn_reference(
     weights = attention_weights.transpose(1, 2).reshape(N * H, 1, Q, L, P)
     out = (sampled * weights).sum(dim=(-2, -1))  # (N*H, C, Q)
     # (N*H, C, Q) -> (N, H*C, Q) -> (N, Q, H*C): head-major channels, as in the kernels.
-    return out.view(N, H * C, Q).transpose(1, 2).contiguous()
+    return out.view(N, H * C, Q).transpose(1, 2).contiguous().to(out_dtype)
