@@ -1,6 +1,6 @@
 """Image + box augmentation for detection, built on ``torchvision.transforms.v2``.
 
-``make_transforms(train=...)`` returns the Deformable/Sparse DETR recipe (method notes, Sec. 8):
+``make_transforms(train=...)`` returns the Deformable/Sparse DETR COCO recipe (as the official code):
 
 * train: horizontal flip; then, with equal probability, either
   (a) resize the shorter side to one of ``scales`` (longer side capped at ``max_size``), or

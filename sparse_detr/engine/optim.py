@@ -1,4 +1,4 @@
-"""Optimiser, learning-rate schedule and EMA of the weights (method notes, Sec. 8).
+"""Optimiser, learning-rate schedule and EMA of the weights (the official Deformable DETR recipe).
 
 * AdamW over three parameter groups, as the official recipe: the backbone (`backbone.0.*`) at `lr_backbone`,
   the deformable-attention sampling offsets and the reference-point projections (names containing

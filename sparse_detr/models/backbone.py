@@ -1,4 +1,4 @@
-"""CNN / Swin backbones that turn padded images into multi-scale feature maps (method notes, Sec. 1).
+"""CNN / Swin backbones that turn padded images into multi-scale feature maps (Deformable DETR Sec. 4.1: C3-C5).
 
 The backbone network is torchvision's, kept under torchvision's own parameter names so that
 torchvision / official checkpoints load without renaming: inside the detector the keys read
