@@ -25,6 +25,7 @@ from pycocotools.cocoeval import COCOeval
 
 from sparse_detr.data.coco import LabelMap
 from sparse_detr.data.collate import batch_image_sizes
+from sparse_detr.engine.atomic import write_atomic
 from sparse_detr.engine.dist import all_gather_object, is_main_process
 
 # The order of COCOeval.stats for iouType="bbox".
@@ -109,11 +110,8 @@ class CocoEvaluator:
 
     def save_detections(self, path: str) -> None:
         """Write the COCO-format detections json (atomically: a crash never leaves half a file)."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_coco_results(), f)
-        os.replace(tmp, path)
+        results = self.to_coco_results()
+        write_atomic(path, lambda f: json.dump(results, f))
 
     def summarize(self) -> dict[str, Any]:
         """Run COCOeval; returns the 12 named numbers (fractions in [0,1] or -1) and ``per_class`` {name: AP}."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import Tensor, nn
 
 from sparse_detr.models.backbone import Joiner, load_weights_file, resize_mask
