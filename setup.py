@@ -119,7 +119,7 @@ setup(
     version="0.1.0",
     description="Sparse DETR (Roh et al., ICLR 2022) with a compiled multi-scale deformable attention op",
     packages=find_packages(include=["sparse_detr*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=read_requirements(),
     # `pip install -e .[export] --no-build-isolation -c constraints.txt`: ONNX export (tools/export_onnx.py),
     # imported by the exporter only.

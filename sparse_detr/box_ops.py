@@ -113,7 +113,7 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """Logit of ``x``, clamped so that 0 and 1 map to finite values (about -/+ 11.5 with the default eps).
 
     Used to turn reference boxes in [0, 1] back into the unbounded space where the box heads add their offsets
-    (Deformable DETR's iterative bounding-box refinement; method notes Sec. 4-5).
+    (Deformable DETR's iterative bounding-box refinement, Sec. 4.2 and App. A.4).
     """
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))

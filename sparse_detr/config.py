@@ -57,7 +57,7 @@ class ModelConfig:
     aux_loss: bool = True
     with_box_refine: bool = False
     two_stage: bool = False
-    eff_query_init: bool = False  # Sparse DETR query initialisation (Sec. 4 / method §5)
+    eff_query_init: bool = False  # queries = top-Q encoder tokens and their embeddings (Sparse DETR Sec. 3.4)
     eff_specific_head: bool = False  # class-specific two-stage head, objectness = max class logit
     rho: float = 0.0  # keep ratio of encoder tokens; 0 = dense Deformable DETR encoder
     # Optional budgets (models/selection.py): one ratio per feature level; one non-increasing ratio per encoder
@@ -78,7 +78,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights and matcher costs (method §7)."""
+    """Loss weights and Hungarian matcher costs (defaults: the Deformable / Sparse DETR recipe)."""
 
     cls_loss_coef: float = 2.0
     bbox_loss_coef: float = 5.0
@@ -106,7 +106,7 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    """Where the data is and how it is augmented (method §8)."""
+    """Where the data is and how it is augmented (defaults: the Deformable DETR COCO recipe)."""
 
     dataset: Literal["coco", "synthetic"] = "coco"
     root: str = "data/coco"
@@ -134,7 +134,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation, schedule, logging and checkpoints (method §8)."""
+    """Optimisation, schedule, logging and checkpoints (defaults: the Deformable DETR COCO recipe)."""
 
     output_dir: str = "outputs/run"
     epochs: int = 50

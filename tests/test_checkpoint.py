@@ -12,6 +12,7 @@ from torch import nn
 
 from sparse_detr.config import Config, to_dict
 from sparse_detr.engine import checkpoint as ckpt_mod
+from sparse_detr.engine.atomic import write_atomic
 from sparse_detr.engine.checkpoint import (LAYOUT_FIELDS, ConfigMismatchError, check_config_compatible,
                                            find_last_checkpoint, get_rng_state, load_checkpoint, save_checkpoint,
                                            set_rng_state)
@@ -93,6 +94,24 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert load_checkpoint(str(path))["iteration"] == 1
     assert sorted(os.listdir(tmp_path)) == ["checkpoint_last.pth"]  # no temporary file left behind
+
+
+def test_atomic_text_write_replaces_whole_or_not_at_all(tmp_path):
+    """The json/log writer: the old text survives a failing write, no temporary file is left, and the new file has
+    the permissions a plain open() gives (not mkstemp's 0600)."""
+    path, plain = tmp_path / "records.json", tmp_path / "plain.json"
+    write_atomic(str(path), lambda f: f.write("old\n"))
+
+    def failing(f):
+        f.write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(str(path), failing)
+    assert path.read_text() == "old\n" and sorted(os.listdir(tmp_path)) == ["records.json"]
+    write_atomic(str(path), lambda f: f.write("new\n"))
+    plain.write_text("x")
+    assert path.read_text() == "new\n" and path.stat().st_mode == plain.stat().st_mode
 
 
 def test_missing_truncated_and_foreign_files_name_the_path(tmp_path):

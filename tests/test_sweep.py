@@ -83,7 +83,7 @@ def test_skip_resume_retry_and_schema(base, tmp_path, monkeypatch):
     real_step = train_mod.Trainer.train_step
 
     def interrupted(self, *args):
-        if self.opts.output_dir == dam_dir and self.progress.iteration == 1:
+        if self.train_cfg.output_dir == dam_dir and self.progress.iteration == 1:
             raise RuntimeError("simulated interruption")
         return real_step(self, *args)
 

@@ -82,7 +82,7 @@ def test_dense_model_gets_note_panels_and_keeps_its_mode():
     _, model, post = _tiny(DENSE)
     model.train()
     image = vis.prepare_image(_random_picture(3, 80, 64), size=64)[0]  # the trainer passes normalised tensors
-    canvas = vis.render_visualization(model, post, image, LABELS, columns=3, panel_width=90)
+    canvas = vis.visualize_image(model, post, image, LABELS, columns=3, panel_width=90)
     assert model.training  # restored after the eval forward
     # detections, saliency (note), kept tokens (note), selector target (note): 4 panels, 3 per row -> 2 rows.
     _check_png(canvas, (3 * 90, 2 * (72 + vis.TITLE_HEIGHT)))

@@ -17,12 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-try:
-    import sparse_detr  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 
-from sparse_detr.config import load_config
+from sparse_detr.config import load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,29 +23,10 @@ import os
 import sys
 from pathlib import Path
 
-try:
-    import sparse_detr  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 
-from sparse_detr.engine.cli import run_tool
-from sparse_detr.config import load_config
-
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-def format_metrics(metrics: dict) -> str:
-    """The 12 COCO numbers (in %) and the per-class AP table; -1 (no ground truth) shows as n/a."""
-    def cell(v: float) -> str:
-        return "  n/a" if v < 0 else f"{100 * v:5.1f}"
-
-    lines = ["  ".join(f"{m:>5}" for m in METRICS), "  ".join(cell(metrics[m]) for m in METRICS), ""]
-    per_class = metrics.get("per_class", {})
-    if per_class:
-        width = max(len("category"), *(len(n) for n in per_class))
-        lines += [f"{'category':<{width}}     AP", "-" * (width + 7)]
-        lines += [f"{name:<{width}}  {cell(ap)}" for name, ap in per_class.items()]
-    return "\n".join(lines)
+from sparse_detr.engine.cli import run_tool  # noqa: E402
+from sparse_detr.engine.evaluate import format_metrics  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

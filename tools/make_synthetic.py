@@ -17,13 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-try:
-    import sparse_detr  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 
-from sparse_detr.engine.cli import run_tool
-from sparse_detr.data.synthetic import make_synthetic_coco
+from sparse_detr.engine.cli import run_tool  # noqa: E402
+from sparse_detr.data.synthetic import make_synthetic_coco  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 
 from sparse_detr.engine.predict import predict_files  # noqa: E402
 from sparse_detr.engine.predictor import Predictor  # noqa: E402

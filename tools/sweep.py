@@ -21,10 +21,10 @@ override the base config for every run.
 """
 
 import argparse
-import os
 import sys
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 
 from sparse_detr.engine.cli import run_tool  # noqa: E402
 from sparse_detr.config import ConfigError  # noqa: E402

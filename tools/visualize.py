@@ -14,10 +14,10 @@ config (e.g. `model.rho=0.2` to see what a model trained at ρ = 0.1 keeps at ρ
 """
 
 import argparse
-import os
 import sys
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 
 from sparse_detr.engine.cli import run_tool  # noqa: E402
 from sparse_detr.engine.visualize import run_visualization  # noqa: E402

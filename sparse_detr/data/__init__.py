@@ -1,7 +1,7 @@
 """Datasets, transforms, synthetic data and batching. Imports nothing from ``models`` or ``engine``.
 
-``build_dataset(split, dataset=...)`` is the one entry point the training script needs; the lead's config code
-maps its fields onto these plain keyword arguments.
+``build_dataset(split, dataset=...)`` is the one entry point the training script needs; ``engine.builders``
+maps the config's fields onto these plain keyword arguments.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Image + box augmentation for detection, built on ``torchvision.transforms.v2``.
 
-``make_transforms(train=...)`` returns the Deformable/Sparse DETR recipe (method notes, Sec. 8):
+``make_transforms(train=...)`` returns the Deformable/Sparse DETR COCO recipe (as the official code):
 
 * train: horizontal flip; then, with equal probability, either
   (a) resize the shorter side to one of ``scales`` (longer side capped at ``max_size``), or
@@ -126,10 +126,22 @@ def make_base_transforms() -> v2.Compose:
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
 
 
+def imagenet_stats(dtype: torch.dtype = torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet (mean, std) of ``Normalize`` as (3, 1, 1) tensors, broadcastable over (..., 3, H, W)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=dtype, device=device).view(3, 1, 1)
+    return mean, std
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """What ``Normalize`` does: (..., 3, H, W) float RGB in [0, 1] -> (x - mean) / std."""
+    mean, std = imagenet_stats(image.dtype, image.device)
+    return (image - mean) / std
+
+
 def denormalize(image: torch.Tensor) -> torch.Tensor:
     """Invert ``Normalize`` for visualisation: (3,H,W) normalised float -> (3,H,W) float in [0,1]."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    mean, std = imagenet_stats(image.dtype, image.device)
     return (image * std + mean).clamp(0, 1)
 
 

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sparse_detr.config import load_config
-from sparse_detr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from sparse_detr.data.transforms import normalize
 from sparse_detr.ops import backend_for, flops as op_flops  # importing flops registers the op's FLOP formulas
 
 __all__ = ["BenchmarkOptions", "PARTS", "load_images", "count_parameters", "count_flops", "measure_fps",
@@ -86,8 +86,7 @@ def load_images(num_images: int, height: int, width: int, coco_dir: Optional[str
     `coco_dir` (sorted by name) resized as the val transform does (shorter side `height`, longer <= `width`)."""
     if coco_dir is None:
         g = torch.Generator().manual_seed(seed)
-        mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        return [(torch.rand(3, height, width, generator=g) - mean) / std for _ in range(num_images)]
+        return [normalize(torch.rand(3, height, width, generator=g)) for _ in range(num_images)]
     from PIL import Image
 
     from sparse_detr.engine.visualize import list_images, prepare_image

@@ -1,7 +1,7 @@
-"""Config → datasets, data loaders, model, optimiser, loop options. The only engine code that reads the config.
+"""Config → datasets, data loaders, model, optimiser: the engine code that maps config sections to plain arguments.
 
-Everything built here takes plain arguments further down (`optim.py`, `train.Trainer`, the model classes), so
-those stay usable without a `Config`.
+Everything built here takes plain arguments further down (`optim.py`, the model classes), so those stay usable
+without a `Config`; the training loop (`train.Trainer`) reads its own `train` section as it is.
 
 Reproducible, resumable data order (why the train loader is not a plain DataLoader over the dataset):
 
@@ -24,7 +24,6 @@ import bisect
 import itertools
 import os
 import random
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -37,32 +36,9 @@ from sparse_detr.data import build_dataset, collate_batch, ensure_synthetic, mak
 from sparse_detr.engine import dist
 from sparse_detr.engine.optim import build_ema, build_lr_scheduler, build_optimizer, scaled_lr
 
-__all__ = ["LoopOptions", "EpochSampler", "GroupedBatchSampler", "aspect_ratio_groups", "SeededSamples",
+__all__ = ["EpochSampler", "GroupedBatchSampler", "aspect_ratio_groups", "SeededSamples",
            "build_split", "build_datasets", "build_train_loader", "build_val_loader", "check_num_classes", "build_model_and_criterion", "wrap_distributed",
-           "build_optimization", "loop_options", "resolve_num_threads", "setup_threads"]
-
-
-@dataclass(frozen=True)
-class LoopOptions:
-    """The training loop's settings, as plain values (from `cfg.train`)."""
-
-    output_dir: str
-    epochs: int
-    log_every: int = 20
-    checkpoint_every_iters: int = 0
-    eval_every_epochs: int = 1
-    max_iters_per_epoch: int = 0
-    clip_max_norm: float = 0.1
-    amp: str = "none"
-    vis_num_images: int = 0
-
-
-def loop_options(cfg: Config) -> LoopOptions:
-    t = cfg.train
-    return LoopOptions(output_dir=t.output_dir, epochs=t.epochs, log_every=max(1, t.log_every),
-                       checkpoint_every_iters=t.checkpoint_every_iters, eval_every_epochs=t.eval_every_epochs,
-                       max_iters_per_epoch=t.max_iters_per_epoch, clip_max_norm=t.clip_max_norm, amp=t.amp,
-                       vis_num_images=t.vis_num_images)
+           "build_optimization", "resolve_num_threads", "setup_threads"]
 
 
 # ---------------------------------------------------------------------------------------------------------

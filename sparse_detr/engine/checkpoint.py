@@ -31,13 +31,13 @@ import argparse
 import copy
 import os
 import random
-import tempfile
 import warnings
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from sparse_detr.engine.atomic import write_atomic
 from sparse_detr.models.selection import SELECTORS
 from sparse_detr.models.swin import has_official_swin_keys, official_to_ours
 from sparse_detr.errors import UserError
@@ -138,26 +138,7 @@ def save_checkpoint(path: str, state: dict) -> None:
     new one is complete on disk; on any error the temporary file is removed and the error propagates."""
     state = {"format_version": FORMAT_VERSION, **state}
     _check_plain(state, "state")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # BaseException: a KeyboardInterrupt during the write must not leave temporary files behind either.
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    # Make the rename itself durable: without this a power loss can forget the new directory entry.
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, lambda f: torch.save(state, f), binary=True)
 
 
 def load_checkpoint(path: str) -> dict:

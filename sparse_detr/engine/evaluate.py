@@ -25,6 +25,7 @@ from pycocotools.cocoeval import COCOeval
 
 from sparse_detr.data.coco import LabelMap
 from sparse_detr.data.collate import batch_image_sizes
+from sparse_detr.engine.atomic import write_atomic
 from sparse_detr.engine.dist import all_gather_object, is_main_process
 
 # The order of COCOeval.stats for iouType="bbox".
@@ -109,11 +110,8 @@ class CocoEvaluator:
 
     def save_detections(self, path: str) -> None:
         """Write the COCO-format detections json (atomically: a crash never leaves half a file)."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_coco_results(), f)
-        os.replace(tmp, path)
+        results = self.to_coco_results()
+        write_atomic(path, lambda f: json.dump(results, f))
 
     def summarize(self) -> dict[str, Any]:
         """Run COCOeval; returns the 12 named numbers (fractions in [0,1] or -1) and ``per_class`` {name: AP}."""
@@ -149,13 +147,30 @@ class CocoEvaluator:
         per_class = self.metrics.get("per_class")
         if per_class is None:
             raise RuntimeError("format_per_class_table: call summarize() first")
-        cells = [(name, "  n/a" if ap < 0 else f"{100 * ap:5.1f}") for name, ap in per_class.items()]
-        width = max([len("category")] + [len(name) for name, _ in cells])
-        header = " | ".join([f"{'category':<{width}}    AP"] * min(columns, max(len(cells), 1)))
-        lines = [header, "-" * len(header)]
-        for start in range(0, len(cells), columns):
-            lines.append(" | ".join(f"{name:<{width}} {ap}" for name, ap in cells[start:start + columns]))
-        return "\n".join(lines)
+        return format_per_class_table(per_class, columns)
+
+
+def _percent(value: float) -> str:
+    return "  n/a" if value < 0 else f"{100 * value:5.1f}"
+
+
+def format_per_class_table(per_class: dict[str, float], columns: int = 3) -> str:
+    """``{name: AP}`` (fractions, -1 = no ground truth) as an aligned text table in %, ``columns`` classes a row."""
+    cells = [(name, _percent(ap)) for name, ap in per_class.items()]
+    width = max([len("category")] + [len(name) for name, _ in cells])
+    header = " | ".join([f"{'category':<{width}}    AP"] * min(columns, max(len(cells), 1)))
+    lines = [header, "-" * len(header)]
+    for start in range(0, len(cells), columns):
+        lines.append(" | ".join(f"{name:<{width}} {ap}" for name, ap in cells[start:start + columns]))
+    return "\n".join(lines)
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """The 12 COCO numbers (in %, -1 shown as n/a) of ``summarize()``, then its per-class AP table if any."""
+    lines = ["  ".join(f"{m:>5}" for m in METRIC_NAMES), "  ".join(_percent(metrics[m]) for m in METRIC_NAMES)]
+    if metrics.get("per_class"):
+        lines += ["", format_per_class_table(metrics["per_class"])]
+    return "\n".join(lines)
 
 
 def evaluate(model: torch.nn.Module, postprocessor: Any, data_loader: Iterable, device: torch.device,

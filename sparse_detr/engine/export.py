@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sparse_detr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from sparse_detr.data.transforms import imagenet_stats
 from sparse_detr.models.postprocess import PostProcess
 from sparse_detr.ops import backend_for
 
@@ -53,8 +53,9 @@ class DeployModel(nn.Module):
         super().__init__()
         self.model = model
         self.postprocess = PostProcess(num_select)
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        mean, std = imagenet_stats()
+        self.register_buffer("pixel_mean", mean[None], persistent=False)  # (1, 3, 1, 1)
+        self.register_buffer("pixel_std", std[None], persistent=False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         batch, _, height, width = images.shape

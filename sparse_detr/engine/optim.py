@@ -1,4 +1,4 @@
-"""Optimiser, learning-rate schedule and EMA of the weights (method notes, Sec. 8).
+"""Optimiser, learning-rate schedule and EMA of the weights (the official Deformable DETR recipe).
 
 * AdamW over three parameter groups, as the official recipe: the backbone (`backbone.0.*`) at `lr_backbone`,
   the deformable-attention sampling offsets and the reference-point projections (names containing
@@ -97,26 +97,17 @@ def restore_scheduler(scheduler: MultiStepLR, state: dict) -> None:
     scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
 
 
-def _ema_fn(decay: float):
-    """The EMA update for AveragedModel: `get_ema_multi_avg_fn` (a fused foreach update) where torch has it,
-    a per-tensor `avg_fn` otherwise. Both give ema = decay * ema + (1 - decay) * param."""
-    from torch.optim import swa_utils
-
-    if hasattr(swa_utils, "get_ema_multi_avg_fn"):
-        return {"multi_avg_fn": swa_utils.get_ema_multi_avg_fn(decay)}
-    return {"avg_fn": lambda ema, p, n: decay * ema + (1.0 - decay) * p}  # pragma: no cover - older torch
-
-
 def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
     """An EMA copy of `model` (pass the unwrapped model, not the DDP wrapper), updated with
     `ema.update_parameters(model)` after each optimizer step. `use_buffers=True` averages the buffers too, so the
     copy is self-contained for evaluation (the frozen batch-norm statistics do not change: averaging is harmless)."""
-    from torch.optim.swa_utils import AveragedModel
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     if not 0.0 < decay < 1.0:
         raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
     # AveragedModel deep-copies the module; detach it from autograd so the copy never asks for gradients.
-    ema = AveragedModel(model, use_buffers=True, **_ema_fn(decay))
+    # ema = decay * ema + (1 - decay) * param, one fused foreach update.
+    ema = AveragedModel(model, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(decay))
     for p in ema.parameters():
         p.requires_grad_(False)
     return ema

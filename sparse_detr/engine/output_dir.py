@@ -21,6 +21,7 @@ import socket
 import sys
 from typing import Optional
 
+from sparse_detr.engine.atomic import write_atomic
 from sparse_detr.errors import UserError
 
 try:
@@ -117,10 +118,5 @@ def truncate_jsonl(path: str, iteration: int, drop_eval_at: Optional[int] = None
         kept.append(line)
     if len(kept) == len(lines):
         return 0
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in kept))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write("".join(line + "\n" for line in kept)))
     return len(lines) - len(kept)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Optional, Sequence
 
 from PIL import Image
 
+from sparse_detr.engine.atomic import write_atomic
 from sparse_detr.engine.predictor import Predictor
 from sparse_detr.engine.visualize import draw_detections
 
@@ -66,16 +66,7 @@ def _image_ids(files: Sequence[str], ann_file: Optional[str]) -> list[int]:
 
 
 def _write_json_atomic(path: str, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, lambda f: json.dump(data, f))
 
 
 def predict_files(predictor: Predictor, files: Sequence[str], out_dir: str, score_thresh: float = 0.3,

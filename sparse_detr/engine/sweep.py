@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from sparse_detr.config import load_config, to_dict
+from sparse_detr.engine.atomic import write_atomic
 
 __all__ = ["RunSpec", "SweepOptions", "RECORD_KEYS", "METRICS", "plan_runs", "run_one", "run_sweep",
            "run_status", "train_seconds", "ConfigChangedError"]
@@ -185,11 +186,7 @@ def _benchmark(spec: RunSpec, opts: SweepOptions, cfg) -> dict:
 
 
 def _write_json(path: str, data) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)  # atomic: a killed sweep never leaves half a record
+    write_atomic(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"))  # a killed sweep leaves no half record
 
 
 def run_one(spec: RunSpec, opts: SweepOptions) -> dict:

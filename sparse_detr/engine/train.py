@@ -34,7 +34,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from sparse_detr.config import Config, save_config, to_dict
+from sparse_detr.config import Config, TrainConfig, save_config, to_dict
 from sparse_detr.data import LabelMap, batch_image_sizes
 from sparse_detr.engine import builders, dist
 from sparse_detr.engine.checkpoint import (BEST, LAST, check_config_compatible, check_resumable,
@@ -106,14 +106,15 @@ def _to_float32(tree: Any) -> Any:
 
 class Trainer:
     def __init__(self, *, model, criterion, postprocessor, optimizer, scheduler, ema, train_loader, train_sampler,
-                 val_loader, coco_gt, label_map, info: dist.DistInfo, options: builders.LoopOptions,
+                 val_loader, coco_gt, label_map, info: dist.DistInfo, train: TrainConfig,
                  config: dict, start_iteration: Optional[int] = None) -> None:
-        """start_iteration: the global step of the checkpoint a resumed run starts from (its TensorBoard
+        """train: the config's `train` section (epochs, logging, checkpoints, clipping, amp), read as it is.
+        start_iteration: the global step of the checkpoint a resumed run starts from (its TensorBoard
         events after that step are hidden, see logging.py)."""
         self.model, self.criterion, self.postprocessor = model, criterion, postprocessor
         self.optimizer, self.scheduler, self.ema = optimizer, scheduler, ema
         self.train_loader, self.train_sampler, self.val_loader = train_loader, train_sampler, val_loader
-        self.coco_gt, self.label_map, self.info, self.opts, self.config = coco_gt, label_map, info, options, config
+        self.coco_gt, self.label_map, self.info, self.train_cfg, self.config = coco_gt, label_map, info, train, config
         self.device = info.device
         # find_unused_parameters only where the model says a step leaves parameters unused (builders.py);
         # tests/test_gradients.py checks that every shipped config family trains every parameter.
@@ -122,16 +123,16 @@ class Trainer:
         # The batch size of the loader, or of its batch sampler (data.group_by_aspect_ratio).
         self.batch_size = train_loader.batch_size or train_loader.batch_sampler.batch_size
         full = train_sampler.samples_per_epoch // self.batch_size
-        self.iters_per_epoch = min(full, options.max_iters_per_epoch) if options.max_iters_per_epoch > 0 else full
-        self.use_bf16 = options.amp == "bf16" and self.device.type == "cuda"
+        self.iters_per_epoch = min(full, train.max_iters_per_epoch) if train.max_iters_per_epoch > 0 else full
+        self.use_bf16 = train.amp == "bf16" and self.device.type == "cuda"
         self.progress = Progress()
         self._loss_names: Optional[list[str]] = None  # of the last good step (for a matcher failure's report)
         main = info.rank == 0
-        self.log = setup_text_logger(options.output_dir if main else None, main)
-        self.jsonl = JsonlLog(os.path.join(options.output_dir, "log.jsonl") if main else None)
-        self.tb = TensorboardLog(os.path.join(options.output_dir, "tensorboard") if main else None,
+        self.log = setup_text_logger(train.output_dir if main else None, main)
+        self.jsonl = JsonlLog(os.path.join(train.output_dir, "log.jsonl") if main else None)
+        self.tb = TensorboardLog(os.path.join(train.output_dir, "tensorboard") if main else None,
                                  purge_step=None if start_iteration is None else start_iteration + 1)
-        if options.amp == "bf16" and not self.use_bf16:
+        if train.amp == "bf16" and not self.use_bf16:
             self.log.warning("train.amp=bf16 is only used on CUDA; training in float32 on %s", self.device)
 
     # ---------------------------------------------------------------------------------------------- state
@@ -152,13 +153,13 @@ class Trainer:
         state = self.checkpoint_state()
         if self.info.rank == 0:
             for name in names:
-                path = os.path.join(self.opts.output_dir, name)
+                path = os.path.join(self.train_cfg.output_dir, name)
                 save_checkpoint(path, state)
                 p = self.progress
                 # 1-based, as the text log: saved after batch `batch` of epoch `epoch`.
                 epoch, batch = (p.epoch + 1, p.step_in_epoch) if p.step_in_epoch else (p.epoch, self.iters_per_epoch)
                 self.jsonl.write("checkpoint", path=path, epoch=epoch, batch=batch, iteration=p.iteration)
-            self.progress.last_checkpoint = os.path.join(self.opts.output_dir, names[0])
+            self.progress.last_checkpoint = os.path.join(self.train_cfg.output_dir, names[0])
 
     def load_weights(self, ckpt: dict, source: str) -> None:
         """Model (and EMA) weights only: `--checkpoint` for evaluation or to start training from them."""
@@ -198,7 +199,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- training
     def fit(self) -> dict:
-        p, o = self.progress, self.opts
+        p, o = self.progress, self.train_cfg
         if p.eval_pending:  # resumed from a checkpoint saved just before an evaluation that did not finish
             self._evaluate_and_save(p.epoch - 1)
         if p.epoch >= o.epochs:
@@ -259,7 +260,7 @@ class Trainer:
         self.jsonl.close()
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
-        p, o, n = self.progress, self.opts, self.iters_per_epoch
+        p, o, n = self.progress, self.train_cfg, self.iters_per_epoch
         first = p.step_in_epoch
         self.train_sampler.set_epoch(epoch, skip=first * self.batch_size)
         self.net.train()
@@ -315,7 +316,7 @@ class Trainer:
         reduced = dist.all_reduce_mean(local)  # before backward: every rank logs (and checks) the same numbers
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        max_norm = self.opts.clip_max_norm if self.opts.clip_max_norm > 0 else math.inf
+        max_norm = self.train_cfg.clip_max_norm if self.train_cfg.clip_max_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         host = torch.cat([reduced, grad_norm.detach().reshape(1).float().to(reduced.device)]).tolist()  # the sync
         values = dict(zip(names + ["grad_norm"], host))
@@ -357,7 +358,7 @@ class Trainer:
         raise NonFiniteLossError(msg)
 
     def _log_progress(self, epoch: int, step: int, meters: MeterGroup) -> None:
-        p, o, n = self.progress, self.opts, self.iters_per_epoch
+        p, o, n = self.progress, self.train_cfg, self.iters_per_epoch
         sec = meters["iter_time"].avg
         left_epoch = (n - step - 1) * sec
         left_total = left_epoch + (o.epochs - epoch - 1) * n * sec
@@ -374,7 +375,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- evaluation
     def evaluate(self, epoch: int) -> dict:
         """COCO metrics of the model (and of the EMA weights under "ema"); the same dict on every rank."""
-        det_path = os.path.join(self.opts.output_dir, "detections_val.json")
+        det_path = os.path.join(self.train_cfg.output_dir, "detections_val.json")
         # Forked RNG: val loading in the main process (num_workers=0) must not move the training RNG, or the
         # runs with and without workers would train differently after the first evaluation.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
@@ -390,7 +391,7 @@ class Trainer:
         for prefix, m in (("val", metrics), ("val_ema", metrics.get("ema", {}))):
             self.tb.scalars(prefix, {k: v for k, v in m.items() if isinstance(v, float)}, self.progress.iteration)
             self.tb.scalars(prefix + "_per_class", m.get("per_class", {}), self.progress.iteration)
-        if self.opts.vis_num_images > 0 and self.tb.writer is not None:
+        if self.train_cfg.vis_num_images > 0 and self.tb.writer is not None:
             self._log_images(self.ema.module if self.ema is not None else self.model)
         self.tb.flush()
         return metrics
@@ -401,7 +402,7 @@ class Trainer:
         scorer saliency, kept tokens, selector target), to TensorBoard. Main process only."""
         dataset = self.val_loader.dataset
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            for i in range(min(self.opts.vis_num_images, len(dataset))):
+            for i in range(min(self.train_cfg.vis_num_images, len(dataset))):
                 image, target = dataset[i]
                 h, w = (int(v) for v in target["size"])
                 gt = {"boxes": box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([w, h, w, h])}
@@ -423,10 +424,10 @@ def run(cfg: Config, *, resume: Optional[str] = None, eval_only: bool = False,
     info = dist.init_from_env(cfg.train.device)
     trainer = lock = None
     try:
-        opts = builders.loop_options(cfg)
+        out_dir = cfg.train.output_dir
         config = to_dict(cfg)
         # Everything that can reject the checkpoint is checked before anything is written into the output folder.
-        path = find_last_checkpoint(opts.output_dir) if resume == "auto" else resume
+        path = find_last_checkpoint(out_dir) if resume == "auto" else resume
         ckpt = None
         if path is not None:
             ckpt = load_checkpoint(path)
@@ -439,12 +440,12 @@ def run(cfg: Config, *, resume: Optional[str] = None, eval_only: bool = False,
             raise ValueError("--eval-only needs --checkpoint PATH or --resume")
         stale: list[str] = []
         if info.rank == 0:
-            lock = lock_output_dir(opts.output_dir)  # before any write: one run per folder
-            stale = remove_stale_temp_files(opts.output_dir)
+            lock = lock_output_dir(out_dir)  # before any write: one run per folder
+            stale = remove_stale_temp_files(out_dir)
             if path is not None:
-                truncate_jsonl(os.path.join(opts.output_dir, "log.jsonl"), ckpt["iteration"],
+                truncate_jsonl(os.path.join(out_dir, "log.jsonl"), ckpt["iteration"],
                                drop_eval_at=ckpt["iteration"] if ckpt.get("eval_pending") else None)
-            save_config(cfg, os.path.join(opts.output_dir, "config.yaml"))
+            save_config(cfg, os.path.join(out_dir, "config.yaml"))
         builders.seed_everything(cfg.train.seed)  # the same initial weights on every rank
         with warnings.catch_warnings(record=True) as caught:
             train_set, val_set = builders.build_datasets(cfg)
@@ -455,7 +456,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, eval_only: bool = False,
         trainer = Trainer(model=model, criterion=criterion, postprocessor=postprocessor, optimizer=optimizer,
                           scheduler=scheduler, ema=ema, train_loader=train_loader, train_sampler=sampler,
                           val_loader=builders.build_val_loader(cfg, val_set, info), coco_gt=coco_gt,
-                          label_map=train_set.label_map, info=info, options=opts, config=config,
+                          label_map=train_set.label_map, info=info, train=cfg.train, config=config,
                           start_iteration=ckpt["iteration"] if path is not None else None)
         trainer.log.info(threads)
         if note:
@@ -466,7 +467,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, eval_only: bool = False,
                              ", ".join(stale))
         builders.seed_everything(cfg.train.seed + info.rank)  # dropout etc.: per rank, reproducible
         if resume == "auto" and path is None:
-            trainer.log.info("--resume auto: no checkpoint in %s, starting from scratch", opts.output_dir)
+            trainer.log.info("--resume auto: no checkpoint in %s, starting from scratch", out_dir)
         if path is not None:
             trainer.restore(ckpt, source=path)
         elif checkpoint is not None:

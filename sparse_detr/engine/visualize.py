@@ -215,14 +215,9 @@ def make_panels(model: nn.Module, postprocessor: nn.Module, image: Union[Image.I
     return panels
 
 
-def render_visualization(panels, *args, columns: int = 4, panel_width: int = 400, **kwargs) -> Image.Image:
+def render_visualization(panels: dict[str, Image.Image], columns: int = 4, panel_width: int = 400) -> Image.Image:
     """Tile the panels left to right, `columns` per row, each scaled to `panel_width` with its title above.
-    Size: (columns' panels) x panel_width wide, rows x (panel height + TITLE_HEIGHT) high.
-
-    Also callable as `render_visualization(model, postprocessor, image, label_map, ...)`, which makes the panels
-    first (the same as `visualize_image`), so a caller needs one function either way."""
-    if not isinstance(panels, dict):
-        panels = make_panels(panels, *args, **kwargs)
+    Size: (columns' panels) x panel_width wide, rows x (panel height + TITLE_HEIGHT) high."""
     first = next(iter(panels.values()))
     panel_height = max(1, round(first.height * panel_width / first.width))
     columns = max(1, min(columns, len(panels)))

@@ -1,4 +1,4 @@
-"""CNN / Swin backbones that turn padded images into multi-scale feature maps (method notes, Sec. 1).
+"""CNN / Swin backbones that turn padded images into multi-scale feature maps (Deformable DETR Sec. 4.1: C3-C5).
 
 The backbone network is torchvision's, kept under torchvision's own parameter names so that
 torchvision / official checkpoints load without renaming: inside the detector the keys read
@@ -163,6 +163,11 @@ _NETWORKS = {
 }
 
 
+def resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, H, W) bool padding mask -> (B, *size) by nearest resize: a cell is padding iff the pixel it samples is."""
+    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+
+
 class Backbone(nn.Module):
     """A torchvision network that returns padded feature maps with their padding masks.
 
@@ -229,9 +234,7 @@ class Backbone(nn.Module):
         """
         out = []
         for feature in self.body(images):
-            # Nearest resize of the image mask: a level cell is padding iff the pixel it samples is.
-            level_mask = F.interpolate(mask[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]
-            out.append((feature, level_mask))
+            out.append((feature, resize_mask(mask, feature.shape[-2:])))
         return out
 
 

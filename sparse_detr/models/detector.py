@@ -30,9 +30,9 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparse_detr.models.backbone import resize_mask
 from sparse_detr.models.decoder import Decoder
 from sparse_detr.models.encoder import SparseEncoder, dense_reference_points, grid_proposals, proposal_features
 from sparse_detr.models.heads import MLP, box_head, class_head
@@ -202,7 +202,7 @@ class SparseDETR(nn.Module):
         srcs = [proj(f) for proj, f in zip(self.input_proj, features)]
         for proj in list(self.input_proj)[num_backbone:]:  # the first extra level convolves the raw C5
             src = proj(features[-1] if len(srcs) == num_backbone else srcs[-1])
-            level_mask = F.interpolate(mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
+            level_mask = resize_mask(mask, src.shape[-2:])
             srcs.append(src)
             masks.append(level_mask)
             pos.append(self.backbone[1](level_mask).to(src.dtype))

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import os
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparse_detr.models.backbone import Joiner, load_weights_file
+from sparse_detr.models.backbone import Joiner, load_weights_file, resize_mask
 from sparse_detr.models.position_encoding import PositionEmbeddingSine
 
 __all__ = ["TinyCNN", "TinyBackbone", "build_tiny_backbone"]
@@ -65,7 +63,7 @@ class TinyBackbone(nn.Module):
         features = self.body(images)
         if not self.return_interm_layers:
             features = features[-1:]
-        return [(f, F.interpolate(mask[None].float(), size=f.shape[-2:]).to(torch.bool)[0]) for f in features]
+        return [(f, resize_mask(mask, f.shape[-2:])) for f in features]
 
 
 def build_tiny_backbone(hidden_dim: int, train_backbone: bool, num_feature_levels: int,
