@@ -45,21 +45,11 @@ bool cuda_compiled() {
 #endif
 }
 
-// False means at::parallel_for was compiled without OpenMP and runs the CPU kernels on one thread.
-bool openmp_compiled() {
-#ifdef _OPENMP
-  return true;
-#else
-  return false;
-#endif
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Compiled kernels of sparse_detr (multi-scale deformable attention).";
   m.def("cuda_compiled", &cuda_compiled, "Whether the CUDA kernels were compiled in.");
-  m.def("openmp_compiled", &openmp_compiled, "Whether the CPU kernels were built with OpenMP.");
   m.def("set_cuda_kernel", &set_cuda_kernel, "Select the CUDA kernel pair: 'default' or 'fast'.");
   m.def("cuda_kernel", &cuda_kernel, "The selected CUDA kernel pair.");
 }

@@ -2,7 +2,7 @@
 
 DETR (Carion et al. 2020, Sec. 3.1) trains with a one-to-one assignment: each ground-truth object is matched to exactly
 one prediction by minimising a matching cost, and every other prediction is trained to say "no object". The cost used
-here is the one of Deformable DETR / Sparse DETR (method notes, Sec. 7):
+here is the one of the official Deformable DETR / Sparse DETR code:
 
     C = cost_class * focal_class_cost + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU)        (2 / 5 / 2)
 
@@ -41,7 +41,7 @@ def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma:
     The cost is "focal loss if this prediction is trained positive for the label" minus "focal loss if it is trained
     negative for it" (which is what it gets when left unmatched), i.e. the change in the classification loss that the
     assignment causes. Using the focal loss, not -p as DETR's softmax matcher does, keeps the matching consistent
-    with the sigmoid focal loss the criterion optimises (method notes Sec. 7).
+    with the sigmoid focal loss the criterion optimises (as Deformable DETR's matcher).
 
     Args:
         logits: (N, K) raw class logits.

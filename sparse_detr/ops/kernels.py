@@ -107,8 +107,6 @@ _C, EXTENSION_ERROR = _load_extension()
 CPU_KERNEL: bool = _C is not None
 #: True when the CUDA kernel was compiled in (it still needs a GPU at run time).
 CUDA_KERNEL: bool = _C is not None and bool(_C.cuda_compiled())
-#: True when the CPU kernel runs multi-threaded (built with OpenMP).
-OPENMP: bool = _C is not None and bool(_C.openmp_compiled())
 
 
 #: The CUDA kernel pairs: "default" (one thread per channel, the official design) and "fast"
