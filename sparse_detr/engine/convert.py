@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from sparse_detr.config import Config, to_dict
-from sparse_detr.engine.checkpoint import SWIN_RENAMED, load_checkpoint, save_checkpoint
+from sparse_detr.engine.checkpoint import SWIN_RENAMED, CheckpointError, load_checkpoint, save_checkpoint
 from sparse_detr.models import build_detector
 
-__all__ = ["StateDictMismatch", "state_dict_problems", "convert_official"]
+__all__ = ["StateDictMismatch", "state_dict_problems", "convert_official", "extract_backbone"]
 
 
 class StateDictMismatch(RuntimeError):
@@ -65,3 +65,25 @@ def convert_official(src: str, dst: str, cfg: Config, config_name: str = "the co
     save_checkpoint(dst, {"model": state, "config": to_dict(cfg), "converted_from": os.path.abspath(src)})
     return {"tensors": len(state), "elements": sum(v.numel() for v in state.values()),
             "swin_renamed": any(SWIN_RENAMED in str(w.message) for w in caught)}
+
+
+BACKBONE_PREFIX = "backbone.0.body."  # the backbone network inside our detector (Joiner[0].body)
+
+
+def extract_backbone(src: str, dst: str) -> int:
+    """Write the backbone network of a checkpoint of ours as a state dict that ``model.pretrained_backbone``
+    loads (the layout of the network itself, e.g. ``TinyCNN``); ``dst`` must not exist. Returns the tensor count.
+
+    Used to start several runs from one pretrained backbone (docs/ablation.md), as the paper's runs start from an
+    ImageNet backbone.
+    """
+    if os.path.exists(dst):
+        raise CheckpointError(f"{dst} exists: choose another output path")
+    state = load_checkpoint(src)["model"]
+    body = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
+    if not body:
+        raise CheckpointError(f"{src} has no backbone tensors (no keys under {BACKBONE_PREFIX})")
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    torch.save(body, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+    return len(body)
