@@ -1,4 +1,4 @@
-"""The decoder cross-attention map and its binarised target (method §6) against brute-force Python loops."""
+"""The decoder cross-attention map and its binarised target (Sparse DETR Sec. 3.2) against brute-force Python loops."""
 import math
 
 import pytest

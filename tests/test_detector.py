@@ -1,5 +1,5 @@
 """The full detector: forward + backward of every family on two images of different sizes, the output contract,
-input forms, and two-stage query selection (method §1, §5, §6)."""
+input forms, and two-stage query selection (Sparse DETR Sec. 3; Deformable DETR Sec. 4)."""
 import math
 
 import pytest
