@@ -262,28 +262,31 @@ def test_config_check_agrees_with_the_real_state_dict_layout():
 
 def test_extracted_backbone_loads_as_pretrained_weights(tmp_path):
     """tools/extract_backbone.py: the backbone of a trained checkpoint starts a new model with the same backbone."""
-    import subprocess
-    import sys
-
     from sparse_detr.config import load_config
-    from sparse_detr.engine.checkpoint import save_checkpoint
+    from sparse_detr.engine.checkpoint import CheckpointError, save_checkpoint
+    from sparse_detr.engine.cli import run_tool
     from sparse_detr.models import build_detector
 
+    sys_path = str(Path(__file__).resolve().parents[1] / "tools")
+    import sys
+    sys.path.insert(0, sys_path)
+    try:
+        import extract_backbone as tool
+    finally:
+        sys.path.remove(sys_path)
     small = ["model.hidden_dim=32", "model.nheads=4", "model.enc_layers=1", "model.dec_layers=1",
              "model.dim_feedforward=32", "model.num_queries=8"]
     torch.manual_seed(0)
     trained = build_detector(load_config("configs/demo_synthetic.yaml", small).model)
     save_checkpoint(str(tmp_path / "run.pth"), {"model": trained.state_dict()})
     out = tmp_path / "backbone.pt"
-    tool = subprocess.run([sys.executable, "tools/extract_backbone.py", str(tmp_path / "run.pth"), str(out)],
-                          capture_output=True, text=True)
-    assert tool.returncode == 0, tool.stderr
+    assert run_tool(tool.main, [str(tmp_path / "run.pth"), str(out)]) == 0
     torch.manual_seed(1)  # another initialisation: only the backbone comes from the file
     fresh = build_detector(load_config("configs/demo_synthetic.yaml", small + [f"model.pretrained_backbone={out}"]).model)
     new = fresh.state_dict()
     body = [k for k in new if k.startswith("backbone.0.body.")]
     assert body and all(torch.equal(new[k], trained.state_dict()[k]) for k in body)
     assert not torch.equal(new["input_proj.0.0.weight"], trained.state_dict()["input_proj.0.0.weight"])  # the rest: new
-    again = subprocess.run([sys.executable, "tools/extract_backbone.py", str(tmp_path / "run.pth"), str(out)],
-                           capture_output=True, text=True)
-    assert again.returncode == 3 and "exists" in again.stderr  # never overwrites
+    assert run_tool(tool.main, [str(tmp_path / "run.pth"), str(out)]) == 3  # a user error: never overwrites
+    with pytest.raises(CheckpointError, match="exists"):
+        tool.extract_backbone(str(tmp_path / "run.pth"), str(out))

@@ -124,7 +124,8 @@ def test_demo_model_exports_and_matches_through_the_tool(tmp_path, monkeypatch, 
 def test_dynamic_export_matches_at_two_sizes_and_batches(tmp_path):
     # Two feature levels: the symbolic-shape export time grows with the per-level graph.
     _, model = _model(TINY + ["model.num_feature_levels=2"], seed=1)
-    path = export.export_onnx(model, str(tmp_path / "dyn.onnx"), height=160, width=192, dynamic=True)
+    # optimize=False: the graph optimizer is covered by the static export through the tool; here it only costs time
+    path = export.export_onnx(model, str(tmp_path / "dyn.onnx"), height=160, width=192, dynamic=True, optimize=False)
     gen = torch.Generator().manual_seed(3)
     inputs = [torch.rand(1, 3, 224, 160, generator=gen), torch.rand(3, 3, 192, 256, generator=gen)]
     report = export.compare_onnx(path, export.DeployModel(model), inputs)
