@@ -401,24 +401,29 @@ class DAMSelector(_ScorerSelector):
         return losses
 
 
-class ForegroundSelector(_ScorerSelector):
+class _GroundTruthSelector(_ScorerSelector):
+    """A scorer trained on a per-token map of the ground-truth boxes: ``target_map(padding_mask, spatial_shapes,
+    level_start_index, targets) -> (B, S)``; no map without ground truth."""
+
+    target_map = staticmethod(foreground_target)
+
+    def target(self, outputs: dict, targets: Optional[Sequence[dict]]) -> Optional[Tensor]:
+        if targets is None:
+            return None
+        return self.target_map(outputs["padding_mask"], outputs["spatial_shapes"], outputs["level_start_index"],
+                               targets)
+
+
+class ForegroundSelector(_GroundTruthSelector):
     """Scorer trained on the scale-aware ground-truth foreground mask (Focus-DETR)."""
 
-    def target(self, outputs: dict, targets: Optional[Sequence[dict]]) -> Optional[Tensor]:
-        if targets is None:
-            return None
-        return foreground_target(outputs["padding_mask"], outputs["spatial_shapes"], outputs["level_start_index"],
-                                 targets)
+    target_map = staticmethod(foreground_target)
 
 
-class SalienceSelector(_ScorerSelector):
+class SalienceSelector(_GroundTruthSelector):
     """Scorer trained on the centre-salience map (Salience-DETR), with soft-target BCE (minimum at p = target)."""
 
-    def target(self, outputs: dict, targets: Optional[Sequence[dict]]) -> Optional[Tensor]:
-        if targets is None:
-            return None
-        return salience_target(outputs["padding_mask"], outputs["spatial_shapes"], outputs["level_start_index"],
-                               targets)
+    target_map = staticmethod(salience_target)
 
 
 class ObjectnessSelector(TokenSelector):
