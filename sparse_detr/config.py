@@ -102,6 +102,8 @@ class SyntheticConfig:
     min_size: int = 160
     max_size: int = 320
     seed: int = 0
+    min_object_side: int = 14  # cluttered preset: smallest object side in pixels (higher = fewer small objects)
+    max_object_scale: float = 0.95  # cluttered preset: largest object side, as a fraction of the short side
 
 
 @dataclass

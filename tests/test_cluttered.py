@@ -34,9 +34,10 @@ def test_same_seed_same_bytes(tmp_path):
     assert a["train/000000.png"] != demo["train/000000.png"]
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_every_box_is_the_exact_visible_extent(seed):
-    image, instance, objects = render_cluttered(np.random.default_rng(seed), 160, 120, num_objects=15)
+@pytest.mark.parametrize("seed,min_object_side", [(s, 14) for s in range(6)] + [(6, 30), (7, 30)])
+def test_every_box_is_the_exact_visible_extent(seed, min_object_side):
+    image, instance, objects = render_cluttered(np.random.default_rng(seed), 160, 120, num_objects=15,
+                                                min_object_side=min_object_side)
     assert image.shape == (120, 160, 3) and instance.shape == (120, 160) and len(objects) >= 5
     assert set(np.unique(instance)) <= set(range(-1, len(objects)))
     for k, obj in enumerate(objects):
@@ -91,6 +92,37 @@ def test_cluttered_scenes_have_many_objects_of_all_sizes_and_distractors(tmp_pat
         background = textured_background(np.random.default_rng(seed), 128, 128).astype(np.uint8)
         painted = (image != background).any(-1)
         assert not objects and (instance == -1).all() and painted.mean() > 0.002
+
+
+def test_min_object_side_shifts_the_size_mix_from_small_to_medium():
+    def areas(min_object_side):
+        return np.array([o["area"] for seed in range(12) for o in render_cluttered(
+            np.random.default_rng(seed), 224, 224, num_objects=10, min_object_side=min_object_side)[2]])
+
+    default, raised = areas(14), areas(32)
+    assert (default < 32 ** 2).mean() > 0.3 and (raised < 32 ** 2).mean() < 0.2
+    assert ((raised >= 32 ** 2) & (raised < 96 ** 2)).mean() > ((default >= 32 ** 2) & (default < 96 ** 2)).mean()
+    # Only the objects' sizes move: a scene's distractors come from the same draws (empty scenes are equal).
+    empty = [render_cluttered(np.random.default_rng(1), 96, 96, 0, min_object_side=m)[0] for m in (14, 32)]
+    assert (empty[0] == empty[1]).all()
+
+
+def test_min_object_side_is_checked_and_old_markers_still_match(tmp_path):
+    with pytest.raises(ValueError, match="only the cluttered preset uses them"):
+        make_synthetic_coco(str(tmp_path / "demo"), preset="demo", min_object_side=30)
+    with pytest.raises(ValueError, match="min_object_side=4, max_object_scale=0.95"):
+        make_synthetic_coco(str(tmp_path / "tiny"), min_object_side=4, **SMALL)
+    # A folder whose marker predates the parameter reads as the default: reused, not refused or rewritten.
+    root = str(tmp_path / "old")
+    ensure_synthetic(root, **SMALL)
+    marker = json.load(open(os.path.join(root, MARKER)))
+    del marker["min_object_side"]
+    json.dump(marker, open(os.path.join(root, MARKER), "w"))
+    before = read_tree(root)
+    ensure_synthetic(root, **SMALL)
+    assert read_tree(root) == before
+    with pytest.raises(SyntheticFolderError, match="min_object_side=14 \\(asked 30\\)"):
+        ensure_synthetic(root, **SMALL, min_object_side=30)
 
 
 @pytest.mark.parametrize("kind", DISTRACTORS)

@@ -171,3 +171,43 @@ def test_cli_arguments():
     assert args.targets == ["dam@0.1,0.5", "os"] and args.overrides == ["train.epochs=2"] and args.jobs == 2
     with pytest.raises(SystemExit):
         tool.parse_args(["--base", "b.yaml", "--targets", "dam"])  # nothing to run
+
+
+def test_pretrain_stage_is_shared_skipped_and_starts_every_run(base, tmp_path, monkeypatch):
+    import torch
+
+    pre = yaml.safe_load(open(base))
+    pre["model"].update(rho=0.0, use_enc_aux_loss=False)
+    pre["data"]["root"] = str(tmp_path / "data_pretrain")
+    pre["data"]["synthetic"]["seed"] = 1
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump(pre))
+    frozen = tmp_path / "frozen.yaml"  # the runs leave the backbone as loaded: it must be the pretrained one
+    frozen.write_text(yaml.safe_dump({"_base_": os.path.basename(base), "train": {"lr_backbone": 0.0}}))
+    opts = _opts(str(frozen), tmp_path, pretrain=str(tmp_path / "pre.yaml"))
+    runs = sweep.plan_runs(["dam"], [0.3], [0], dense=True)
+    trained = []
+    real_run = train_mod.run
+    monkeypatch.setattr(train_mod, "run", lambda cfg, **kw: trained.append(cfg.train.output_dir) or real_run(cfg, **kw))
+    records = sweep.run_sweep(runs, opts, log=lambda m: None)
+    pre_dir = os.path.join(opts.out, "pretrain")
+    assert trained == [pre_dir] + [os.path.join(opts.out, r.name) for r in runs]  # pretrained once, first
+    backbone = torch.load(sweep.backbone_path(opts), weights_only=True)
+    pretrained = torch.load(os.path.join(pre_dir, "checkpoint_last.pth"), weights_only=True)["model"]
+    for r in records:
+        assert r["status"] == "done" and f"model.pretrained_backbone={sweep.backbone_path(opts)}" in r["overrides"]
+        final = torch.load(os.path.join(r["output_dir"], "checkpoint_last.pth"), weights_only=True)["model"]
+        for k, v in backbone.items():
+            assert torch.equal(final[f"backbone.0.body.{k}"], v) and torch.equal(pretrained[f"backbone.0.body.{k}"], v)
+    meta = json.load(open(os.path.join(pre_dir, "result.json")))
+    assert meta["iterations"] == 3 and 0 <= meta["AP50"] <= 1 and meta["backbone"] == sweep.backbone_path(opts)
+    # Rerun: neither the pretraining nor a run trains again.
+    monkeypatch.setattr(train_mod, "run", lambda *a, **k: pytest.fail("trained again"))
+    assert [r["status"] for r in sweep.run_sweep(runs, opts, log=lambda m: None)] == ["done", "done"]
+    # A changed pretraining config is refused, not reused.
+    pre["loss"] = {"cls_loss_coef": 3.0}
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump(pre))
+    fresh = _opts(str(frozen), tmp_path / "x", pretrain=str(tmp_path / "pre.yaml"))
+    os.makedirs(fresh.out)
+    os.symlink(pre_dir, os.path.join(fresh.out, "pretrain"))
+    with pytest.raises(sweep.ConfigChangedError, match="loss.cls_loss_coef"):
+        sweep.run_sweep(runs, fresh, log=lambda m: None)

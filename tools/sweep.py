@@ -6,9 +6,11 @@ resumed by starting it again; a finished run made with another config is an erro
 OUT/results.json holds one record per run (see sparse_detr/engine/sweep.py), OUT/results.md the tables (mean ±
 std over seeds, and every run) and OUT/results.png AP and AP50 against GFLOPs.
 
-    # the synthetic ablation of docs/ablation.md (18 runs): dense, DAM at 4 ρ, the other criteria at ρ = 0.1
-    python tools/sweep.py --base configs/ablation_synthetic.yaml --dense --rho 0.1 \
-        --targets dam@0.1,0.2,0.3,0.5 os foreground salience random --seeds 0 1 --train --jobs 2 --out docs/ablation
+    # the synthetic ablation of docs/ablation.md (18 runs from one pretrained backbone): dense, DAM at 4 ρ, the
+    # other criteria at ρ = 0.1
+    python tools/sweep.py --base configs/ablation_synthetic.yaml --pretrain configs/ablation_pretrain.yaml \
+        --dense --rho 0.1 --targets dam@0.1,0.2,0.3,0.5 os foreground salience random --seeds 0 1 --train \
+        --jobs 2 --out docs/ablation
 
     # the cost of ρ on COCO-sized inputs only (no training): GFLOPs / FPS at 800x1333
     python tools/sweep.py --base configs/sparse_detr_r50_rho0.1.yaml --rho 0.1 0.2 0.3 0.4 0.5 --dense \
@@ -17,7 +19,8 @@ std over seeds, and every run) and OUT/results.png AP and AP50 against GFLOPs.
 The benchmark input defaults to the config's largest val image (data.val_size x data.max_size: 800x1333 for the
 COCO configs); FPS is measured on the CPU at batch 1. `--jobs N` runs N runs at once in worker processes with one
 CPU thread each (their console output goes to the run folder's console.txt). Trailing `key=value` arguments
-override the base config for every run.
+override the base config for every run. `--pretrain CONFIG` trains CONFIG once (OUT/pretrain, all CPU threads,
+skipped or resumed like a run) and starts every run from its backbone: the ImageNet stand-in of a synthetic study.
 """
 
 import argparse
@@ -46,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="outputs/sweep")
     p.add_argument("--bench-size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="benchmark input (default: data.val_size x data.max_size of the config)")
+    p.add_argument("--pretrain", default=None, metavar="CONFIG",
+                   help="train CONFIG once into OUT/pretrain and start every run from its backbone (with --train)")
     p.add_argument("--bench-runs", type=int, default=5, help="timed batch-1 forwards per run (median)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
     args = p.parse_intermixed_args(argv)
@@ -67,7 +72,7 @@ def main(argv=None) -> list:
     command = "python tools/sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
     opts = SweepOptions(base=args.base, out=args.out, overrides=tuple(args.overrides), train=args.train,
                         jobs=args.jobs, bench_hw=tuple(args.bench_size) if args.bench_size else None,
-                        bench_runs=args.bench_runs, command=command)
+                        bench_runs=args.bench_runs, pretrain=args.pretrain, command=command)
     try:
         records = run_sweep(runs, opts, log=lambda m: print(m, flush=True))
     except (ConfigError, ConfigChangedError) as e:  # before anything trains (or reuses a run)

@@ -24,11 +24,13 @@ from PIL import Image, ImageDraw
 
 from .synthetic import CATEGORY_IDS, SHAPES, _object_colour, draw_shape_mask, mask_to_xywh
 
-__all__ = ["DISTRACTORS", "MAX_HIDDEN", "textured_background", "draw_distractor_mask", "render_cluttered"]
+__all__ = ["DISTRACTORS", "MAX_HIDDEN", "MIN_OBJECT_SIDE", "MAX_OBJECT_SCALE", "textured_background", "draw_distractor_mask", "render_cluttered"]
 
 DISTRACTORS = ("line", "corner", "frame", "star")  # none of them is one of SHAPES
 MAX_HIDDEN = 0.5  # largest fraction of an object's drawn pixels that later shapes may cover
 MIN_SIDE = 8  # pixels; smaller shapes lose their identity on the stride-8 feature map
+MIN_OBJECT_SIDE = 14  # pixels: the default lower end of the object side distribution
+MAX_OBJECT_SCALE = 0.95  # the default upper end, as a fraction of the image's short side
 
 
 def textured_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -97,7 +99,8 @@ def _hides_too_much(mask: np.ndarray, instance: np.ndarray, drawn_area: np.ndarr
     return bool(((visible - lost) < (1 - MAX_HIDDEN) * drawn_area).any())
 
 
-def render_cluttered(rng: np.random.Generator, width: int, height: int, num_objects: int
+def render_cluttered(rng: np.random.Generator, width: int, height: int, num_objects: int,
+                     min_object_side: int = MIN_OBJECT_SIDE, max_object_scale: float = MAX_OBJECT_SCALE
                      ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """Draw one cluttered scene; the contract of ``synthetic.render_image``.
 
@@ -105,16 +108,21 @@ def render_cluttered(rng: np.random.Generator, width: int, height: int, num_obje
     visible (background and distractors) and ``k`` where ``objects[k]`` is; ``objects[k]`` has ``category_id``,
     ``bbox`` (tight COCO xywh box of those pixels), ``area`` (their count) and ``colour``. An object that cannot be
     placed within the occlusion limit after 20 tries is left out (a crowded image gets fewer objects).
+    Object sides are log-uniform in [``min_object_side`` pixels, ``max_object_scale`` × the short side]: the
+    difficulty knobs of the preset (a higher minimum means fewer small objects, a lower maximum fewer huge shapes
+    that everything else occludes); occlusion can still leave smaller visible parts.
     """
     image = textured_background(rng, height, width)
     instance = np.full((height, width), -1, dtype=np.int32)
     num_distractors = int(rng.integers(1, 3 + num_objects // 3))
     short = min(width, height)
-    # Sides log-uniform in [14, 0.95 * short] (distractors up to 0.35 * short), painted largest first, as nearer
-    # small things in a photo cover farther big ones; objects and distractors interleave and occlude each other.
+    # Sides log-uniform in [min_object_side, max_object_scale * short] (distractors in [14, 0.35 * short]), painted
+    # largest first, as nearer small things in a photo cover farther big ones; objects and distractors interleave
+    # and occlude each other.
     is_distractor = np.array([False] * num_objects + [True] * num_distractors)
-    hi = np.where(is_distractor, 0.35, 0.95) * short
-    sides = np.exp(rng.uniform(np.log(14), np.log(np.maximum(hi, 14))))
+    hi = np.where(is_distractor, 0.35, max_object_scale) * short
+    lo = np.where(is_distractor, MIN_OBJECT_SIDE, min(min_object_side, max_object_scale * short))
+    sides = np.exp(rng.uniform(np.log(lo), np.log(np.maximum(hi, lo))))
     drawn_area, visible, meta = np.zeros(0, np.int64), np.zeros(0, np.int64), []
     for i in np.argsort(-sides, kind="stable"):
         if is_distractor[i]:

@@ -27,6 +27,7 @@ process and then barrier.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -180,17 +181,18 @@ def render_image(rng: np.random.Generator, width: int, height: int, num_objects:
     return image.astype(np.uint8), instance, objects
 
 
-def _renderer(preset: str):
+def _renderer(preset: str, min_object_side: int, max_object_scale: float):
     if preset == "cluttered":
         from .cluttered import render_cluttered  # imported here: it builds on this module's shapes
 
-        return render_cluttered
+        return functools.partial(render_cluttered, min_object_side=min_object_side, max_object_scale=max_object_scale)
     return render_image
 
 
 def _write_split(out_dir: str, split: str, split_index: int, count: int, seed: int, min_size: int,
-                 max_size: int, max_objects: int, empty_every: int, preset: str = "demo") -> str:
-    render = _renderer(preset)
+                 max_size: int, max_objects: int, empty_every: int, preset: str = "demo",
+                 min_object_side: int = 14, max_object_scale: float = 0.95) -> str:
+    render = _renderer(preset, min_object_side, max_object_scale)
     img_dir = os.path.join(out_dir, split)
     os.makedirs(img_dir, exist_ok=True)
     images, annotations = [], []
@@ -230,10 +232,13 @@ def synthetic_paths(out_dir: str) -> dict[str, Any]:
 
 def make_synthetic_coco(out_dir: str, num_train: int = 64, num_val: int = 16, seed: int = 0, min_size: int = 160,
                         max_size: int = 320, max_objects: int = 6, empty_every: int = 8,
-                        preset: str = "demo") -> dict[str, Any]:
+                        preset: str = "demo", min_object_side: int = 14, max_object_scale: float = 0.95
+                        ) -> dict[str, Any]:
     """Write the dataset (see the module docstring) and return ``synthetic_paths(out_dir)``.
 
     Images have 1..max_objects objects (the ``cluttered`` preset adds distractors), every ``empty_every``-th none.
+    ``min_object_side`` (pixels) and ``max_object_scale`` (fraction of the short side): the object size range of
+    the ``cluttered`` preset (``demo`` sizes its objects its own way and must keep the defaults).
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown synthetic preset {preset!r}; expected one of {PRESETS}")
@@ -241,10 +246,17 @@ def make_synthetic_coco(out_dir: str, num_train: int = 64, num_val: int = 16, se
         raise ValueError(f"need 16 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
     if num_train < 0 or num_val < 0 or max_objects < 0:
         raise ValueError("num_train, num_val and max_objects must be >= 0")
+    if min_object_side < 8 or not 0 < max_object_scale <= 1:
+        raise ValueError(f"min_object_side={min_object_side}, max_object_scale={max_object_scale}: need >= 8 "
+                         f"pixels and a fraction in (0, 1]")
+    if preset != "cluttered" and (min_object_side, max_object_scale) != (14, 0.95):
+        raise ValueError(f"min_object_side / max_object_scale: only the cluttered preset uses them "
+                         f"(preset={preset!r} must keep 14 / 0.95)")
     params = {name: value for name, value in locals().items() if name in _defaults()}
     marker = _claim_folder(out_dir, params)
     for split_index, (split, count) in enumerate(zip(SPLITS, (num_train, num_val))):
-        _write_split(out_dir, split, split_index, count, seed, min_size, max_size, max_objects, empty_every, preset)
+        _write_split(out_dir, split, split_index, count, seed, min_size, max_size, max_objects, empty_every, preset,
+                     min_object_side, max_object_scale)
     _write_marker(marker, params, complete=True)
     return synthetic_paths(out_dir)
 
@@ -256,12 +268,13 @@ def _defaults() -> dict[str, Any]:
 
 
 def _read_marker(marker: str) -> dict | None:
+    """The marker's parameters; one it lacks (added to the generator later) reads as its default."""
     try:
         with open(marker, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    return {**_defaults(), **data} if isinstance(data, dict) else None
 
 
 def _write_marker(marker: str, params: dict[str, Any], complete: bool) -> None:

@@ -162,7 +162,8 @@ def build_split(cfg: Config, split: str) -> Dataset:
     if d.dataset == "synthetic":
         s = d.synthetic
         synthetic = dict(num_train=s.num_train, num_val=s.num_val, min_size=s.min_size, max_size=s.max_size,
-                         seed=s.seed, preset=s.preset, max_objects=s.max_objects)
+                         seed=s.seed, preset=s.preset, max_objects=s.max_objects, min_object_side=s.min_object_side,
+                         max_object_scale=s.max_object_scale)
         if dist.is_main_process():
             ensure_synthetic(d.root, **synthetic)  # generates the files when missing or made with other options
         dist.barrier()

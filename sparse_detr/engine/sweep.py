@@ -17,6 +17,11 @@ final trajectory), the config path and the overrides that reproduce the run.
 
 Target `dense` is the dense baseline: model.rho=0 with the encoder aux loss off (it scores kept tokens only);
 the other targets go to `model.scorer_target` at every ρ.
+
+`SweepOptions.pretrain` (a config) adds a shared first stage, the stand-in for the ImageNet backbone of COCO runs:
+it is trained once into `OUT/pretrain` (skipped when finished, resumed when half-done, by the same rules), its
+backbone network is extracted to `OUT/pretrain/backbone.pt`, and every run starts from it
+(`model.pretrained_backbone`, in each record's overrides).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from sparse_detr.config import load_config, to_dict
 from sparse_detr.engine.atomic import write_atomic
 
 __all__ = ["RunSpec", "SweepOptions", "RECORD_KEYS", "METRICS", "plan_runs", "run_one", "run_sweep",
-           "run_status", "train_seconds", "ConfigChangedError"]
+           "run_status", "run_pretrain", "backbone_path", "train_seconds", "ConfigChangedError"]
 
 METRICS = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "AP_s": "APs", "AP_m": "APm", "AP_l": "APl"}  # ours: COCO's
 RECORD_KEYS = ("name", "target", "rho", "seed", "status", *METRICS, "gflops", "encoder_gflops", "benchmark_hw",
@@ -43,6 +48,8 @@ RECORD_KEYS = ("name", "target", "rho", "seed", "status", *METRICS, "gflops", "e
                "config", "overrides", "output_dir")
 RESULT = "result.json"  # a run's record; its presence marks the run finished
 DENSE = "dense"
+PRETRAIN = "pretrain"  # OUT/pretrain: the shared backbone pretraining stage
+BACKBONE = "backbone.pt"  # its extracted backbone network, in OUT/pretrain
 
 
 class ConfigChangedError(RuntimeError):
@@ -77,6 +84,7 @@ class SweepOptions:
     jobs: int = 1  # runs in parallel worker processes (each single-threaded)
     bench_hw: Optional[tuple[int, int]] = None  # benchmark input (H, W); None: (data.val_size, data.max_size)
     bench_runs: int = 5  # timed batch-1 forwards (median)
+    pretrain: Optional[str] = None  # config of a shared backbone pretraining stage (train only); None: none
     command: str = ""  # shown in results.md
     extra: dict = field(default_factory=dict)  # test hooks: e.g. {"bench_images": 1}
 
@@ -106,11 +114,21 @@ def plan_runs(targets: Sequence[str], rhos: Sequence[float], seeds: Sequence[int
     return runs
 
 
+def backbone_path(opts: SweepOptions) -> str:
+    return os.path.join(opts.out, PRETRAIN, BACKBONE)
+
+
 def run_overrides(spec: RunSpec, opts: SweepOptions) -> list[str]:
     out = list(opts.overrides) + spec.overrides()
     if opts.train:
         out.append(f"train.output_dir={os.path.join(opts.out, spec.name)}")
+        if opts.pretrain:
+            out.append(f"model.pretrained_backbone={backbone_path(opts)}")
     return out
+
+
+def pretrain_overrides(opts: SweepOptions) -> list[str]:
+    return [f"train.output_dir={os.path.join(opts.out, PRETRAIN)}"]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -120,16 +138,18 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+UNCOMPARED = ("train.output_dir", "train.num_threads")  # where and how fast a run ran, not what it computed
+
+
 def _config_diff(saved: dict, planned: dict) -> list[str]:
-    """Keys whose values differ; train.output_dir is left out (the same folder may be spelled differently)."""
+    """Keys whose values differ, `UNCOMPARED` left out (the same folder may be spelled differently)."""
     a, b = _flatten(saved), _flatten(planned)
     return sorted(k for k in set(a) | set(b)
-                  if k != "train.output_dir" and a.get(k, "<missing>") != b.get(k, "<missing>"))
+                  if k not in UNCOMPARED and a.get(k, "<missing>") != b.get(k, "<missing>"))
 
 
-def run_status(spec: RunSpec, opts: SweepOptions) -> tuple[str, Optional[dict]]:
-    """("done", record) | ("resume", None) | ("new", None) for one run folder."""
-    folder = os.path.join(opts.out, spec.name)
+def _folder_status(folder: str, planned_config) -> tuple[str, Optional[dict]]:
+    """("done", record) | ("resume", None) | ("new", None) for a run folder whose run must have `planned_config`."""
     path = os.path.join(folder, RESULT)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
@@ -137,8 +157,7 @@ def run_status(spec: RunSpec, opts: SweepOptions) -> tuple[str, Optional[dict]]:
                 record = json.load(f)
             except ValueError as e:
                 raise ValueError(f"{path}: not valid JSON ({e}); move the folder away to rerun this run") from e
-        planned = to_dict(load_config(opts.base, run_overrides(spec, opts)))
-        changed = _config_diff(record.get("resolved_config", {}), planned)
+        changed = _config_diff(record.get("resolved_config", {}), to_dict(planned_config))
         if changed:
             raise ConfigChangedError(f"{folder} was trained with another config (differs at {', '.join(changed)}); "
                                      f"use another --out, or move that folder away to retrain it")
@@ -146,6 +165,39 @@ def run_status(spec: RunSpec, opts: SweepOptions) -> tuple[str, Optional[dict]]:
     if os.path.isfile(os.path.join(folder, "checkpoint_last.pth")):
         return "resume", None
     return "new", None
+
+
+def run_status(spec: RunSpec, opts: SweepOptions) -> tuple[str, Optional[dict]]:
+    """("done", record) | ("resume", None) | ("new", None) for one run folder."""
+    return _folder_status(os.path.join(opts.out, spec.name), load_config(opts.base, run_overrides(spec, opts)))
+
+
+def run_pretrain(opts: SweepOptions, log: Callable[[str], None] = print) -> dict:
+    """The shared pretraining stage: train `opts.pretrain` into OUT/pretrain unless finished, extract its backbone
+    to OUT/pretrain/backbone.pt; returns its record (metrics on its own val split, training time, config)."""
+    from sparse_detr.engine.convert import extract_backbone
+    from sparse_detr.engine.train import run
+
+    cfg = load_config(opts.pretrain, pretrain_overrides(opts))
+    folder, backbone = cfg.train.output_dir, backbone_path(opts)
+    status, record = _folder_status(folder, cfg)
+    if status == "done" and os.path.isfile(backbone):
+        log(f"pretraining: finished in {folder} (skipped)")
+        return record
+    log(f"pretraining: {'resuming' if status == 'resume' else 'starting'} {opts.pretrain} in {folder}")
+    start = time.perf_counter()
+    metrics = run(cfg, resume="auto")
+    if not os.path.isfile(backbone):  # one left by a sweep killed before result.json: the same finished weights
+        extract_backbone(os.path.join(folder, "checkpoint_last.pth"), backbone)
+    seconds, iterations = train_seconds(os.path.join(folder, "log.jsonl"))
+    record = {"name": PRETRAIN, "status": "done", "config": opts.pretrain, "overrides": pretrain_overrides(opts),
+              **{ours: _fraction(metrics.get(coco)) for ours, coco in METRICS.items()},
+              "train_seconds": seconds, "iterations": iterations, "output_dir": folder, "backbone": backbone,
+              "resolved_config": to_dict(cfg)}
+    _write_json(os.path.join(folder, RESULT), record)
+    log(f"pretraining: done in {_fmt_time(time.perf_counter() - start)}, AP50 {100 * (record['AP50'] or 0):.1f} on "
+        f"its own val split; backbone in {backbone}")
+    return record
 
 
 def train_seconds(log_path: str) -> tuple[float, int]:
@@ -269,6 +321,8 @@ def run_sweep(runs: Sequence[RunSpec], opts: SweepOptions, log: Callable[[str], 
         raise ValueError(f"jobs must be >= 1, got {opts.jobs}")
     for spec in runs:  # the configs are validated before anything trains (a typo fails in seconds)
         load_config(opts.base, run_overrides(spec, opts))
+    if opts.train and opts.pretrain:
+        load_config(opts.pretrain, pretrain_overrides(opts))
     records: dict[str, dict] = {}
     todo = []
     for spec in runs:
@@ -281,6 +335,8 @@ def run_sweep(runs: Sequence[RunSpec], opts: SweepOptions, log: Callable[[str], 
     log(f"sweep: {len(runs)} runs, {len(records)} finished (skipped), {resuming} to resume, "
         f"{len(todo) - resuming} new; {opts.jobs} job(s)")
     ordered = lambda: [records[s.name] for s in runs if s.name in records]  # noqa: E731
+    if todo and opts.train and opts.pretrain:
+        run_pretrain(opts, log)
     if records:
         write_results(ordered(), opts)
     start, walls = time.perf_counter(), []
