@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw
 
 from .synthetic import CATEGORY_IDS, SHAPES, _object_colour, draw_shape_mask, mask_to_xywh
 
-__all__ = ["DISTRACTORS", "MAX_HIDDEN", "MIN_OBJECT_SIDE", "MAX_OBJECT_SCALE", "textured_background", "draw_distractor_mask", "render_cluttered"]
+__all__ = ["DISTRACTORS", "MAX_HIDDEN", "MIN_OBJECT_SIDE", "MAX_OBJECT_SCALE", "textured_background",
+           "draw_distractor_mask", "render_cluttered"]
 
 DISTRACTORS = ("line", "corner", "frame", "star")  # none of them is one of SHAPES
 MAX_HIDDEN = 0.5  # largest fraction of an object's drawn pixels that later shapes may cover
