@@ -5,10 +5,12 @@ Compared with the ``demo`` preset (``synthetic.py``), a cluttered scene has
 * a textured, noisy background: a smooth colour field (upsampled coarse noise), a sinusoidal grating and per-pixel
   Gaussian noise, so no background region is free of structure and "not flat" does not mean "object";
 * many objects of the six classes over a wide, COCO-like size range: the side is log-uniform, so on 192-256 px
-  images about 40% are small (visible area < 32², COCO's small), 50% medium and 10% large (>= 96²);
+  images about 40% are small (visible area < 32², COCO's small), 50% medium and 10% large (>= 96²) with the
+  default range (``min_object_side`` = 14 px to ``max_object_scale`` = 0.95 of the short side);
 * distractor shapes of no class (thin lines, corners, hollow frames, stars) in the same colours as the objects;
-* partial occlusion: shapes are painted largest first and paint over earlier ones, but a placement is rejected when it would hide more
-  than ``MAX_HIDDEN`` of an already drawn object, so every annotated object stays recognisable.
+* partial occlusion: shapes are painted largest first and paint over earlier ones, but a placement is rejected
+  when it would hide more than ``MAX_HIDDEN`` of an already drawn object, so every annotated object stays
+  recognisable.
 
 Objects are painted in one flat colour (no noise on them): the instance map is then checkable against the saved
 pixels. Every box is EXACT, the tight box of the object's pixels still visible at the end (``mask_to_xywh``), and
