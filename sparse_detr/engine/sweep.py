@@ -312,7 +312,16 @@ def write_results(records: list[dict], opts: SweepOptions) -> None:
     with open(os.path.join(opts.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(results_markdown(slim, opts.command))
     if any(r.get("gflops") is not None for r in slim):
-        plot_pareto(slim, os.path.join(opts.out, "results.png"))
+        plot_pareto(slim, os.path.join(opts.out, "results.png"), title=_data_title(opts))
+
+
+def _data_title(opts: SweepOptions) -> str:
+    """What the sweep trained and evaluated on, for the plot: data set, val split, backbone start."""
+    d = load_config(opts.base, list(opts.overrides)).data
+    data = (f"synthetic '{d.synthetic.preset}' preset, {d.synthetic.num_val} val images" if d.dataset == "synthetic"
+            else f"{d.dataset} {d.val_annotations}")
+    start = f", backbone pretrained by {opts.pretrain}" if opts.train and opts.pretrain else ""
+    return f"{opts.base}: {data}{start}"
 
 
 def run_sweep(runs: Sequence[RunSpec], opts: SweepOptions, log: Callable[[str], None] = print) -> list[dict]:

@@ -78,10 +78,10 @@ def results_markdown(records: list[dict], command: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_pareto(records: list[dict], path: str) -> None:
+def plot_pareto(records: list[dict], path: str, title: str = "") -> None:
     """AP and AP50 (%) against GFLOPs as a PNG: a marker per target (error bars: std over seeds, points of one
     target joined in ρ order and labelled with ρ; targets at one cost dodged sideways so that none hides
-    another), the dense baseline as a line with its ±std band."""
+    another), the dense baseline as a line with its ±std band. `title`: the figure's (e.g. the data set)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -127,6 +127,8 @@ def plot_pareto(records: list[dict], path: str) -> None:
                title=f"{metric} against cost, mean ± std over seeds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
