@@ -146,3 +146,9 @@ def test_cli_matches_function(tmp_path):
           "--image-size", "40", "64"])
     make_synthetic_coco(str(tmp_path / "fn"), num_train=2, num_val=1, seed=9, min_size=40, max_size=64)
     assert read_tree(tmp_path / "cli") == read_tree(tmp_path / "fn")
+    module.main(["--out", str(tmp_path / "cli2"), "--num-train", "2", "--num-val", "1", "--preset", "cluttered",
+                 "--image-size", "64", "80", "--min-object-side", "20", "--max-object-scale", "0.6"])
+    make_synthetic_coco(str(tmp_path / "fn2"), num_train=2, num_val=1, min_size=64, max_size=80, preset="cluttered",
+                        min_object_side=20, max_object_scale=0.6)
+    assert read_tree(tmp_path / "cli2") == read_tree(tmp_path / "fn2")
+    assert json.load(open(tmp_path / "cli2" / "synthetic_params.json"))["min_object_side"] == 20
