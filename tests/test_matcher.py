@@ -208,10 +208,28 @@ def test_criterion_step_makes_one_device_to_host_transfer():
                                                                       two_stage=True))
     expected = criterion(outputs, targets)  # plain CPU tensors: the values to reproduce
 
+    # Host -> device: a plain (host) tensor moved with .to(device) is counted; the matcher's indices are one.
+    uploads, real_to = [], torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        if type(self) is torch.Tensor and (kwargs.get("device") is not None or (args and isinstance(
+                args[0], (torch.device, str)))):
+            uploads.append(tuple(self.shape))
+        return real_to(self, *args, **kwargs)
+
     OnDevice.transfers = OnDevice.host_reads = 0
-    losses = criterion(_on_device(outputs), _on_device(targets))
+    torch.Tensor.to = counting_to
+    try:
+        losses = criterion(_on_device(outputs), _on_device(targets))
+    finally:
+        torch.Tensor.to = real_to
     assert OnDevice.transfers == 1, "one packed copy of every head's costs per step"
     assert OnDevice.host_reads == 0
+    # N: image 0's 3 boxes matched by each of the 3 decoder heads and by each encoder head (at most its valid
+    # queries of image 0); image 1 has no box.
+    valid = [outputs["enc_outputs"]["valid"]] + [a["valid"] for a in outputs["enc_aux_outputs"]]
+    matched = 3 * 3 + sum(min(3, int(v[0].sum())) for v in valid)
+    assert uploads == [(3, matched)], "one (3, N) upload of every head's (batch, query, target) indices"
     assert losses.keys() == expected.keys()
     for k in expected:
         torch.testing.assert_close(losses[k].as_subclass(torch.Tensor), expected[k])
