@@ -150,3 +150,10 @@ def test_ablation_config_uses_the_cluttered_preset():
     cfg = load_config("configs/ablation_synthetic.yaml")
     assert cfg.data.dataset == "synthetic" and cfg.data.synthetic.preset == "cluttered"
     assert cfg.data.synthetic.max_objects > 6
+    # Its backbone pretraining: the same scenes and backbone, but images the ablation never trains or evaluates on
+    # (image i of a split draws from default_rng([seed, split, i]): another seed, other images).
+    pre = load_config("configs/ablation_pretrain.yaml")
+    assert pre.model.backbone == cfg.model.backbone and pre.model.rho == 0 and not pre.model.use_enc_aux_loss
+    same = {k: v for k, v in vars(pre.data.synthetic).items() if k not in ("seed", "num_train", "num_val")}
+    assert same == {k: v for k, v in vars(cfg.data.synthetic).items() if k in same}
+    assert pre.data.synthetic.seed != cfg.data.synthetic.seed and pre.data.root != cfg.data.root
