@@ -34,7 +34,8 @@ def test_config_loads_and_builds(path):
     # encoder auxiliary loss (Sec. 3.3); Deformable DETR's two-stage proposals are class-agnostic, Sparse and
     # Efficient DETR's class-specific.
     stem, wd = path.stem, criterion.weight_dict
-    sparse = stem.startswith("sparse_detr") or stem in ("demo_synthetic", "ablation_synthetic")
+    synthetic = ("demo_synthetic", "ablation_synthetic", "ablation_long")  # tiny-CNN recipes of their own
+    sparse = stem.startswith("sparse_detr") or stem in synthetic
     if sparse:
         assert m.rho == float(re.search(r"rho(0\.\d)", stem).group(1)) if "rho" in stem else m.rho > 0
     else:
@@ -43,7 +44,7 @@ def test_config_loads_and_builds(path):
     assert ("loss_ce_enc_aux_0" in wd) == sparse, stem
     assert criterion.class_agnostic_enc == stem.endswith("_two_stage"), stem
     assert not model.has_unused_parameters()  # DDP's fast path (no find_unused_parameters) for every shipped config
-    if m.rho > 0 and path.stem not in ("demo_synthetic", "ablation_synthetic"):  # = its dense baseline + rho
+    if m.rho > 0 and path.stem not in synthetic:  # = its dense baseline + rho
         stem = "efficient_detr_" + ("swin_t" if m.backbone == "swin_t" else "r50")
         dense = load_config(str(path.parent / f"{stem}.yaml")).model
         for field in ("backbone", "hidden_dim", "enc_layers", "dec_layers", "num_queries", "with_box_refine",

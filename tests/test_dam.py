@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from sparse_detr.models.dam import dam_coverage, decoder_attention_map, token_levels
+from sparse_detr.models.dam import decoder_attention_map, token_levels
+from sparse_detr.models.instruments import kept_mask, mass_coverage
 from sparse_detr.models.selection import top_count_mask
 
 SHAPES = [(5, 7), (3, 4), (1, 2)]
@@ -97,7 +98,7 @@ def test_dam_coverage_matches_brute_force():
     pad[0, 20:35] = True
     indices = torch.stack([torch.randperm(S)[:6] for _ in range(2)])
     valid = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
-    overall, per_level = dam_coverage(dam, pad, indices, valid, SPATIAL)
+    overall, per_level, _ = mass_coverage(dam, pad, kept_mask(indices, valid, S), token_levels(SPATIAL, S), 3)
     for b in range(2):
         kept = set(indices[b][valid[b]].tolist())
         level_of = [lvl for lvl, (h, w) in enumerate(SHAPES) for _ in range(h * w)]

@@ -63,6 +63,11 @@ def test_plan_runs():
         sweep.plan_runs(["dam"], [0.1, 0.1], [0], dense=False)
     with pytest.raises(ValueError, match="no ρ"):
         sweep.plan_runs(["dam"], [], [0], dense=False)
+    variant, = sweep.plan_runs(["dam_aligned:dam:model.dam_alignment=aligned"], [0.1], [2], dense=False)
+    assert variant.name == "dam_aligned_rho0.1_seed2"
+    assert variant.overrides()[-2:] == ["model.scorer_target=dam", "model.dam_alignment=aligned"]
+    with pytest.raises(ValueError, match="label:criterion"):
+        sweep.plan_runs(["dam_aligned:dam:model.dam_alignment"], [0.1], [0], dense=False)
 
 
 def test_train_seconds_counts_the_final_trajectory_once(tmp_path):
@@ -82,10 +87,10 @@ def test_skip_resume_retry_and_schema(base, tmp_path, monkeypatch):
     # 1. The dam run is interrupted at its 2nd iteration (after the checkpoint of the 1st): a failed record.
     real_step = train_mod.Trainer.train_step
 
-    def interrupted(self, *args):
+    def interrupted(self, *args, **kwargs):
         if self.train_cfg.output_dir == dam_dir and self.progress.iteration == 1:
             raise RuntimeError("simulated interruption")
-        return real_step(self, *args)
+        return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(train_mod.Trainer, "train_step", interrupted)
     first = sweep.run_sweep(runs, opts, log=lambda m: None)
@@ -131,6 +136,16 @@ def test_skip_resume_retry_and_schema(base, tmp_path, monkeypatch):
         assert (cfg.model.rho, cfg.train.seed) == (spec.rho, spec.seed)
     dense, dam = records
     assert dense["kept_tokens"] is None and dam["kept_tokens"] < dam["tokens"] == dense["tokens"]
+    # The selection instruments: the dense run's at the reference budget, the sparse run's of its own kept set.
+    assert dense["selection"]["dam_oracle"] > dense["selection"]["dam_random"] > 0
+    assert "dam_coverage" not in dense["selection"] and "object_coverage" not in dense["selection"]
+    assert 0 < dam["selection"]["dam_coverage"] <= dam["selection"]["dam_oracle"] + 1e-9
+    assert 0 <= dam["selection"]["object_coverage"] <= 1
+    for r in records:
+        assert r["curves"]["iteration"] and r["evals"][-1]["iteration"] == 3 and r["device"] == "cpu"
+        assert r["evals"][-1]["AP"] == pytest.approx(r["AP"])
+    assert os.path.isfile(os.path.join(opts.out, "results_selection.png"))
+    assert "| dam | 0.3 | 1 |" in open(os.path.join(opts.out, "results.md")).read().split("Selection instruments")[1]
     assert dam["encoder_gflops"] < dense["encoder_gflops"]
     md = open(os.path.join(opts.out, "results.md")).read()
     assert "dense_seed0" in md and "dam_rho0.3_seed0" in md

@@ -11,6 +11,7 @@
   non-finite report, an interrupted run resumes with one log record per iteration (epochs numbered from 1).
 """
 import json
+import math
 import os
 import re
 import shutil
@@ -476,3 +477,29 @@ def test_auto_thread_count_follows_the_free_cores():
     assert resolve_num_threads("auto", environ={"LOCAL_WORLD_SIZE": "2"}, cores=8, load=0.0) == 4
     assert resolve_num_threads("auto", environ={"OMP_NUM_THREADS": "3"}, cores=8, load=0.0) == 3
     assert resolve_num_threads(6, environ={"OMP_NUM_THREADS": "3"}, cores=2, load=9.0) == 6  # explicit wins
+
+
+@pytest.mark.parametrize("selection", ["dense", "random"])
+def test_every_run_logs_the_selection_instruments(data_root, tmp_path, selection):
+    """Dense and random runs too: the instruments at every log step (not in between) and in the evaluation."""
+    model = {"rho": 0.0, "use_enc_aux_loss": False} if selection == "dense" else {"scorer_target": "random"}
+    out = tmp_path / "run"
+    cfg = load_config(_write(tmp_path / "c.yaml", _config(data_root, out, model=model, max_iters_per_epoch=3,
+                                                          log_every=2, eval_every_epochs=1)))
+    metrics = train_mod.run(cfg)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = {r["iteration"]: r for r in records if r["type"] == "iter"}
+    assert not any(k.startswith("stat_sel_") for k in steps[1])  # only log steps (2, and the epoch's last: 3)
+    for it in (2, 3):
+        assert 0 < steps[it]["stat_sel_dam_random"] < steps[it]["stat_sel_dam_oracle"] <= 1
+        assert ("stat_sel_dam_coverage" in steps[it]) == (selection != "dense")
+    val = metrics["selection"]
+    assert val["dam_oracle"] > val["dam_random"] > 0 and 0 < val["dam_tokens50"] < val["dam_tokens90"] <= 1
+    assert 0 <= val["oracle_object_coverage"] <= 1 and 0 <= val["random_object_coverage"] <= 1
+    if selection == "dense":
+        assert "dam_coverage" not in val and "object_coverage" not in val
+    else:
+        assert 0 < val["dam_coverage"] <= val["dam_oracle"] and math.isfinite(val["dam_efficiency"])
+    evals = [r for r in records if r["type"] == "eval"]
+    assert evals[-1]["selection"] == pytest.approx(val, nan_ok=True)
+    assert "selection instruments" in (out / "log.txt").read_text()

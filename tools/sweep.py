@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rho", type=float, nargs="*", default=[], help="keep ratios of the sparse runs, in (0, 1]")
     p.add_argument("--targets", nargs="*", default=["dam"],
                    help="model.scorer_target values (dam os foreground salience random), each run at every --rho; "
-                        "NAME@R1,R2 gives one target its own keep ratios")
+                        "NAME@R1,R2 gives one target its own keep ratios; LABEL:NAME:key=value,... a variant")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed of each repetition")
     p.add_argument("--dense", action="store_true", help="add the dense baseline (ρ = 0) for every seed")
     p.add_argument("--train", action="store_true", help="train + evaluate every run (else: cost only)")
@@ -55,8 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
     args = p.parse_intermixed_args(argv)
     # `--targets dam os model.x=1`: the list option swallows trailing overrides; give them back.
-    args.overrides += [t for t in args.targets if "=" in t]
-    args.targets = [t for t in args.targets if "=" not in t]
+    args.overrides += [t for t in args.targets if "=" in t and ":" not in t]  # a variant label:criterion:k=v stays
+    args.targets = [t for t in args.targets if "=" not in t or ":" in t]
     if not args.dense and not (args.rho or any("@" in t for t in args.targets)):
         p.error("nothing to run: give --rho values (or NAME@R1,R2 targets) and/or --dense")
     return args

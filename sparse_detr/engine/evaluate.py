@@ -27,6 +27,7 @@ from sparse_detr.data.coco import LabelMap
 from sparse_detr.data.collate import batch_image_sizes
 from sparse_detr.engine.atomic import write_atomic
 from sparse_detr.engine.dist import all_gather_object, is_main_process
+from sparse_detr.models.instruments import InstrumentMeter, format_instruments, selection_instruments
 
 # The order of COCOeval.stats for iouType="bbox".
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -170,33 +171,45 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     lines = ["  ".join(f"{m:>5}" for m in METRIC_NAMES), "  ".join(_percent(metrics[m]) for m in METRIC_NAMES)]
     if metrics.get("per_class"):
         lines += ["", format_per_class_table(metrics["per_class"])]
+    if metrics.get("selection"):
+        lines += ["", format_instruments(metrics["selection"])]
     return "\n".join(lines)
 
 
 def evaluate(model: torch.nn.Module, postprocessor: Any, data_loader: Iterable, device: torch.device,
-             label_map: LabelMap, coco_gt: COCO, detections_path: str | None = None) -> dict[str, Any]:
+             label_map: LabelMap, coco_gt: COCO, detections_path: str | None = None,
+             instruments: bool = True) -> dict[str, Any]:
     """COCO metrics of ``model`` on ``data_loader`` (batches of ``(images, mask, targets)`` from ``collate_batch``).
 
     ``model(images, mask, image_sizes=...)`` gets the unpadded image sizes as host ints (``batch_image_sizes``).
 
     Call on every rank (the gather is collective). Returns ``CocoEvaluator.summarize()`` on the main process and
     ``{}`` elsewhere; restores the model's train/eval mode. ``detections_path``: also save the detections json.
+    ``instruments``: also the val-set aggregate of the selection instruments under ``"selection"``
+    (``models/instruments.py``; dense models at its reference budget).
     """
     was_training = model.training
     model.eval()
     evaluator = CocoEvaluator(coco_gt, label_map)
+    meter = InstrumentMeter()
     with torch.no_grad():
         for images, mask, targets in data_loader:
             sizes = batch_image_sizes(targets)  # host ints, before any copy: a tight k without a device sync
             outputs = model(images.to(device, non_blocking=True), mask.to(device, non_blocking=True),
-                            image_sizes=sizes)
+                            image_sizes=sizes, **({"return_maps": True} if instruments else {}))
             orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
             results = postprocessor(outputs, target_sizes=orig_sizes)
             evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results)})
+            if instruments:
+                meter.update(selection_instruments(outputs, targets))
     model.train(was_training)
     evaluator.synchronize()
+    states = all_gather_object(meter.state()) if instruments else []
     if not is_main_process():
         return {}
     if detections_path is not None:
         evaluator.save_detections(detections_path)
-    return evaluator.summarize()
+    metrics = evaluator.summarize()
+    if instruments:
+        metrics["selection"] = InstrumentMeter.merged(states).compute()
+    return metrics

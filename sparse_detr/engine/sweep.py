@@ -45,7 +45,8 @@ __all__ = ["RunSpec", "SweepOptions", "RECORD_KEYS", "METRICS", "plan_runs", "ru
 METRICS = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "AP_s": "APs", "AP_m": "APm", "AP_l": "APl"}  # ours: COCO's
 RECORD_KEYS = ("name", "target", "rho", "seed", "status", *METRICS, "gflops", "encoder_gflops", "benchmark_hw",
                "tokens", "kept_tokens", "params", "cpu_fps", "fps_threads", "train_seconds", "iterations",
-               "config", "overrides", "output_dir")
+               "config", "overrides", "output_dir", "criterion", "selection", "curves", "evals", "device", "commit")
+CURVE_KEYS = ("dam_coverage", "dam_oracle", "dam_random", "object_coverage", "fg_precision")  # per log step
 RESULT = "result.json"  # a run's record; its presence marks the run finished
 DENSE = "dense"
 PRETRAIN = "pretrain"  # OUT/pretrain: the shared backbone pretraining stage
@@ -58,9 +59,11 @@ class ConfigChangedError(RuntimeError):
 
 @dataclass(frozen=True)
 class RunSpec:
-    target: str  # "dense" or a model.scorer_target value
+    target: str  # "dense", a model.scorer_target value, or a variant's label
     rho: float
     seed: int
+    criterion: str = ""  # a variant's model.scorer_target ("" = target)
+    extra: tuple[str, ...] = ()  # a variant's own overrides
 
     @property
     def name(self) -> str:
@@ -72,7 +75,7 @@ class RunSpec:
         out = [f"model.rho={self.rho:g}", f"train.seed={self.seed}"]
         if self.target == DENSE:  # aux heads score the kept tokens; a dense encoder has no selection to train
             return out + ["model.scorer_target=dam", "model.use_enc_aux_loss=false"]
-        return out + [f"model.scorer_target={self.target}"]
+        return out + [f"model.scorer_target={self.criterion or self.target}", *self.extra]
 
 
 @dataclass
@@ -93,9 +96,18 @@ def plan_runs(targets: Sequence[str], rhos: Sequence[float], seeds: Sequence[int
     """Dense (one per seed) first, then every target at its ρ values, seeds innermost.
 
     A target is a `model.scorer_target` value, run at every ρ of `rhos`, or `name@ρ1,ρ2,...` for its own list
-    (e.g. `dam@0.1,0.2,0.3,0.5 os random` with rhos [0.1]: one sweep for the whole ablation)."""
+    (e.g. `dam@0.1,0.2,0.3,0.5 os random` with rhos [0.1]: one sweep for the whole ablation), or a variant
+    `label:criterion:key=value,key=value` (e.g. `dam_aligned:dam:model.dam_alignment=aligned`), a criterion
+    with its own overrides under its own name."""
     runs = [RunSpec(DENSE, 0.0, s) for s in seeds] if dense else []
     for item in targets:
+        criterion, extra = "", ()
+        if ":" in item:
+            item, criterion, settings = (item.split(":", 2) + [""])[:3]
+            extra = tuple(v for v in settings.split(",") if v)
+            if not criterion or any("=" not in v for v in extra):
+                raise ValueError(f"variant {item!r}: expected label:criterion:key=value,... "
+                                 f"(e.g. dam_aligned:dam:model.dam_alignment=aligned)")
         name, _, own = item.partition("@")
         try:
             points = [float(v) for v in own.split(",")] if own else list(rhos)
@@ -107,7 +119,7 @@ def plan_runs(targets: Sequence[str], rhos: Sequence[float], seeds: Sequence[int
             raise ValueError(f"target {name!r} has no ρ: give --rho or {name}@rho1,rho2,...")
         if any(not 0 < r <= 1 for r in points):
             raise ValueError(f"target {name!r}: ρ must be in (0, 1] (the dense baseline is --dense), got {points}")
-        runs += [RunSpec(name, r, s) for r in points for s in seeds]
+        runs += [RunSpec(name, r, s, criterion, extra) for r in points for s in seeds]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"the sweep repeats a run: {sorted({n for n in names if names.count(n) > 1})}")
@@ -216,6 +228,50 @@ def train_seconds(log_path: str) -> tuple[float, int]:
     return sum(times.values()), len(times)
 
 
+def read_curves(log_path: str) -> dict:
+    """The selection instruments of every log step (`curves`: iteration and `CURVE_KEYS` lists) and every
+    evaluation (`evals`: iteration, AP, AP50 and the val-set instruments) of the final trajectory in a log.jsonl."""
+    steps: dict[int, dict] = {}
+    evals: dict[int, dict] = {}
+    if os.path.isfile(log_path):
+        with open(log_path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:  # a line cut by a kill
+                    continue
+                if entry.get("type") == "iter" and "stat_sel_dam_random" in entry:
+                    steps[int(entry["iteration"])] = {k: entry.get("stat_sel_" + k) for k in CURVE_KEYS}
+                elif entry.get("type") == "eval":
+                    sel = entry.get("selection") or {}
+                    evals[int(entry["iteration"])] = {"iteration": int(entry["iteration"]), "AP": entry.get("AP"),
+                                                      "AP50": entry.get("AP50"),
+                                                      **{k: sel.get(k) for k in CURVE_KEYS}}
+    its = sorted(steps)
+    return {"curves": {"iteration": its, **{k: [steps[i][k] for i in its] for k in CURVE_KEYS}},
+            "evals": [evals[i] for i in sorted(evals)]}
+
+
+def _provenance() -> dict:
+    """Where a run ran: the device and the package's git commit (``+dirty`` with uncommitted changes)."""
+    import subprocess
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = commit and commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    # A copy of the tree without .git (another machine) names its commit through the environment.
+    return {"device": device, "commit": commit or os.environ.get("SPARSE_DETR_COMMIT")}
+
+
 def _fraction(value) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and value >= 0 else None  # COCO: -1 = no such object
 
@@ -248,10 +304,11 @@ def run_one(spec: RunSpec, opts: SweepOptions) -> dict:
     overrides = run_overrides(spec, opts)
     cfg = load_config(opts.base, overrides)
     record = {"name": spec.name, "target": spec.target, "rho": spec.rho, "seed": spec.seed, "status": "cost",
-              "config": opts.base, "overrides": overrides}
+              "config": opts.base, "overrides": overrides, "criterion": spec.criterion or spec.target}
     record.update(dict.fromkeys(METRICS))
     if not opts.train:
-        record.update(_benchmark(spec, opts, cfg), train_seconds=None, iterations=None, output_dir=None)
+        record.update(_benchmark(spec, opts, cfg), train_seconds=None, iterations=None, output_dir=None,
+                      selection=None, curves=None, evals=None, **_provenance())
         return record
     from sparse_detr.engine.train import run
 
@@ -259,6 +316,8 @@ def run_one(spec: RunSpec, opts: SweepOptions) -> dict:
     metrics = run(cfg, resume="auto")
     metrics = metrics.get("ema", metrics) if cfg.train.ema else metrics  # what one would deploy
     record.update({ours: _fraction(metrics.get(coco)) for ours, coco in METRICS.items()})
+    record.update(selection=metrics.get("selection"), **read_curves(os.path.join(folder, "log.jsonl")),
+                  **_provenance())
     seconds, iterations = train_seconds(os.path.join(folder, "log.jsonl"))
     record.update(_benchmark(spec, opts, cfg), train_seconds=seconds, iterations=iterations, output_dir=folder,
                   status="done", resolved_config=to_dict(cfg))
@@ -304,7 +363,7 @@ def _fmt_time(seconds: float) -> str:
 
 def write_results(records: list[dict], opts: SweepOptions) -> None:
     """results.json (records in plan order, without the resolved configs), results.md and results.png."""
-    from sparse_detr.engine.sweep_report import plot_pareto, results_markdown
+    from sparse_detr.engine.sweep_report import plot_pareto, plot_selection, results_markdown
 
     os.makedirs(opts.out, exist_ok=True)
     slim = [{k: v for k, v in r.items() if k not in ("resolved_config", "_wall")} for r in records]
@@ -313,6 +372,8 @@ def write_results(records: list[dict], opts: SweepOptions) -> None:
         f.write(results_markdown(slim, opts.command))
     if any(r.get("gflops") is not None for r in slim):
         plot_pareto(slim, os.path.join(opts.out, "results.png"), title=_data_title(opts))
+    if any(r.get("curves") for r in slim):
+        plot_selection(slim, os.path.join(opts.out, "results_selection.png"), title=_data_title(opts))
 
 
 def _data_title(opts: SweepOptions) -> str:
@@ -346,6 +407,13 @@ def run_sweep(runs: Sequence[RunSpec], opts: SweepOptions, log: Callable[[str], 
     ordered = lambda: [records[s.name] for s in runs if s.name in records]  # noqa: E731
     if todo and opts.train and opts.pretrain:
         run_pretrain(opts, log)
+    if todo and opts.train:  # a generated data set is made once here, not raced for by parallel workers
+        from sparse_detr.engine.builders import build_split
+
+        for root, cfg in {c.data.root: c for c in (load_config(opts.base, run_overrides(spec, opts))
+                                                   for spec, _ in todo)}.items():
+            if cfg.data.dataset == "synthetic":
+                build_split(cfg, "val")
     if records:
         write_results(ordered(), opts)
     start, walls = time.perf_counter(), []

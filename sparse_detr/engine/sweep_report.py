@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from typing import Optional
 
-__all__ = ["summarize", "results_markdown", "plot_pareto"]
+__all__ = ["summarize", "results_markdown", "plot_pareto", "selection_markdown", "plot_selection"]
 
 MARKERS = {"dam": "o", "os": "s", "foreground": "^", "salience": "D", "random": "X"}
 SUMMARY_KEYS = ("AP", "AP50", "AP_s", "AP_m", "AP_l", "gflops", "encoder_gflops", "cpu_fps", "train_seconds")
@@ -75,7 +75,123 @@ def results_markdown(records: list[dict], command: str = "") -> str:
                                                                                    "AP_l"))
                      + f" | {_num(r.get('gflops'))} | {_num(r.get('encoder_gflops'))} | {kept}"
                      f" | {_num(r.get('cpu_fps'))} | {_num(r.get('train_seconds'), 4)} | {status} |")
+    return "\n".join(lines) + "\n" + selection_markdown(records)
+
+
+SELECTION_KEYS = ("dam_coverage", "dam_oracle", "dam_random", "dam_efficiency", "dam_tokens50", "dam_tokens90",
+                  "object_coverage", "oracle_object_coverage", "random_object_coverage", "fg_precision")
+
+
+def _selection_rows(records: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("status") == "done" and r.get("selection"):
+            groups.setdefault((r["target"], r["rho"]), []).append(r)
+    return [{"target": t, "rho": rho, "n": len(rs),
+             **{k: _mean_std([r["selection"].get(k) for r in rs]) for k in SELECTION_KEYS}}
+            for (t, rho), rs in groups.items()]
+
+
+def selection_markdown(records: list[dict]) -> str:
+    """The val-set selection instruments (models/instruments.py) per (target, ρ), in %, mean ± std over seeds."""
+    rows = _selection_rows(records)
+    if not rows:
+        return ""
+    lines = ["", "Selection instruments on the val split (%, mean ± std over seeds; DAM: the decoder attention map, "
+             "aligned; a dense run's oracle and random at ρ = 0.1):", "",
+             "| target | ρ | n | DAM coverage | oracle | random | efficiency | 50% mass on | 90% mass on "
+             "| object coverage | oracle obj. | random obj. | fg precision |", "|" + "---|" * 14]
+    for row in rows:
+        lines.append(f"| {row['target']} | {row['rho']:g} | {row['n']} | "
+                     + " | ".join(_pm(row[k], 100) for k in SELECTION_KEYS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def _band(ax, runs: list[tuple[list, list]], label: str, color=None) -> None:
+    """Mean over seeds of curves sampled at the same iterations, with a min–max band."""
+    import numpy as np
+
+    common = sorted(set.intersection(*(set(x) for x, _ in runs))) if runs else []
+    if not common:
+        return
+    ys = np.array([[dict(zip(x, y))[i] for i in common] for x, y in runs], dtype=float)
+    line, = ax.plot(common, np.nanmean(ys, 0), label=f"{label} (n={len(runs)})", color=color, lw=1.3)
+    if len(runs) > 1:
+        ax.fill_between(common, np.nanmin(ys, 0), np.nanmax(ys, 0), color=line.get_color(), alpha=0.15)
+
+
+def plot_selection(records: list[dict], path: str, title: str = "") -> None:
+    """The instruments as a PNG: DAM coverage and object coverage against iterations (training log steps), AP
+    against iterations (evaluations; the dense curve says whether the schedule converged), one line per target
+    (mean, min–max band over seeds); and final AP against the val-set DAM and object coverage, a point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in records if r.get("status") == "done" and r.get("curves")]
+    targets = list(dict.fromkeys(r["target"] for r in done))
+    colors = {t: f"C{i}" for i, t in enumerate(targets)}
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
+    panels = [(axes[0][0], "dam_coverage", "DAM coverage of the kept tokens (train batches)"),
+              (axes[0][1], "object_coverage", "object coverage of the kept tokens (train batches)")]
+    for ax, key, name in panels:
+        for t in targets:
+            runs = [(r["curves"]["iteration"], [v if v is not None else float("nan") for v in r["curves"][key]])
+                    for r in done if r["target"] == t]
+            if key == "dam_coverage" and t == "dense":  # no kept set: its DAM oracle at ρ = 0.1 instead
+                runs = [(r["curves"]["iteration"], [v if v is not None else float("nan")
+                                                    for v in r["curves"]["dam_oracle"]]) for r in done
+                        if r["target"] == t]
+                t_label = "dense: DAM oracle at ρ=0.1"
+            else:
+                t_label = t
+            if any(any(v == v for v in y) for _, y in runs):
+                _band(ax, runs, t_label, colors[t])
+        ax.set(xlabel="iteration", ylabel="fraction", title=name)
+        ax.grid(alpha=0.3)
+        _legend(ax)
+    ax = axes[0][2]
+    for t in targets:
+        runs = [([e["iteration"] for e in r["evals"]], [100 * (e["AP"] if e["AP"] is not None else float("nan"))
+                                                        for e in r["evals"]]) for r in done if r["target"] == t]
+        _band(ax, runs, t, colors[t])
+    ax.set(xlabel="iteration", ylabel="AP (%)", title="val AP during training (mean, min–max over seeds)")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    for ax, key, name in ((axes[1][0], "dam_coverage", "val DAM coverage"),
+                          (axes[1][1], "object_coverage", "val object coverage")):
+        for t in targets:
+            pts = [(r["selection"].get(key), 100 * r["AP"]) for r in done if r["target"] == t
+                   and r.get("selection") and r["selection"].get(key) is not None and r.get("AP") is not None]
+            if pts:
+                ax.scatter(*zip(*pts), label=t, color=colors[t], marker=MARKERS.get(t, "P"), s=36)
+        ax.set(xlabel=name, ylabel="AP (%)", title=f"AP against {name} (one point per run)")
+        ax.grid(alpha=0.3)
+        _legend(ax)
+    ax = axes[1][2]
+    rows = _selection_rows(done)
+    names = [f"{r['target']}" for r in rows]
+    x = range(len(rows))
+    for offset, key, label in ((-0.27, "dam_random", "random"), (0.0, "dam_coverage", "kept"),
+                               (0.27, "dam_oracle", "oracle")):
+        vals = [100 * (r[key][0] if r[key][0] is not None else float("nan")) for r in rows]
+        errs = [100 * (r[key][1] or 0.0) for r in rows]
+        ax.bar([i + offset for i in x], vals, width=0.26, yerr=errs, capsize=2, label=label)
+    ax.set_xticks(list(x), names, rotation=30, fontsize=8)
+    ax.set(ylabel="DAM coverage (%)", title="val DAM coverage: random / kept / oracle at the same budget")
+    _legend(ax)
+    ax.grid(alpha=0.3, axis="y")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_pareto(records: list[dict], path: str, title: str = "") -> None:

@@ -50,10 +50,12 @@ from sparse_detr.engine.optim import restore_scheduler, scheduler_state
 from sparse_detr.box_ops import box_cxcywh_to_xyxy
 from sparse_detr.errors import UserError
 from sparse_detr.models.criterion import check_finite, weighted_total
+from sparse_detr.models.instruments import format_instruments, selection_instruments
 
 __all__ = ["NonFiniteLossError", "EvaluationError", "TrainingInterrupted", "Progress", "Trainer", "run"]
 
 MAIN_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "loss_mask")  # shown in the progress line (all go to the logs)
+INSTRUMENT_PREFIX = "stat_sel_"  # the selection instruments of a log step (models/instruments.py)
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -270,21 +272,26 @@ class Trainer:
         for step, (images, mask, targets) in enumerate(itertools.islice(self.train_loader, max(0, n - first)),
                                                        first):
             data_time = time.perf_counter() - tick
-            values = self.train_step(epoch, step, images, mask, targets)
+            log_step = (step + 1) % o.log_every == 0 or step + 1 == n
+            values = self.train_step(epoch, step, images, mask, targets, instrument=log_step)
+            instruments = {k: values.pop(k) for k in [k for k in values if k.startswith(INSTRUMENT_PREFIX)]}
             p.iteration += 1
             p.step_in_epoch = step + 1
             iter_time = time.perf_counter() - tick
             meters.update(iter_time=iter_time, data_time=data_time, **values)
             self.jsonl.write("iter", epoch=epoch + 1, batch=step + 1, iteration=p.iteration, data_time=data_time,
-                             time=iter_time, **values)
-            if (step + 1) % o.log_every == 0 or step + 1 == n:
-                self._log_progress(epoch, step, meters)
+                             time=iter_time, **values, **instruments)
+            if log_step:
+                self._log_progress(epoch, step, meters, instruments)
             if o.checkpoint_every_iters > 0 and p.iteration % o.checkpoint_every_iters == 0 and step + 1 < n:
                 self.save((LAST,))  # the end-of-epoch save follows anyway at the last step
             tick = time.perf_counter()
         return {k: v for k, v in meters.global_avgs().items() if k not in ("iter_time", "data_time")}
 
-    def train_step(self, epoch: int, step: int, images, mask, targets) -> dict[str, float]:
+    def train_step(self, epoch: int, step: int, images, mask, targets, instrument: bool = False,
+                   ) -> dict[str, float]:
+        """One optimizer step; returns the averaged terms, the gradient norm, the learning rates and, with
+        ``instrument``, the selection instruments of this process's batch (``stat_sel_*``, finite ones only)."""
         # Host ints read from the CPU targets before the copy: the model bounds its kept-token count k with them
         # (k is a tensor dimension) instead of the padded size, without reading anything back from the GPU.
         sizes = batch_image_sizes(targets)
@@ -293,7 +300,7 @@ class Trainer:
         targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
         with autocast:
-            outputs = self.net(images, mask, image_sizes=sizes)
+            outputs = self.net(images, mask, image_sizes=sizes, return_maps=instrument)
         outputs = _to_float32(outputs)
         failure = None
         try:
@@ -323,6 +330,9 @@ class Trainer:
         if not all(math.isfinite(v) for k, v in values.items() if not k.startswith("stat_")):
             self._raise_non_finite(epoch, step, values, dict(zip(names, local.tolist())), targets, failure=failure)
         self._loss_names = names[1:]
+        if instrument:  # this process's batch only: no collective, so a rank can never wait on another's keys
+            measured = selection_instruments(outputs, targets).compute()
+            values.update({INSTRUMENT_PREFIX + k: v for k, v in measured.items() if math.isfinite(v)})
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -357,7 +367,7 @@ class Trainer:
         self.jsonl.write("error", epoch=epoch + 1, batch=step + 1, iteration=p.iteration + 1, message=msg)
         raise NonFiniteLossError(msg)
 
-    def _log_progress(self, epoch: int, step: int, meters: MeterGroup) -> None:
+    def _log_progress(self, epoch: int, step: int, meters: MeterGroup, instruments: dict[str, float]) -> None:
         p, o, n = self.progress, self.train_cfg, self.iters_per_epoch
         sec = meters["iter_time"].avg
         left_epoch = (n - step - 1) * sec
@@ -370,7 +380,15 @@ class Trainer:
                       "eta epoch %s total %s  mem %s", epoch + 1, o.epochs, len(str(n)), step + 1, n, terms,
                       meters["lr"].last, meters["grad_norm"].median, 1.0 / max(sec, 1e-9),
                       meters["data_time"].avg, format_eta(left_epoch), format_eta(left_total), mem)
+        cov = instruments.get(INSTRUMENT_PREFIX + "dam_coverage")
+        if cov is not None:
+            self.log.info("  selection: DAM coverage %.3f (oracle %.3f, random %.3f)  object coverage %.3f",
+                          cov, instruments.get(INSTRUMENT_PREFIX + "dam_oracle", math.nan),
+                          instruments.get(INSTRUMENT_PREFIX + "dam_random", math.nan),
+                          instruments.get(INSTRUMENT_PREFIX + "object_coverage", math.nan))
         self.tb.scalars("train", {k: m.avg for k, m in meters.meters.items()}, p.iteration)
+        self.tb.scalars("train_selection", {k[len(INSTRUMENT_PREFIX):]: v for k, v in instruments.items()},
+                        p.iteration)
 
     # ---------------------------------------------------------------------------------------------- evaluation
     def evaluate(self, epoch: int) -> dict:
@@ -387,10 +405,13 @@ class Trainer:
         metrics = dist.all_gather_object(metrics)[0]  # only rank 0 computed them
         self.log.info("epoch %d evaluation: %s", epoch + 1, "  ".join(
             f"{k} {100 * v:.1f}" for k, v in metrics.items() if isinstance(v, float)))
+        if metrics.get("selection"):
+            self.log.info("%s", format_instruments(metrics["selection"]))
         self.jsonl.write("eval", epoch=epoch + 1, iteration=self.progress.iteration, **metrics)
         for prefix, m in (("val", metrics), ("val_ema", metrics.get("ema", {}))):
             self.tb.scalars(prefix, {k: v for k, v in m.items() if isinstance(v, float)}, self.progress.iteration)
             self.tb.scalars(prefix + "_per_class", m.get("per_class", {}), self.progress.iteration)
+            self.tb.scalars(prefix + "_selection", m.get("selection", {}), self.progress.iteration)
         if self.train_cfg.vis_num_images > 0 and self.tb.writer is not None:
             self._log_images(self.ema.module if self.ema is not None else self.model)
         self.tb.flush()

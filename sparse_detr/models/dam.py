@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["decoder_attention_map", "dam_coverage", "token_levels"]
+__all__ = ["decoder_attention_map", "token_levels"]
 
 _ALIGNMENTS = ("official", "aligned")
 
@@ -59,19 +59,3 @@ def token_levels(spatial_shapes: Tensor, num_tokens: int) -> Tensor:
     sizes = spatial_shapes.prod(1)
     return torch.repeat_interleave(torch.arange(sizes.shape[0], device=sizes.device), sizes,
                                    output_size=num_tokens)
-
-
-@torch.no_grad()
-def dam_coverage(dam: Tensor, padding_mask: Tensor, kept_indices: Tensor, kept_valid: Tensor,
-                 spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
-    """Fraction of the DAM mass (padding left out) on the kept tokens, a logged curve. dam, padding_mask (B, S);
-    kept_indices, kept_valid (B, k). Returns coverage (B,) and per level (B, L) (1 where a level has no mass)."""
-    dam = dam.masked_fill(padding_mask, 0.0)
-    kept = torch.zeros_like(dam).scatter_(1, kept_indices, kept_valid.to(dam.dtype))  # (B, S) 0/1
-    levels = token_levels(spatial_shapes, dam.shape[1])
-    num_levels = spatial_shapes.shape[0]
-    total = dam.new_zeros(dam.shape[0], num_levels).index_add_(1, levels, dam)
-    covered = dam.new_zeros(dam.shape[0], num_levels).index_add_(1, levels, dam * kept)
-    overall = covered.sum(1) / total.sum(1).clamp(min=1e-12)
-    per_level = torch.where(total > 0, covered / total.clamp(min=1e-12), torch.ones_like(total))
-    return overall, per_level

@@ -14,8 +14,8 @@ Output dict of ``SparseDETR.forward`` (B images, Q queries, K classes, S tokens,
     kept_level_counts  (B, L) int64                                                          (rho_levels)
     backbone_outputs   {pred_logits (B, S, K), pred_boxes (B, S, 4), valid (B, S)}         (scorer_target os)
     dec_sampling_locations (B, Ld, Q, H, L, P, 2), dec_attention_weights (B, Ld, Q, H, L, P)
-                               the decoder's cross-attention, when the selector's target needs it (dam) and
-                               training or ``return_maps``
+                               the decoder's cross-attention, when the selector's target needs it (dam) in
+                               training, and for any model with ``return_maps`` (the selection instruments)
     spatial_shapes     (L, 2) int64; level_start_index (L,) int64; padding_mask (B, S) bool
 
 ``valid`` (enc_outputs, enc_aux_outputs) masks matching and focal negatives: ``enc_loss_padding="official"``
@@ -231,7 +231,8 @@ class SparseDETR(nn.Module):
                 image_sizes: Optional[Sequence[tuple[int, int]]] = None, return_maps: bool = False) -> dict:
         """images: a list of (3, H_i, W_i) or a padded (B, 3, H, W) with ``mask`` (B, H, W) True = padding.
         image_sizes: host (h, w) of a padded batch's images, only tightens the kept-slot bound k.
-        return_maps: return the selector's target inputs outside training too. Returns: the module docstring's dict.
+        return_maps: return the decoder's sampling (the DAM's inputs) for any selector, dense too.
+        Returns: the module docstring's dict.
         """
         images, mask, image_sizes = batch_images(images, mask, image_sizes)
         tok = self._tokens(images, mask)
@@ -282,8 +283,9 @@ class SparseDETR(nn.Module):
             out["enc_outputs"]["valid"] = valid if self.enc_loss_padding == "exclude" else torch.ones_like(valid)
         else:
             tgt, query_pos, reference = learned_queries(self.query_embed.weight, t.reference_points, images.shape[0])
-        need_sampling = (self.selector is not None and self.selector.needs_decoder_sampling
-                         and (self.training or return_maps))
+        # Kept for the DAM: the selector's target in training, and every model's instruments with return_maps.
+        need_sampling = return_maps or (self.selector is not None and self.selector.needs_decoder_sampling
+                                        and self.training)
         dec = t.decoder(tgt, query_pos, reference, memory, tok["spatial_shapes"], tok["level_start_index"],
                         tok["valid_ratios"], pad, list(self.bbox_embed)[:Ld], return_sampling=need_sampling)
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparse_detr.models.dam import dam_coverage, decoder_attention_map, token_levels
+from sparse_detr.models.dam import decoder_attention_map, token_levels
 from sparse_detr.models.heads import box_head, class_head
 
 __all__ = [
@@ -391,14 +391,6 @@ class DAMSelector(_ScorerSelector):
         levels = token_levels(outputs["spatial_shapes"], pad.shape[1])
         return top_count_mask(self.attention_map(outputs), pad, level_counts, levels,
                               outputs["level_start_index"]).float()
-
-    def losses(self, outputs: dict, targets: Sequence[dict]) -> dict[str, Tensor]:
-        losses = super().losses(outputs, targets)
-        with torch.no_grad():
-            coverage, _ = dam_coverage(self.attention_map(outputs), outputs["padding_mask"], outputs["kept_indices"],
-                                       outputs["kept_valid"], outputs["spatial_shapes"])
-        losses["stat_dam_coverage"] = coverage.mean()
-        return losses
 
 
 class _GroundTruthSelector(_ScorerSelector):
