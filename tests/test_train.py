@@ -503,3 +503,60 @@ def test_every_run_logs_the_selection_instruments(data_root, tmp_path, selection
     evals = [r for r in records if r["type"] == "eval"]
     assert evals[-1]["selection"] == pytest.approx(val, nan_ok=True)
     assert "selection instruments" in (out / "log.txt").read_text()
+
+
+def _train_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_tool", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_fresh_start_never_overwrites_a_run(data_root, tmp_path, capsys):
+    from sparse_detr.engine.cli import EXIT_USER_ERROR, run_tool
+
+    out = tmp_path / "run"
+    cfg = _write(tmp_path / "c.yaml", _config(data_root, out, max_iters_per_epoch=1, eval_every_epochs=0))
+    tool = _train_tool()
+    assert run_tool(tool.main, ["--config", cfg]) == 0
+    saved = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    capsys.readouterr()
+    # The same command again: refused with one line that names the way on, and nothing in the folder changes.
+    assert run_tool(tool.main, ["--config", cfg]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume auto" in err and "--start-over" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == saved
+    # --resume auto continues it (nothing to do); --start-over trains again from scratch.
+    assert run_tool(tool.main, ["--config", cfg, "--resume", "auto"]) == 0
+    assert run_tool(tool.main, ["--config", cfg, "--start-over"]) == 0
+    assert load_checkpoint(str(out / "checkpoint_last.pth"))["iteration"] == 1
+
+
+def test_sigterm_saves_the_exact_step_and_resume_continues(data_root, tmp_path):
+    """SIGTERM (torchrun, schedulers, kill): the step finishes, a checkpoint of it is written, the resume command
+    is printed, exit 143; --resume auto then continues at the next iteration."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cfg = _write(tmp_path / "c.yaml", _config(data_root, out, epochs=3, eval_every_epochs=0,
+                                              checkpoint_every_iters=0))
+    proc = subprocess.Popen([sys.executable, TRAIN, "--config", cfg], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and len(_iters(out)) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "--resume auto" in err
+    done = max(_iters(out))
+    assert 2 <= done < 18  # mid-run (3 epochs x 6 iterations), not at an epoch's checkpoint
+    assert load_checkpoint(str(out / "checkpoint_last.pth"))["iteration"] == done
+    _check(subprocess.run([sys.executable, TRAIN, "--config", cfg, "--resume", "auto"], env=_env(),
+                          capture_output=True, text=True, timeout=300))
+    assert sorted(_iters(out)) == list(range(1, 19))
+    assert "resumed from" in (out / "log.txt").read_text()

@@ -35,7 +35,9 @@ checkpoint records), tensorboard/ (`tensorboard --logdir OUTPUT_DIR`), checkpoin
 train.checkpoint_every_iters iterations), checkpoint_best.pth (best AP) and detections_val.json; `.lock` names the
 run that owns the folder. A mistake in the command (a misspelled key, a missing file, a checkpoint of another
 architecture) is printed as one message with exit code 3; Ctrl-C prints where the run stopped and the command that
-resumes it (exit 130); `--debug` (or SPARSE_DETR_DEBUG=1) shows the traceback instead.
+resumes it (exit 130); SIGTERM (torchrun, a scheduler, `kill`) finishes the current step, saves a checkpoint of
+it and prints the same (exit 143); `--debug` (or SPARSE_DETR_DEBUG=1) shows the traceback instead. A folder that
+already holds a run is never trained over from scratch: continue it with `--resume auto`, or pass `--start-over`.
 """
 from __future__ import annotations
 
@@ -58,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-only", action="store_true", help="evaluate the loaded weights and exit")
     parser.add_argument("--checkpoint", metavar="PATH",
                         help="model weights to evaluate, or to start training from (optimizer state not loaded)")
+    parser.add_argument("--start-over", action="store_true",
+                        help="train from scratch into a train.output_dir that holds a run (its checkpoints are "
+                             "overwritten; without this flag that is refused)")
     args = parser.parse_intermixed_args(argv)  # key=value may come before or after --flags
     if args.eval_only and not (args.checkpoint or args.resume):
         parser.error("--eval-only needs --checkpoint PATH (or --resume auto|PATH)")
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, args.overrides)
     from sparse_detr.engine.train import run  # after parsing: `--help` should not wait for torch to import
 
-    run(cfg, resume=args.resume, eval_only=args.eval_only, checkpoint=args.checkpoint)
+    run(cfg, resume=args.resume, eval_only=args.eval_only, checkpoint=args.checkpoint, start_over=args.start_over)
 
 
 if __name__ == "__main__":

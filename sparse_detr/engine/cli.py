@@ -70,7 +70,7 @@ def run_tool(main: Callable[[list[str]], object], argv: Optional[Sequence[str]] 
         if getattr(e, "resumable", False):
             line += f"; resume with: {resume_command(script, argv)}"
         print(f"{prog}: {line}", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        return getattr(e, "exit_code", EXIT_INTERRUPTED)
     except Exception as e:
         if debug or not is_user_error(e):
             raise

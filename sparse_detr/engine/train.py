@@ -26,6 +26,8 @@ import contextlib
 import itertools
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -52,7 +54,8 @@ from sparse_detr.errors import UserError
 from sparse_detr.models.criterion import check_finite, weighted_total
 from sparse_detr.models.instruments import format_instruments, selection_instruments
 
-__all__ = ["NonFiniteLossError", "EvaluationError", "TrainingInterrupted", "Progress", "Trainer", "run"]
+__all__ = ["NonFiniteLossError", "EvaluationError", "TrainingInterrupted", "RunExistsError", "Progress", "Trainer",
+           "run"]
 
 MAIN_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "loss_mask")  # shown in the progress line (all go to the logs)
 INSTRUMENT_PREFIX = "stat_sel_"  # the selection instruments of a log step (models/instruments.py)
@@ -68,9 +71,48 @@ class EvaluationError(UserError, RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C: the message says where the run stopped; the tools add the command that resumes it."""
+    """Ctrl-C or SIGTERM: the message says where the run stopped; the tools add the command that resumes it."""
 
     resumable = True
+    exit_code = 130  # the shell's convention for SIGINT; SIGTERM: 143
+
+
+class RunExistsError(UserError, FileExistsError):
+    """A fresh start into a folder that already holds a run's checkpoints: it would overwrite them."""
+
+
+class StopRequest:
+    """Set by SIGTERM (what torchrun, schedulers and `kill` send): the loop finishes its step, saves a checkpoint at
+    that exact iteration on every rank's agreement (the flag travels in the step's all-reduce), then stops."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[str] = None
+
+    def __call__(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _sigterm_requests_stop(request: StopRequest):
+    """Route SIGTERM to ``request`` while training (main thread only: signal handlers live there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, request)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_fresh_start(out_dir: str) -> None:
+    """Refuse to train from scratch into a folder holding a run's checkpoints (never overwrite a run)."""
+    found = [n for n in ("checkpoint_last.pth", "checkpoint_best.pth") if os.path.isfile(os.path.join(out_dir, n))]
+    if found:
+        raise RunExistsError(
+            f"{out_dir} already holds a run ({', '.join(found)}): starting from scratch would overwrite it. "
+            f"Continue it with --resume auto, choose another train.output_dir, or pass --start-over to train "
+            f"from scratch over it")
 
 
 @dataclass
@@ -128,6 +170,7 @@ class Trainer:
         self.iters_per_epoch = min(full, train.max_iters_per_epoch) if train.max_iters_per_epoch > 0 else full
         self.use_bf16 = train.amp == "bf16" and self.device.type == "cuda"
         self.progress = Progress()
+        self.stop = StopRequest()
         self._loss_names: Optional[list[str]] = None  # of the last good step (for a matcher failure's report)
         main = info.rank == 0
         self.log = setup_text_logger(train.output_dir if main else None, main)
@@ -275,6 +318,7 @@ class Trainer:
             log_step = (step + 1) % o.log_every == 0 or step + 1 == n
             values = self.train_step(epoch, step, images, mask, targets, instrument=log_step)
             instruments = {k: values.pop(k) for k in [k for k in values if k.startswith(INSTRUMENT_PREFIX)]}
+            stop = values.pop("stop", 0.0)
             p.iteration += 1
             p.step_in_epoch = step + 1
             iter_time = time.perf_counter() - tick
@@ -283,10 +327,27 @@ class Trainer:
                              time=iter_time, **values, **instruments)
             if log_step:
                 self._log_progress(epoch, step, meters, instruments)
+            if stop > 0:  # some rank got SIGTERM: every rank saves this step and stops
+                self._stop_at_this_step(epoch)
             if o.checkpoint_every_iters > 0 and p.iteration % o.checkpoint_every_iters == 0 and step + 1 < n:
                 self.save((LAST,))  # the end-of-epoch save follows anyway at the last step
             tick = time.perf_counter()
         return {k: v for k, v in meters.global_avgs().items() if k not in ("iter_time", "data_time")}
+
+    def _stop_at_this_step(self, epoch: int) -> None:
+        p = self.progress
+        if p.step_in_epoch == self.iters_per_epoch:  # the epoch is complete: the end-of-epoch state
+            self.scheduler.step()
+            p.epoch, p.step_in_epoch = epoch + 1, 0
+            p.eval_pending = self.train_cfg.eval_every_epochs > 0 and (
+                (epoch + 1) % self.train_cfg.eval_every_epochs == 0 or epoch + 1 == self.train_cfg.epochs)
+        self.save((LAST,))
+        self.log.info("%s: saved %s at global step %d", self.stop.signal or "stop requested", p.last_checkpoint,
+                      p.iteration)
+        error = TrainingInterrupted(f"stopped by {self.stop.signal or 'a stop request'} after global step "
+                                    f"{p.iteration}, saved in {p.last_checkpoint}")
+        error.exit_code = 143 if self.stop.signal == "SIGTERM" else 130
+        raise error
 
     def train_step(self, epoch: int, step: int, images, mask, targets, instrument: bool = False,
                    ) -> dict[str, float]:
@@ -317,7 +378,8 @@ class Trainer:
             total = weighted_total(losses, self.criterion.weight_dict)
         names = ["loss"] + sorted(losses)
         local = torch.stack([total.detach().reshape(())] + [losses[k].detach().float().reshape(())
-                                                            for k in names[1:]])
+                                                            for k in names[1:]]
+                            + [total.new_full((), float(self.stop.signal is not None))])  # SIGTERM on this rank
         if failure is not None:
             local[0] = math.nan
         reduced = dist.all_reduce_mean(local)  # before backward: every rank logs (and checks) the same numbers
@@ -326,9 +388,11 @@ class Trainer:
         max_norm = self.train_cfg.clip_max_norm if self.train_cfg.clip_max_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         host = torch.cat([reduced, grad_norm.detach().reshape(1).float().to(reduced.device)]).tolist()  # the sync
-        values = dict(zip(names + ["grad_norm"], host))
+        values = dict(zip(names + ["stop", "grad_norm"], host))
+        stop = values.pop("stop")
         if not all(math.isfinite(v) for k, v in values.items() if not k.startswith("stat_")):
-            self._raise_non_finite(epoch, step, values, dict(zip(names, local.tolist())), targets, failure=failure)
+            self._raise_non_finite(epoch, step, values, dict(zip(names, local[:-1].tolist())), targets,
+                                   failure=failure)
         self._loss_names = names[1:]
         if instrument:  # this process's batch only: no collective, so a rank can never wait on another's keys
             measured = selection_instruments(outputs, targets).compute()
@@ -339,6 +403,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             name = group.get("name", "default")
             values["lr" if name == "default" else f"lr_{name}"] = group["lr"]
+        if stop > 0:
+            values["stop"] = stop
         return values
 
     def _raise_non_finite(self, epoch: int, step: int, values: dict, local: dict, targets,
@@ -434,11 +500,13 @@ class Trainer:
 
 
 def run(cfg: Config, *, resume: Optional[str] = None, eval_only: bool = False,
-        checkpoint: Optional[str] = None) -> dict:
+        checkpoint: Optional[str] = None, start_over: bool = False) -> dict:
     """Train (or only evaluate) as the config says; returns the last evaluation's metrics.
 
     resume: "auto" (the last checkpoint in the output folder, if any) or a checkpoint path: continue that run.
     checkpoint: model weights to evaluate (`eval_only`) or to start training from (no optimizer state).
+    start_over: train from scratch even into a folder that holds a run (else that is refused: nothing is
+    overwritten by mistake). SIGTERM stops the run after its current step with a checkpoint of that step.
     """
     note = builders.setup_determinism(cfg)  # before anything touches CUDA
     threads = builders.setup_threads(cfg)
@@ -459,6 +527,8 @@ def run(cfg: Config, *, resume: Optional[str] = None, eval_only: bool = False,
             check_config_compatible(ckpt.get("config"), config, checkpoint)
         elif eval_only:
             raise ValueError("--eval-only needs --checkpoint PATH or --resume")
+        if path is None and not eval_only and not start_over:
+            check_fresh_start(out_dir)
         stale: list[str] = []
         if info.rank == 0:
             lock = lock_output_dir(out_dir)  # before any write: one run per folder
@@ -495,7 +565,10 @@ def run(cfg: Config, *, resume: Optional[str] = None, eval_only: bool = False,
             trainer.load_weights(ckpt, source=checkpoint)
         if eval_only:
             return trainer.evaluate(trainer.progress.epoch - 1)
-        return trainer.fit()
+        with _sigterm_requests_stop(trainer.stop):
+            return trainer.fit()
+    except TrainingInterrupted:  # a stop request: its checkpoint and message are made already
+        raise
     except KeyboardInterrupt:
         message = trainer.interrupted_message() if trainer is not None else "interrupted before training started"
         raise TrainingInterrupted(message) from None
