@@ -31,12 +31,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision import tv_tensors
-from torchvision.transforms.v2 import functional as F
 
 from sparse_detr.errors import UserError
 
+from .image_io import ImageReadError, read_image
 from .transforms import boxes_xyxy_to_normalized_cxcywh, make_base_transforms
 
 
@@ -377,15 +376,18 @@ class CocoDataset(torch.utils.data.Dataset):
         """The image on disk as uint8 (3,H,W); RuntimeError naming path and image id if unreadable or mis-sized."""
         path = os.path.join(self.img_folder, record.file_name)
         try:
-            with Image.open(path) as pil:
-                pil = pil.convert("RGB")  # forces the full decode inside the try (PIL opens lazily)
-        except (OSError, SyntaxError, ValueError) as e:  # PIL reports missing/corrupt/truncated files this way
-            raise ImageError(f"cannot read image {path} (image id {record.image_id}): {e}") from e
-        if (pil.height, pil.width) != (record.height, record.width):
+            image = read_image(path)  # upright (EXIF), 8-bit RGB: what the annotator saw
+        except ImageReadError as e:
+            raise ImageError(f"cannot read image {path} (image id {record.image_id}): {e.reason}") from e
+        height, width = image.shape[-2:]
+        if (height, width) != (record.height, record.width):
             # Boxes were validated against the json size; a different file size means they would be wrong.
-            raise ImageError(f"image {path} (image id {record.image_id}) is {pil.width}x{pil.height} but "
-                               f"{self.ann_file} says {record.width}x{record.height}")
-        return tv_tensors.Image(F.pil_to_tensor(pil))
+            rotated = (width, height) == (record.height, record.width)
+            raise ImageError(f"image {path} (image id {record.image_id}) is {width}x{height} but {self.ann_file} "
+                             f"says {record.width}x{record.height}"
+                             + ("; the file's EXIF orientation turns it by 90 degrees: the json's size (and "
+                                "boxes) must be those of the upright picture a viewer shows" if rotated else ""))
+        return tv_tensors.Image(image)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         record = self.record(index)

@@ -87,16 +87,14 @@ def load_images(num_images: int, height: int, width: int, coco_dir: Optional[str
     if coco_dir is None:
         g = torch.Generator().manual_seed(seed)
         return [normalize(torch.rand(3, height, width, generator=g)) for _ in range(num_images)]
-    from PIL import Image
-
+    from sparse_detr.data.image_io import read_picture
     from sparse_detr.engine.visualize import list_images, prepare_image
 
     subs = [os.path.join(coco_dir, s) for s in ("val2017", "val") if os.path.isdir(os.path.join(coco_dir, s))]
     folder = subs[0] if subs else coco_dir  # a COCO root (val2017/), our synthetic root (val/), or a folder
     images = []
     for path in list_images(folder)[:num_images]:
-        with Image.open(path) as im:
-            images.append(prepare_image(im, height, max(width, height))[0])
+        images.append(prepare_image(read_picture(path), height, max(width, height))[0])
     return images
 
 

@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from sparse_detr.box_ops import box_cxcywh_to_xyxy
+from sparse_detr.data.image_io import read_picture
 from sparse_detr.engine.visualize import (_blend, _level_maps, _token_panel, _upsample, heatmap_colors, list_images,
                                           prepare_image, render_visualization)
 from sparse_detr.models.dam import token_levels
@@ -122,8 +123,7 @@ def inspect_selection(model: torch.nn.Module, files: Sequence[str], out_dir: Opt
     reference = InstrumentMeter()
     written, missing = [], []
     for path in files:
-        with Image.open(path) as im:
-            x, picture = prepare_image(im, size, max_size)
+        x, picture = prepare_image(read_picture(path), size, max_size)
         target = None
         if annotations is not None:
             if os.path.basename(path) not in annotations:

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from PIL import Image
+from sparse_detr.data.image_io import read_picture
 
 from sparse_detr.engine.atomic import write_atomic
 from sparse_detr.engine.predictor import Predictor
@@ -104,8 +104,7 @@ def predict_files(predictor: Predictor, files: Sequence[str], out_dir: str, scor
                 results.append({"image_id": ids[i], "category_id": int(category), "score": round(score, 5),
                                 "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)]})
             if draw:
-                with Image.open(files[i]) as im:
-                    picture = im.convert("RGB")
+                picture = read_picture(files[i])
                 draw_detections(picture, det, score_thresh, predictor.label_map).save(drawn_paths[i])
         if bar is not None:
             bar.update(len(chunk))

@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 from torchvision import tv_tensors
-from torchvision.transforms.v2 import functional as TF
 
 from sparse_detr.config import Config
 from sparse_detr.data.coco import LabelMap
+from sparse_detr.data.image_io import pil_to_uint8, read_image
 from sparse_detr.data.transforms import make_transforms
 from sparse_detr.engine.checkpoint import BEST, LAST
 
@@ -35,13 +35,9 @@ ImageInput = Union[str, os.PathLike, Image.Image, Tensor]
 def load_image(image: ImageInput) -> Tensor:
     """A path, PIL image or (3, H, W) tensor → (3, H, W) uint8 RGB tensor (a float tensor is taken in [0, 1])."""
     if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as im:
-                image = im.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise RuntimeError(f"cannot read image {image}: {e}") from e
+        return read_image(image)  # upright, 8-bit RGB (data/image_io.py)
     if isinstance(image, Image.Image):
-        return TF.pil_to_tensor(image.convert("RGB"))
+        return pil_to_uint8(image)
     if isinstance(image, Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"an image tensor must be (3, H, W) RGB, got shape {tuple(image.shape)}")

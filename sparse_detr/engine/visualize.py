@@ -32,6 +32,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from sparse_detr.box_ops import box_xyxy_to_cxcywh
 from sparse_detr.data.coco import LabelMap
+from sparse_detr.data.image_io import pil_to_uint8, read_picture
 from sparse_detr.data.transforms import denormalize, make_transforms
 from sparse_detr.models.selection import selector_name
 
@@ -67,7 +68,7 @@ def prepare_image(image: Union[Image.Image, Tensor], size: int = 800, max_size: 
     if isinstance(image, Tensor):
         pixels = (denormalize(image.detach().float().cpu()) * 255).round().to(torch.uint8)
         return image, Image.fromarray(pixels.permute(1, 2, 0).numpy())
-    picture = image.convert("RGB")
+    picture = Image.fromarray(pil_to_uint8(image).permute(1, 2, 0).numpy())  # upright, 8-bit (data/image_io.py)
     x = make_transforms(train=False, val_size=size, max_size=max_size)(tv_tensors.Image(TF.pil_to_tensor(picture)))
     x = x.as_subclass(Tensor)
     return x, picture.resize((x.shape[-1], x.shape[-2]), Image.BILINEAR)
@@ -270,8 +271,7 @@ def run_visualization(config: Optional[str], checkpoint: str, images: str, out_d
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for path in files:
-        with Image.open(path) as im:
-            picture = im.convert("RGB")
+        picture = read_picture(path)
         canvas = visualize_image(loaded.model, loaded.postprocessor, picture, loaded.label_map, score_thresh,
                                  columns=columns, panel_width=panel_width, size=size, max_size=max_size)
         out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_vis.png")
