@@ -560,3 +560,24 @@ def test_sigterm_saves_the_exact_step_and_resume_continues(data_root, tmp_path):
                           capture_output=True, text=True, timeout=300))
     assert sorted(_iters(out)) == list(range(1, 19))
     assert "resumed from" in (out / "log.txt").read_text()
+
+
+def test_resume_refuses_a_changed_experiment_and_writes_nothing(data_root, tmp_path):
+    out = tmp_path / "run"
+    cfg = _write(tmp_path / "c.yaml", _config(data_root, out, max_iters_per_epoch=1, eval_every_epochs=0))
+    train_mod.run(load_config(cfg))
+    saved = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    with pytest.raises(ConfigMismatchError) as info:
+        train_mod.run(load_config(cfg, ["model.rho=0.5", "loss.mask_prediction_coef=2.0"]), resume="auto")
+    assert "model.rho" in str(info.value) and "loss.mask_prediction_coef" in str(info.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == saved
+    # Schedule fields may change: two more epochs.
+    train_mod.run(load_config(cfg, ["train.epochs=2", "train.log_every=5"]), resume="auto")
+    assert load_checkpoint(str(out / "checkpoint_last.pth"))["epoch"] == 2
+    # A resume that fails on bad data leaves config.yaml and log.jsonl as they were.
+    saved = {n: (out / n).read_bytes() for n in ("config.yaml", "log.jsonl")}
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("not a synthetic data set")  # refused by the generator
+    with pytest.raises(Exception, match="not empty"):
+        train_mod.run(load_config(cfg, ["train.epochs=3", f"data.root={tmp_path / 'foreign'}"]), resume="auto")
+    assert {n: (out / n).read_bytes() for n in ("config.yaml", "log.jsonl")} == saved

@@ -214,6 +214,35 @@ def check_config_compatible(ckpt_cfg: Optional[dict], cfg: dict, source: str = "
                                   + "\n(use the config the checkpoint was trained with, or override these fields)")
 
 
+# What a resumed run may change: where and how fast it runs, how long and how often it evaluates and logs.
+RESUMABLE_CHANGES = ("train.epochs", "train.lr_drop_epochs", "train.eval_every_epochs", "train.num_threads",
+                     "train.output_dir", "train.log_every", "train.checkpoint_every_iters", "train.vis_num_images",
+                     "train.eval_batch_size", "data.root", "data.num_workers", "model.pretrained_backbone")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume_config(ckpt_cfg: Optional[dict], cfg: dict, source: str = "checkpoint") -> None:
+    """Raise ConfigMismatchError listing every field but ``RESUMABLE_CHANGES`` that differs between the config a
+    run was trained with and the one it is resumed with (a resumed run would otherwise silently continue as
+    another experiment, e.g. with another model.rho)."""
+    if not ckpt_cfg:
+        return
+    old, new = _flat(ckpt_cfg), _flat(cfg)
+    diffs = [f"{k}: {source} has {old.get(k, '<missing>')!r}, the config now has {new.get(k, '<missing>')!r}"
+             for k in sorted(set(old) | set(new)) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+    if diffs:
+        raise ConfigMismatchError(
+            f"cannot resume {source} with a changed config (only {', '.join(RESUMABLE_CHANGES)} may change):\n  "
+            + "\n  ".join(diffs) + "\n(resume with the run's own config.yaml, or start a new run in another "
+            "train.output_dir)")
+
+
 def find_last_checkpoint(output_dir: str) -> Optional[str]:
     """The path of `checkpoint_last.pth` in `output_dir`, or None when there is none (for `--resume auto`)."""
     path = os.path.join(output_dir, LAST)

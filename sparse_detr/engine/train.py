@@ -39,7 +39,7 @@ import torch
 from sparse_detr.config import Config, TrainConfig, save_config, to_dict
 from sparse_detr.data import LabelMap, batch_image_sizes
 from sparse_detr.engine import builders, dist
-from sparse_detr.engine.checkpoint import (BEST, LAST, check_config_compatible, check_resumable,
+from sparse_detr.engine.checkpoint import (BEST, LAST, check_config_compatible, check_resumable, check_resume_config,
                                            find_last_checkpoint, get_rng_state, load_checkpoint, save_checkpoint,
                                            set_rng_state)
 from sparse_detr.engine.output_dir import lock_output_dir, remove_stale_temp_files, truncate_jsonl
@@ -522,6 +522,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, eval_only: bool = False,
             ckpt = load_checkpoint(path)
             check_resumable(ckpt, path)
             check_config_compatible(ckpt.get("config"), config, path)
+            check_resume_config(ckpt.get("config"), config, path)
         elif checkpoint is not None:
             ckpt = load_checkpoint(checkpoint)
             check_config_compatible(ckpt.get("config"), config, checkpoint)
@@ -533,10 +534,6 @@ def run(cfg: Config, *, resume: Optional[str] = None, eval_only: bool = False,
         if info.rank == 0:
             lock = lock_output_dir(out_dir)  # before any write: one run per folder
             stale = remove_stale_temp_files(out_dir)
-            if path is not None:
-                truncate_jsonl(os.path.join(out_dir, "log.jsonl"), ckpt["iteration"],
-                               drop_eval_at=ckpt["iteration"] if ckpt.get("eval_pending") else None)
-            save_config(cfg, os.path.join(out_dir, "config.yaml"))
         builders.seed_everything(cfg.train.seed)  # the same initial weights on every rank
         with warnings.catch_warnings(record=True) as caught:
             train_set, val_set = builders.build_datasets(cfg)
@@ -544,6 +541,11 @@ def run(cfg: Config, *, resume: Optional[str] = None, eval_only: bool = False,
         optimizer, scheduler, ema = builders.build_optimization(cfg, model, info.world_size)
         train_loader, sampler = builders.build_train_loader(cfg, train_set, info)
         coco_gt = getattr(val_set, "coco", None) or load_coco_gt(val_set.ann_file)
+        if info.rank == 0:  # everything is checked and built: only now are the run's own files rewritten
+            if path is not None:
+                truncate_jsonl(os.path.join(out_dir, "log.jsonl"), ckpt["iteration"],
+                               drop_eval_at=ckpt["iteration"] if ckpt.get("eval_pending") else None)
+            save_config(cfg, os.path.join(out_dir, "config.yaml"))
         trainer = Trainer(model=model, criterion=criterion, postprocessor=postprocessor, optimizer=optimizer,
                           scheduler=scheduler, ema=ema, train_loader=train_loader, train_sampler=sampler,
                           val_loader=builders.build_val_loader(cfg, val_set, info), coco_gt=coco_gt,
