@@ -4,7 +4,7 @@ random selection and the ground-truth centres at the same budget, and one pictur
 attention map with the boxes, then each selection's kept tokens):
 
     python tools/inspect_selection.py --checkpoint outputs/demo_synthetic/checkpoint_best.pth \
-        --images data/synthetic/val --ann-file data/synthetic/annotations/val.json --out outputs/inspect
+        --images data/synthetic/val --ann-file data/synthetic/annotations/instances_val.json --out outputs/inspect
 
 A dense checkpoint (ρ = 0) has no selection of its own: it is measured at --rho (default 0.1); a sparse one keeps
 --rho instead of its trained ρ when given. `--config` and `key=value` overrides as in tools/visualize.py.
