@@ -16,6 +16,13 @@ the same numbers (tests/test_ops_precision.py): the 16-bit results (output, grad
 final rounding (relative 2**-7 for bf16, 2**-10 for fp16, plus 1e-3 of the largest value), the fp32
 gradients of locations and weights within 1e-5 of the largest value.
 
+First use: the first call per device, dtype and kernel pair checks the compiled kernel against the
+reference on a small random case (forward and the gradients of value, locations and weights); a kernel
+that raises or disagrees is not used again in the process: the reference takes over, with one warning
+naming the kernel and the error (a CUDA kernel that never ran on a new GPU cannot silently train a
+wrong model). ``SPARSE_DETR_KERNEL_CHECK=0`` turns the check off; it is skipped under compilation and
+for fake tensors.
+
 Forcing the reference: pass ``backend="reference"`` or set ``SPARSE_DETR_OPS=reference`` in the
 environment (read once, at import). ``backend="kernel"`` makes a missing kernel an error instead
 of a fallback.
@@ -41,6 +48,10 @@ from .reference import ms_deform_attn_reference
 __all__ = ["ms_deform_attn", "available_backends", "backend_for"]
 
 _ENV_VAR = "SPARSE_DETR_OPS"
+_CHECK_ENV = "SPARSE_DETR_KERNEL_CHECK"
+# Agreement with the reference on the first-use case, as a fraction of the largest reference value; 16-bit
+# kernels round value and output (2**-7 for bf16), float32 ones only reorder sums.
+_CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}
 _CHOICES = ("auto", "kernel", "reference")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _KERNEL_DTYPES = {
@@ -60,6 +71,7 @@ def _backend_from_env() -> str:
 #: Backend requested by the environment; a module global so torch.compile can guard on it.
 DEFAULT_BACKEND: str = _backend_from_env()
 _warned: set = set()
+_checked: dict = {}  # (device, dtype, kernel pair) -> None (agrees) or the error text of a failed first use
 
 
 def available_backends() -> List[str]:
@@ -183,6 +195,70 @@ def _warn_fallback(device: torch.device, dtype: torch.dtype) -> None:
     )
 
 
+def _kernel(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+            attention_weights: Tensor) -> Tensor:
+    """The compiled op (one name, so that a test can substitute a broken kernel)."""
+    return torch.ops.sparse_detr.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                                                attention_weights)
+
+
+def _kernel_name(device: torch.device) -> str:
+    return f"the {device.type} kernel" + (f" pair '{kernels.cuda_kernel()}'" if device.type == "cuda" else "")
+
+
+def _first_use_check(device: torch.device, dtype: torch.dtype, coord_dtype: torch.dtype) -> Optional[str]:
+    """Run the kernel and the reference on a small random case; None if they agree, else what went wrong."""
+    gen = torch.Generator().manual_seed(0)  # its own generator: the caller's random stream is not touched
+    shapes = torch.tensor([[3, 5], [2, 2]], dtype=torch.int64)
+    starts = torch.tensor([0, 15], dtype=torch.int64)
+    cpu = [torch.rand(2, 19, 2, 8, generator=gen), torch.rand(2, 7, 2, 2, 3, 2, generator=gen) * 1.2 - 0.1,
+           torch.rand(2, 7, 2, 2, 3, generator=gen), torch.randn(2, 7, 16, generator=gen)]
+
+    # The case's numbers rounded to the kernel's dtypes; the reference runs them in float32 at least (a 16-bit
+    # reference rounds its own sums, the kernels accumulate in float32).
+    cpu[0], cpu[1], cpu[2] = cpu[0].to(dtype), cpu[1].to(coord_dtype), cpu[2].to(coord_dtype)
+    wide = torch.promote_types(dtype, torch.float32)
+
+    def run(fn, value_dtype, loc_dtype):
+        with torch.inference_mode(False), torch.enable_grad():
+            value = cpu[0].to(device, value_dtype).requires_grad_()
+            loc, attn = (t.to(device, loc_dtype).requires_grad_() for t in cpu[1:3])
+            out = fn(value, shapes.to(device), starts.to(device), loc, attn)
+            grads = torch.autograd.grad((out.float() * cpu[3].to(device)).sum(), (value, loc, attn))
+        return [t.detach().double().cpu() for t in (out, *grads)]
+
+    try:
+        want = run(ms_deform_attn_reference, wide, torch.promote_types(coord_dtype, torch.float32))
+    except Exception:  # noqa: BLE001 - no reference for this device / dtype: nothing to check against
+        return None
+    try:
+        got = run(_kernel, dtype, coord_dtype)
+    except Exception as e:  # noqa: BLE001 - whatever the kernel raises, the reference takes over
+        return f"{type(e).__name__}: {e}"
+    tol = _CHECK_TOLERANCE.get(dtype, 1e-2)
+    for name, a, b in zip(("output", "grad value", "grad locations", "grad weights"), got, want):
+        allowed, error = tol * max(b.abs().max().item(), 1e-6), (a - b).abs().max().item()
+        if not torch.isfinite(a).all() or not error <= allowed:
+            return f"{name} differs from the reference by {error:.3g} (allowed {allowed:.3g})"
+    return None
+
+
+def _kernel_trusted(value: Tensor, coord_dtype: torch.dtype) -> bool:
+    """Whether the kernel for value's device and dtype passed its first-use check (run now if not yet)."""
+    if (os.environ.get(_CHECK_ENV, "1").strip() == "0" or torch.compiler.is_compiling()
+            or type(value) is not Tensor):  # fake / functional tensors: nothing can run
+        return True
+    key = (str(value.device), value.dtype, coord_dtype, kernels.cuda_kernel() if value.is_cuda else "")
+    if key not in _checked:
+        _checked[key] = _first_use_check(value.device, value.dtype, coord_dtype)
+        if _checked[key] is not None:
+            warnings.warn(f"sparse_detr.ops.ms_deform_attn: {_kernel_name(value.device)} for {value.dtype} failed "
+                          f"its first-use check against the reference ({_checked[key]}); using the pure-PyTorch "
+                          f"reference instead in this process (set {_CHECK_ENV}=0 to skip the check)",
+                          RuntimeWarning, stacklevel=3)
+    return _checked[key] is None
+
+
 def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                    sampling_locations: Tensor, attention_weights: Tensor, *,
                    backend: Optional[str] = None) -> Tensor:
@@ -209,12 +285,14 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     """
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     chosen = backend_for(value.device, value.dtype, backend)
+    if chosen != "reference" and not _kernel_trusted(value, sampling_locations.dtype):
+        return ms_deform_attn_reference(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
     if chosen == "reference":
         if (DEFAULT_BACKEND if backend is None else backend) != "reference":
             _warn_fallback(value.device, value.dtype)
         return ms_deform_attn_reference(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
-    return torch.ops.sparse_detr.ms_deform_attn(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    )
+    return _kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
