@@ -41,6 +41,7 @@ from typing import List, Optional, Union
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import kernels
 from .reference import ms_deform_attn_reference
@@ -289,8 +290,13 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
         return ms_deform_attn_reference(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
+    requested = DEFAULT_BACKEND if backend is None else backend
+    if chosen == "reference" and requested != "reference" and is_fake(value):
+        # Shape propagation (e.g. a fake-CUDA trace on a machine without the CUDA kernel): the op's fake
+        # implementation, not the reference, which reads the level sizes from the data.
+        return _kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if chosen == "reference":
-        if (DEFAULT_BACKEND if backend is None else backend) != "reference":
+        if requested != "reference":
             _warn_fallback(value.device, value.dtype)
         return ms_deform_attn_reference(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
