@@ -153,3 +153,15 @@ def test_symbolic_keep_bound_is_the_float_count_or_one_more(rho):
     bound = _floor_mul_bound(u, rho)  # plain integer arithmetic, as on symbolic sizes
     exact = np.floor(u.astype(np.float64) * rho).astype(np.int64)
     assert (bound >= exact).all() and (bound <= exact + 1).all()
+
+
+@pytest.mark.parametrize("flags", [["--height", "0"], ["--width", "-5"], ["--batch", "0"],
+                                   ["--dynamic", "--min-size", "512", "--max-size", "256"]])
+def test_export_tool_refuses_a_size_that_is_no_size(flags, capsys):
+    """A zero or negative size (or an empty dynamic range) is an error naming the flag, never a silent default."""
+    import tools.export_onnx as tool
+
+    with pytest.raises(SystemExit) as info:
+        tool.parse_args(["--checkpoint", "c.pth", "--out", "m.onnx", *flags])
+    assert info.value.code == 2
+    assert flags[-2] in capsys.readouterr().err

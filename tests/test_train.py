@@ -581,3 +581,53 @@ def test_resume_refuses_a_changed_experiment_and_writes_nothing(data_root, tmp_p
     with pytest.raises(Exception, match="not empty"):
         train_mod.run(load_config(cfg, ["train.epochs=3", f"data.root={tmp_path / 'foreign'}"]), resume="auto")
     assert {n: (out / n).read_bytes() for n in ("config.yaml", "log.jsonl")} == saved
+
+
+def _coco_split(root: Path, name: str, boxes_per_image: list[int], categories=None) -> None:
+    """A COCO split of 96x96 PNGs under root/name with the given number of boxes per image."""
+    from PIL import Image
+
+    (root / name).mkdir(parents=True)
+    images, annotations = [], []
+    for i, n in enumerate(boxes_per_image, 1):
+        Image.new("RGB", (96, 96), (40 * i % 255, 90, 200)).save(root / name / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "width": 96, "height": 96})
+        annotations += [{"id": 100 * i + j, "image_id": i, "category_id": 1, "bbox": [j % 28, j % 20, 4, 4],
+                         "area": 16, "iscrowd": 0} for j in range(n)]
+    cats = categories or [{"id": 1, "name": "thing"}]
+    (root / f"{name}.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                   "categories": cats}))
+
+
+def _coco_config(root: Path, out: Path) -> dict:
+    cfg = _config(str(root), out, model={"num_classes": 1, "num_queries": 10}, max_iters_per_epoch=1,
+                  eval_every_epochs=1)
+    cfg["data"] = {"dataset": "coco", "root": str(root), "train_images": "train", "train_annotations": "train.json",
+                   "val_images": "val", "val_annotations": "val.json", "train_scales": [96], "max_size": 96,
+                   "val_size": 96, "crop": False, "num_workers": 0}
+    return cfg
+
+
+def test_data_the_model_cannot_use_is_named_before_training(tmp_path):
+    root = tmp_path / "data"
+    _coco_split(root, "train", [2, 12])  # image 2: 12 boxes for 10 queries
+    _coco_split(root, "val", [0, 0])  # no boxes: no AP
+    cfg = load_config(_write(tmp_path / "c.yaml", _coco_config(root, tmp_path / "run")))
+    train_mod.run(cfg)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "more boxes than model.num_queries = 10 (image id 2: 12)" in log
+    assert "val split has no boxes, so no AP can be measured" in log
+    # Categories that differ: the message names them instead of printing two label maps.
+    root2 = tmp_path / "data2"
+    _coco_split(root2, "train", [1])
+    _coco_split(root2, "val", [1], categories=[{"id": 1, "name": "thing"}, {"id": 5, "name": "other"}])
+    cfg = load_config(_write(tmp_path / "c2.yaml", _coco_config(root2, tmp_path / "run2")), ["model.num_classes=2"])
+    with pytest.raises(Exception, match=r"only in train none, only in val \{5: 'other'\}"):
+        train_mod.run(cfg)
+    # An empty split: one line naming the file.
+    root3 = tmp_path / "data3"
+    _coco_split(root3, "train", [])
+    _coco_split(root3, "val", [1])
+    cfg = load_config(_write(tmp_path / "c3.yaml", _coco_config(root3, tmp_path / "run3")))
+    with pytest.raises(Exception, match="train.json: the train split has no images"):
+        train_mod.run(cfg)

@@ -50,7 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="onnxruntime/PyTorch threads for --time (0 = default)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("height", "width", "batch", "min_size", "max_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if args.min_size > args.max_size:
+        p.error(f"--min-size {args.min_size} is larger than --max-size {args.max_size}")
+    return args
 
 
 def main(argv=None) -> list[dict]:

@@ -24,6 +24,7 @@ import bisect
 import itertools
 import os
 import random
+import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from sparse_detr.config import Config
 from sparse_detr.data import build_dataset, collate_batch, ensure_synthetic, make_generator, seed_worker
+from sparse_detr.data.coco import DataError
 from sparse_detr.engine import dist
 from sparse_detr.engine.optim import build_ema, build_lr_scheduler, build_optimizer, scaled_lr
 
@@ -195,11 +197,33 @@ def check_num_classes(label_map: Any, num_classes: int, source: str) -> None:
 
 
 def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
-    """(train, val) datasets, checked to share their categories."""
+    """(train, val) datasets, checked to share their categories and to be usable by the model: an empty split
+    is an error; a val split without boxes (no AP can be measured) and an image with more boxes than
+    ``model.num_queries`` (the surplus can never be matched) are warnings."""
     train, val = build_split(cfg, "train"), build_split(cfg, "val")
+    names = {split: getattr(ds, "ann_file", split) for split, ds in (("train", train), ("val", val))}
     if train.label_map != val.label_map:
-        raise ValueError(f"train and val annotation files have different categories: {train.label_map} vs "
-                         f"{val.label_map}")
+        a, b = (dict(zip(ds.label_map.category_ids, ds.label_map.names)) for ds in (train, val))
+        only = lambda x, y: {k: v for k, v in x.items() if y.get(k) != v} or "none"  # noqa: E731
+        raise DataError(f"{names['train']} and {names['val']} have different categories (id: name): only in "
+                        f"train {only(a, b)}, only in val {only(b, a)}")
+    for split, ds in (("train", train), ("val", val)):
+        if len(ds) == 0:
+            raise DataError(f"{names[split]}: the {split} split has no images")
+    annotations = getattr(val, "annotations", None)
+    if annotations is not None and len(annotations.boxes) == 0:
+        warnings.warn(f"{names['val']}: the val split has no boxes, so no AP can be measured (COCO reports -1) "
+                      f"and no checkpoint_best.pth is written; use a val split with annotations", UserWarning)
+    annotations = getattr(train, "annotations", None)
+    if annotations is not None and len(annotations):
+        per_image = np.diff(annotations.offsets)
+        worst = int(per_image.argmax())
+        if per_image[worst] > cfg.model.num_queries:
+            crowded = int((per_image > cfg.model.num_queries).sum())
+            warnings.warn(f"{names['train']}: {crowded} image(s) have more boxes than model.num_queries = "
+                          f"{cfg.model.num_queries} (image id {int(annotations.image_ids[worst])}: "
+                          f"{int(per_image[worst])}); the surplus boxes can never be matched: raise "
+                          f"model.num_queries", UserWarning)
     return train, val
 
 
