@@ -208,3 +208,33 @@ def test_weights_that_do_not_fit_get_a_short_report(tmp_path):
     message = str(err.value)
     assert "of another shape" in message and message.count("\n") < 8
     assert load_for_inference(str(path), DEMO, TINY).cfg.model.hidden_dim == 32  # the right config loads
+
+
+def test_predict_writes_what_it_could_and_lists_what_it_skipped(tmp_path, capsys):
+    """An unreadable file, and a file whose size differs from the one --ann-file gives it (a json of another
+    split), are skipped with their reason; the other images are predicted and written."""
+    import json
+
+    import tools.predict as tool
+    from sparse_detr.engine.cli import run_tool
+
+    paths = make_synthetic_coco(str(tmp_path / "data"), num_train=0, num_val=3, min_size=96, max_size=200)
+    val = paths["val"]
+    files = sorted(os.listdir(val["img_folder"]))
+    (tmp_path / "data" / "val" / files[0]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    listed = json.loads(open(val["ann_file"]).read())
+    listed["images"][1]["width"] += 7  # the json of "another split": this file's size does not match
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(listed))
+    ckpt = _checkpoint(tmp_path / "run")
+    out = tmp_path / "pred"
+    assert run_tool(tool.main, ["--checkpoint", ckpt, "--images", val["img_folder"], "--out", str(out),
+                                "--ann-file", str(other), "--score-thresh", "0.0"]) == 0
+    written = json.loads((out / "images.json").read_text())
+    assert [im["file_name"] for im in written["images"]] == files[2:]
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert [os.path.basename(s["file"]) for s in skipped] == files[:2]
+    assert "another split" in skipped[1]["reason"]
+    err = capsys.readouterr().err
+    assert "2 image(s) skipped" in err and files[0] in err
+    assert sorted(p.name for p in out.glob("*_det.png")) == [os.path.splitext(files[2])[0] + "_det.png"]

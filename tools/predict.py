@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 
+from sparse_detr.engine.cli import run_tool  # noqa: E402
 from sparse_detr.engine.predict import predict_files  # noqa: E402
 from sparse_detr.engine.predictor import Predictor  # noqa: E402
 from sparse_detr.engine.visualize import list_images  # noqa: E402
@@ -53,11 +54,17 @@ def main(argv=None) -> dict:
                                           batch_size=args.batch_size, overrides=args.overrides, use_ema=args.ema)
     written = predict_files(predictor, files, args.out, args.score_thresh, ann_file=args.ann_file,
                             draw=not args.no_draw, overwrite=args.force)
-    print(f"{written['count']} detections on {len(files)} images: {written['detections']}")
+    print(f"{written['count']} detections on {written['predicted']} of {len(files)} images: "
+          f"{written['detections']}")
     if written["drawn"]:
         print(f"drawn: {os.path.dirname(written['drawn'][0])}/*_det.png")
+    for item in written["skipped"][:10]:
+        print(f"skipped {item['file']}: {item['reason']}", file=sys.stderr)
+    if written["skipped"]:
+        print(f"{len(written['skipped'])} image(s) skipped, listed in {os.path.join(args.out, 'skipped.json')}",
+              file=sys.stderr)
     return written
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))  # a user mistake: its message alone (--debug: traceback)
