@@ -80,3 +80,35 @@ def test_train_tool_prints_a_misspelled_key_alone(tmp_path):
     assert proc.returncode == EXIT_USER_ERROR
     assert proc.stderr.startswith("train.py: error: command-line override 'train.lrr=1': unknown key `train.lrr` "
                                   "(did you mean `train.lr`?)") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("tool", ["predict", "export_onnx", "convert_official", "inspect_selection", "eval",
+                                  "visualize"])
+def test_every_tool_reports_a_truncated_checkpoint_in_one_line(tool, tmp_path, capsys):
+    import importlib
+
+    from PIL import Image
+
+    ckpt = tmp_path / "c.pth"
+    ckpt.write_bytes(b"PK\x03\x04 a checkpoint cut short")
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
+    argv = {"predict": ["--checkpoint", str(ckpt), "--images", str(tmp_path / "a.png"), "--out", str(tmp_path / "p")],
+            "export_onnx": ["--checkpoint", str(ckpt), "--out", str(tmp_path / "m.onnx")],
+            "convert_official": [str(ckpt), str(tmp_path / "out.pth"), "--config",
+                                 str(REPO / "configs" / "sparse_detr_r50_rho0.1.yaml")],
+            "inspect_selection": ["--checkpoint", str(ckpt), "--images", str(tmp_path / "a.png"), "--out",
+                                  str(tmp_path / "i")],
+            "eval": ["--checkpoint", str(ckpt)],
+            "visualize": ["--checkpoint", str(ckpt), "--images", str(tmp_path / "a.png"), "--out", str(tmp_path / "v")],
+            }[tool]
+    if tool in ("predict", "export_onnx", "convert_official"):  # as a user runs them: the script's own wiring
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        env.pop(DEBUG_ENV, None)
+        proc = subprocess.run([sys.executable, str(REPO / "tools" / f"{tool}.py"), *argv], env=env,
+                              capture_output=True, text=True, timeout=120)
+        code, err = proc.returncode, proc.stderr
+    else:
+        code = run_tool(importlib.import_module(f"tools.{tool}").main, argv)
+        err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR, err
+    assert "Traceback" not in err and "c.pth" in err and len(err.strip().splitlines()) == 1, err

@@ -20,6 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 
 from sparse_detr.config import load_config  # noqa: E402
+from sparse_detr.engine.cli import run_tool  # noqa: E402
+from sparse_detr.errors import UserError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,11 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         summary = convert_official(args.input, args.output, cfg, config_name=args.config)
     except (RuntimeError, OSError) as err:  # a mismatch (StateDictMismatch), OUT exists, IN unreadable
-        sys.exit(f"error: {err}")
+        raise UserError(str(err)) from err
     renamed = ", official Swin-T backbone keys renamed to ours" if summary["swin_renamed"] else ""
     print(f"wrote {args.output}: {summary['tensors']} tensors ({summary['elements']:,} elements){renamed}; loads "
           f"strictly into {args.config}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))  # a user mistake: its message alone, exit 3 (--debug: traceback)
