@@ -217,7 +217,8 @@ def check_config_compatible(ckpt_cfg: Optional[dict], cfg: dict, source: str = "
 # What a resumed run may change: where and how fast it runs, how long and how often it evaluates and logs.
 RESUMABLE_CHANGES = ("train.epochs", "train.lr_drop_epochs", "train.eval_every_epochs", "train.num_threads",
                      "train.output_dir", "train.log_every", "train.checkpoint_every_iters", "train.vis_num_images",
-                     "train.eval_batch_size", "data.root", "data.num_workers", "model.pretrained_backbone")
+                     "train.eval_batch_size", "data.root", "data.num_workers", "model.pretrained_backbone",
+                     "model.init_weights")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -235,7 +236,8 @@ def check_resume_config(ckpt_cfg: Optional[dict], cfg: dict, source: str = "chec
         return
     old, new = _flat(ckpt_cfg), _flat(cfg)
     diffs = [f"{k}: {source} has {old.get(k, '<missing>')!r}, the config now has {new.get(k, '<missing>')!r}"
-             for k in sorted(set(old) | set(new)) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+             for k in sorted(set(old) | set(new)) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)
+             and not (k not in old and new[k] is None)]  # a field added since, at its default (off)
     if diffs:
         raise ConfigMismatchError(
             f"cannot resume {source} with a changed config (only {', '.join(RESUMABLE_CHANGES)} may change):\n  "

@@ -30,7 +30,7 @@ __all__ = ["LoadedModel", "resolve_config", "checkpoint_weights", "load_weights"
 
 # The weights come from the checkpoint: a pretrained-backbone file of the training machine is not needed (and
 # usually not there).
-_INFERENCE_OVERRIDES = ("model.pretrained_backbone=null",)
+_INFERENCE_OVERRIDES = ("model.pretrained_backbone=null", "model.init_weights=null")
 
 
 @dataclass

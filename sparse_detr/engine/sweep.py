@@ -157,7 +157,8 @@ def _config_diff(saved: dict, planned: dict) -> list[str]:
     """Keys whose values differ, `UNCOMPARED` left out (the same folder may be spelled differently)."""
     a, b = _flatten(saved), _flatten(planned)
     return sorted(k for k in set(a) | set(b)
-                  if k not in UNCOMPARED and a.get(k, "<missing>") != b.get(k, "<missing>"))
+                  if k not in UNCOMPARED and a.get(k, "<missing>") != b.get(k, "<missing>")
+                  and not (k not in a and b[k] is None))  # an optional field added since, left off
 
 
 def _folder_status(folder: str, planned_config) -> tuple[str, Optional[dict]]:

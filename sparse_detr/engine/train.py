@@ -44,6 +44,7 @@ from sparse_detr.engine.checkpoint import (BEST, LAST, check_config_compatible, 
                                            set_rng_state)
 from sparse_detr.engine.output_dir import lock_output_dir, remove_stale_temp_files, truncate_jsonl
 from sparse_detr.engine.evaluate import evaluate, load_coco_gt
+from sparse_detr.engine.finetune import format_init_report, init_from_checkpoint
 from sparse_detr.engine.inference import checkpoint_weights, load_weights
 from sparse_detr.engine.logging import (JsonlLog, MeterGroup, TensorboardLog, format_eta, peak_memory_mb,
                                         release_free_memory, resident_memory_mb, setup_text_logger)
@@ -538,7 +539,11 @@ def run(cfg: Config, *, resume: Optional[str] = None, eval_only: bool = False,
         with warnings.catch_warnings(record=True) as caught:
             train_set, val_set = builders.build_datasets(cfg)
         model, criterion, postprocessor = builders.build_model_and_criterion(cfg, info.device)
-        optimizer, scheduler, ema = builders.build_optimization(cfg, model, info.world_size)
+        init_report = None
+        if cfg.model.init_weights and path is None and checkpoint is None and not eval_only:
+            init_report = format_init_report(cfg.model.init_weights,
+                                             init_from_checkpoint(model, cfg.model.init_weights))
+        optimizer, scheduler, ema = builders.build_optimization(cfg, model, info.world_size)  # EMA: after init
         train_loader, sampler = builders.build_train_loader(cfg, train_set, info)
         coco_gt = getattr(val_set, "coco", None) or load_coco_gt(val_set.ann_file)
         if info.rank == 0:  # everything is checked and built: only now are the run's own files rewritten
@@ -552,6 +557,8 @@ def run(cfg: Config, *, resume: Optional[str] = None, eval_only: bool = False,
                           label_map=train_set.label_map, info=info, train=cfg.train, config=config,
                           start_iteration=ckpt["iteration"] if path is not None else None)
         trainer.log.info(threads)
+        if init_report:
+            trainer.log.info("%s", init_report)
         if note:
             trainer.log.info(note)
         trainer.report_warnings(caught)
