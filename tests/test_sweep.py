@@ -226,3 +226,19 @@ def test_pretrain_stage_is_shared_skipped_and_starts_every_run(base, tmp_path, m
     os.symlink(pre_dir, os.path.join(fresh.out, "pretrain"))
     with pytest.raises(sweep.ConfigChangedError, match="loss.cls_loss_coef"):
         sweep.run_sweep(runs, fresh, log=lambda m: None)
+
+
+def test_paired_differences_pair_runs_by_seed():
+    from sparse_detr.engine.sweep_report import paired_differences, paired_markdown
+
+    def rec(target, seed, ap, cov=None):
+        return {"target": target, "rho": 0.1, "seed": seed, "status": "done", "AP": ap,
+                "selection": {"dam_coverage": cov} if cov is not None else {}}
+
+    records = [rec("dense", 0, 0.20), rec("dense", 1, 0.24), rec("dam", 0, 0.15, 0.3), rec("dam", 1, 0.17, 0.4),
+               rec("dam", 2, 0.9), rec("random", 1, 0.18, 0.1)]
+    assert paired_differences(records, "dam", "dense") == pytest.approx([-0.05, -0.07])  # seed 2 has no pair
+    assert paired_differences(records, "random", "dam") == pytest.approx([0.01])
+    assert paired_differences(records, "random", "dam", "dam_coverage") == pytest.approx([-0.3])
+    md = paired_markdown(records)
+    assert "| dam − dense | 2 | -6.0 ± 1.4 | -5.0 -7.0 |" in md and "| random − dam | 1 | +1.0 ± 0.0 | +1.0 |" in md

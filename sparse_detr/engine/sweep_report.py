@@ -10,7 +10,8 @@ from __future__ import annotations
 import statistics
 from typing import Optional
 
-__all__ = ["summarize", "results_markdown", "plot_pareto", "selection_markdown", "plot_selection"]
+__all__ = ["summarize", "results_markdown", "plot_pareto", "selection_markdown", "plot_selection",
+           "paired_differences", "paired_markdown"]
 
 MARKERS = {"dam": "o", "os": "s", "foreground": "^", "salience": "D", "random": "X"}
 SUMMARY_KEYS = ("AP", "AP50", "AP_s", "AP_m", "AP_l", "gflops", "encoder_gflops", "cpu_fps", "train_seconds")
@@ -75,7 +76,44 @@ def results_markdown(records: list[dict], command: str = "") -> str:
                                                                                    "AP_l"))
                      + f" | {_num(r.get('gflops'))} | {_num(r.get('encoder_gflops'))} | {kept}"
                      f" | {_num(r.get('cpu_fps'))} | {_num(r.get('train_seconds'), 4)} | {status} |")
-    return "\n".join(lines) + "\n" + selection_markdown(records)
+    return "\n".join(lines) + "\n" + selection_markdown(records) + paired_markdown(records)
+
+
+def paired_differences(records: list[dict], a: str, b: str, key: str = "AP") -> list[float]:
+    """``key`` of target ``a`` minus that of target ``b`` (at ρ = 0.1, or dense), paired by seed: the runs of one
+    seed share the initialisation of every shared module and the data order, so the pair removes that noise."""
+    def by_seed(target):
+        return {r["seed"]: r.get(key) if key in METRIC_KEYS else (r.get("selection") or {}).get(key)
+                for r in records if r.get("status") == "done" and r["target"] == target}
+
+    first, second = by_seed(a), by_seed(b)
+    return [first[s] - second[s] for s in sorted(set(first) & set(second))
+            if first[s] is not None and second[s] is not None]
+
+
+METRIC_KEYS = ("AP", "AP50", "AP75", "AP_s", "AP_m", "AP_l")
+
+
+def paired_markdown(records: list[dict]) -> str:
+    """Paired (same seed) AP differences of every target against dense and against dam: mean ± std, n, and the
+    per-seed values."""
+    targets = list(dict.fromkeys(r["target"] for r in records if r.get("status") == "done"))
+    lines = []
+    for ref in ("dense", "dam"):
+        if ref not in targets:
+            continue
+        for t in targets:
+            if t == ref:
+                continue
+            diffs = paired_differences(records, t, ref)
+            if diffs:
+                mean, std = _mean_std(diffs)
+                lines.append(f"| {t} − {ref} | {len(diffs)} | {100 * mean:+.1f} ± {100 * std:.1f} | "
+                             + " ".join(f"{100 * d:+.1f}" for d in diffs) + " |")
+    if not lines:
+        return ""
+    return ("\nPaired AP differences (the same seed, in AP points; ± is the std of the differences):\n\n"
+            "| pair | n | mean ± std | per seed |\n|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 SELECTION_KEYS = ("dam_coverage", "dam_oracle", "dam_random", "dam_efficiency", "dam_tokens50", "dam_tokens90",
