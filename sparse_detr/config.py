@@ -12,6 +12,7 @@ This module imports nothing else of the project but `errors.py` (see the layer r
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -181,7 +182,12 @@ class Config:
 
 def _read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+        folder = os.path.dirname(path) or "."
+        names = sorted(n for n in os.listdir(folder) if n.endswith((".yaml", ".yml"))) if os.path.isdir(folder) else []
+        close = difflib.get_close_matches(os.path.basename(path), names, n=3, cutoff=0.6)
+        hint = (f" (did you mean {', '.join(os.path.join(folder, n) for n in close)}?)" if close else
+                f"; {folder} holds {', '.join(names)}" if names else "")
+        raise ConfigError(f"config file not found: {path}{hint}")
     with open(path, "r", encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)
@@ -352,7 +358,9 @@ def apply_overrides(data: dict, overrides: Sequence[str], origin: Optional[dict]
     for item in overrides:
         keys, value = _parse_override(item)
         node = data
-        for k in keys[:-1]:
+        for depth, k in enumerate(keys[:-1], 1):
+            if k not in node and origin is not None:  # a section only this override names (maybe a typo)
+                origin.setdefault(".".join(keys[:depth]), f"command-line override {item!r}")
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: `{k}` is not a section")

@@ -164,3 +164,12 @@ def test_num_threads_is_auto_or_a_positive_count(tmp_path):
     for bad in ("0", "many", "1.5"):
         with pytest.raises(ConfigError, match="train.num_threads"):
             load_config(path, [f"train.num_threads={bad}"])
+
+
+def test_a_misspelled_section_and_config_path_get_suggestions():
+    with pytest.raises(ConfigError, match=r"command-line override 'trian.epochs=5': unknown key `trian` "
+                                          r"\(did you mean `train`\?\)"):
+        load_config("configs/demo_synthetic.yaml", ["trian.epochs=5"])
+    with pytest.raises(ConfigError, match=r"config file not found: \S*configs/demo_synthetc.yaml \(did you mean "
+                                          r"\S*configs/demo_synthetic.yaml"):
+        load_config("configs/demo_synthetc.yaml")

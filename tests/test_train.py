@@ -370,6 +370,33 @@ def test_a_second_run_on_the_same_folder_is_refused_naming_the_first(short_run, 
         held.release()
     train_mod.run(config_from_dict({**cfg, "train": {**cfg["train"], "output_dir": str(out),
                                                      "max_iters_per_epoch": 1, "eval_every_epochs": 0}}))
+    assert not (out / ".lock").exists()  # a run that ended leaves no lock file behind
+
+
+def test_a_lock_file_replaced_between_open_and_flock_is_taken_anew(tmp_path, monkeypatch):
+    """The owner removes its lock file at exit: a process that opened the old file (and then got its flock) must
+    not hold a lock nobody else can see; it takes the new file's lock instead."""
+    import sparse_detr.engine.output_dir as od
+
+    real_open, replaced = open, []
+
+    def opening(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        if str(path).endswith(od.LOCK_FILE) and not replaced:  # the owner releases right after our open
+            replaced.append(1)
+            os.unlink(path)
+        return f
+
+    monkeypatch.setattr(od, "open", opening, raising=False)
+    lock = od.lock_output_dir(str(tmp_path / "run"))
+    try:
+        path = tmp_path / "run" / od.LOCK_FILE
+        assert replaced and path.exists() and os.stat(path).st_ino == os.fstat(lock.file.fileno()).st_ino
+        with pytest.raises(od.OutputFolderBusyError):
+            od.lock_output_dir(str(tmp_path / "run"))
+    finally:
+        lock.release()
+    assert not path.exists()
 
 
 def test_failed_evaluation_keeps_the_epoch_and_names_the_image(data_root, tmp_path):
@@ -631,3 +658,17 @@ def test_data_the_model_cannot_use_is_named_before_training(tmp_path):
     cfg = load_config(_write(tmp_path / "c3.yaml", _coco_config(root3, tmp_path / "run3")))
     with pytest.raises(Exception, match="train.json: the train split has no images"):
         train_mod.run(cfg)
+
+
+def test_a_finished_run_closes_with_a_summary_and_the_next_commands(data_root, tmp_path):
+    out = tmp_path / "run"
+    cfg = _write(tmp_path / "c.yaml", _config(data_root, out, epochs=2, max_iters_per_epoch=1, eval_every_epochs=1))
+    train_mod.run(load_config(cfg))
+    log = (out / "log.txt").read_text()
+    evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "eval"]
+    best = max(evals, key=lambda e: e["AP"])
+    assert f"best AP {100 * best['AP']:.1f}" in log and f"after epoch {best['epoch']}" in log
+    assert f"final AP {100 * evals[-1]['AP']:.1f} after epoch 2" in log
+    for tool in ("eval", "predict", "visualize", "inspect_selection"):
+        assert f"python tools/{tool}.py --checkpoint {out}" in log

@@ -126,6 +126,21 @@ class JsonlLog:
         if self.file is not None:
             self.file.write(json.dumps({"type": kind, **_jsonable(fields)}) + "\n")
 
+    def read(self, kind: str) -> list[dict]:
+        """The records of one kind written so far (this run's file, resumed runs included); [] elsewhere."""
+        if self.file is None:
+            return []
+        records = []
+        with open(self.file.name, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut by a kill
+                    continue
+                if record.get("type") == kind:
+                    records.append(record)
+        return records
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()

@@ -3,7 +3,8 @@
 * `lock_output_dir(folder)` takes an exclusive `flock` on `folder/.lock` and writes who holds it (pid, host,
   command, start time). A second run on the same folder (a forgotten torchrun worker, a typo in train.output_dir)
   stops with `OutputFolderBusyError` naming that process. The kernel drops the lock when its process dies, even
-  by SIGKILL, so a crashed run never leaves the folder locked.
+  by SIGKILL, so a crashed run never leaves the folder locked. A run that ends removes the file (while it still
+  holds the lock; a process that opened the old file meanwhile notices the replaced inode and takes a new one).
 * `remove_stale_temp_files(folder)` deletes the temporary files that `save_checkpoint` leaves behind when the
   process is killed in the middle of a write (`.checkpoint_*.pth.XXXXXXXX.tmp`, each up to a whole checkpoint).
   Only names of that pattern are touched, and only while the lock is held, so no live write is removed.
@@ -43,13 +44,18 @@ class OutputFolderBusyError(UserError, RuntimeError):
 
 
 class OutputDirLock:
-    """The held lock; `release()` (or the process ending) frees it. The lock file itself stays: it is ours."""
+    """The held lock; `release()` removes the lock file and frees it (the process ending frees it too)."""
 
-    def __init__(self, file) -> None:
-        self.file = file
+    def __init__(self, file, path: Optional[str] = None) -> None:
+        self.file, self.path = file, path
 
     def release(self) -> None:
         if self.file is not None:
+            if self.path is not None:
+                try:
+                    os.unlink(self.path)  # before the unlock: nobody can lock this inode between the two
+                except OSError:
+                    pass  # gone already, or a read-only folder: the flock below is what matters
             if fcntl is not None:
                 fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
             self.file.close()
@@ -59,30 +65,46 @@ class OutputDirLock:
 def lock_output_dir(folder: str) -> OutputDirLock:
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_FILE)
-    file = open(path, "a+", encoding="utf-8")
-    if fcntl is None:
-        return OutputDirLock(file)
-    try:
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        file.seek(0)
+    for _ in range(5):  # the owner may remove the file between our open and our flock: then open the new one
+        file = open(path, "a+", encoding="utf-8")
+        if fcntl is None:
+            return OutputDirLock(file, path)
         try:
-            owner = json.loads(file.read() or "{}")
-        except ValueError:
-            owner = {}
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            break
+        try:
+            same = os.stat(path).st_ino == os.fstat(file.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return _claim(file, path)
         file.close()
-        who = (f"process {owner.get('pid', '?')} on {owner.get('host', '?')} (started {owner.get('started', '?')}: "
-               f"{owner.get('command', '?')})")
-        raise OutputFolderBusyError(
-            f"{folder} is in use by another run: {who}; wait for it to end or stop it, or choose another "
-            f"train.output_dir") from None
+    else:
+        raise OutputFolderBusyError(f"{folder}: could not take the lock {path} (it kept being replaced)")
+    # The flock failed: another process holds the folder; its file says who.
+    file.seek(0)
+    try:
+        owner = json.loads(file.read() or "{}")
+    except ValueError:
+        owner = {}
+    file.close()
+    who = (f"process {owner.get('pid', '?')} on {owner.get('host', '?')} (started {owner.get('started', '?')}: "
+           f"{owner.get('command', '?')})")
+    raise OutputFolderBusyError(
+        f"{folder} is in use by another run: {who}; wait for it to end or stop it, or choose another "
+        f"train.output_dir")
+
+
+def _claim(file, path: str) -> OutputDirLock:
+    """Write who holds the lock into its file."""
     file.seek(0)
     file.truncate()
     json.dump({"pid": os.getpid(), "host": socket.gethostname(),
                "started": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)},
               file)
     file.flush()
-    return OutputDirLock(file)
+    return OutputDirLock(file, path)
 
 
 def remove_stale_temp_files(folder: str) -> list[str]:

@@ -251,6 +251,7 @@ class Trainer:
         if p.epoch >= o.epochs:
             self.log.info("already trained for %d epochs (train.epochs=%d): nothing to do", p.epoch, o.epochs)
             return p.metrics
+        fit_start = time.perf_counter()
         self.log.info("training: %d epochs x %d iterations, %d process(es) x batch %d, %d trainable parameters",
                       o.epochs, self.iters_per_epoch, self.info.world_size, self.batch_size,
                       sum(t.numel() for t in self.params))
@@ -268,7 +269,28 @@ class Trainer:
             self.jsonl.write("epoch", **{**averages, "epoch": epoch + 1, "iteration": p.iteration,
                                          "best_ap": p.best_ap, "time": time.perf_counter() - start,
                                          "resident_mb": resident_memory_mb()})
+        self.log.info("%s", self.closing_summary(time.perf_counter() - fit_start))
         return p.metrics
+
+    def closing_summary(self, seconds: float) -> str:
+        """What the run reached and where it is (AP in %, as in every log line), and what to run next."""
+        p, out = self.progress, self.train_cfg.output_dir
+        evals = [e for e in self.jsonl.read("eval") if isinstance(e.get("AP"), (int, float))]
+        lines = [f"training done in {format_eta(seconds)}"]
+        if evals:
+            best = max(evals, key=lambda e: e["AP"])
+            lines[0] += (f": best AP {100 * best['AP']:.1f} (AP50 {100 * best.get('AP50', 0.0):.1f}) after epoch "
+                         f"{best['epoch']}, final AP {100 * evals[-1]['AP']:.1f} after epoch {evals[-1]['epoch']}")
+        best_ckpt = os.path.join(out, BEST if p.best_ap >= 0 else LAST)
+        images = "VAL_IMAGES"
+        lines += [f"  outputs in {out}: {os.path.basename(best_ckpt)}, {LAST}, log.txt, log.jsonl, tensorboard/",
+                  "  next:",
+                  f"    python tools/eval.py --checkpoint {best_ckpt}",
+                  f"    python tools/predict.py --checkpoint {best_ckpt} --images {images} --out {out}/predict",
+                  f"    python tools/visualize.py --checkpoint {best_ckpt} --images {images} --out {out}/vis",
+                  f"    python tools/inspect_selection.py --checkpoint {best_ckpt} --images {images} --out "
+                  f"{out}/inspect"]
+        return "\n".join(lines)
 
     def _evaluate_and_save(self, epoch: int) -> None:
         """Evaluate after `epoch` (0-based), then save the metrics into checkpoint_last (and _best if improved)."""
