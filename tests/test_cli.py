@@ -112,3 +112,23 @@ def test_every_tool_reports_a_truncated_checkpoint_in_one_line(tool, tmp_path, c
         err = capsys.readouterr().err
     assert code == EXIT_USER_ERROR, err
     assert "Traceback" not in err and "c.pth" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_full_disk_and_too_few_classes_are_one_line_not_a_traceback(capsys):
+    import errno
+
+    from sparse_detr.data import LabelMap
+    from sparse_detr.engine.builders import check_num_classes
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    full.filename = "outputs/run/.checkpoint_last.pth.abcd1234.tmp"
+    assert run_tool(_raises(full), []) == EXIT_USER_ERROR
+    assert "No space left on device" in capsys.readouterr().err
+
+    def too_few(argv):
+        check_num_classes(LabelMap([1, 2, 3], ["a", "b", "c"]), 2, "val.json")
+
+    assert run_tool(too_few, []) == EXIT_USER_ERROR
+    assert "val.json has 3 categories but model.num_classes is 2" in capsys.readouterr().err
+    with pytest.raises(OSError):  # any other OSError stays a bug report with its traceback
+        run_tool(_raises(OSError(errno.EIO, "Input/output error")), [])

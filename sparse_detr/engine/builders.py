@@ -187,12 +187,12 @@ def check_num_classes(label_map: Any, num_classes: int, source: str) -> None:
     if label_map.num_classes <= num_classes:
         return
     if label_map.mode == "category_id":
-        raise ValueError(
+        raise DataError(
             f"{source}: data.label_mapping=category_id uses the category ids as labels, and the largest id is "
             f"{max(label_map.category_ids)}, so model.num_classes must be at least {label_map.num_classes} (it is "
             f"{num_classes}); set model.num_classes={label_map.num_classes}, or data.label_mapping=contiguous "
             f"for {len(label_map.category_ids)} classes")
-    raise ValueError(f"{source} has {label_map.num_classes} categories but model.num_classes is {num_classes}; "
+    raise DataError(f"{source} has {label_map.num_classes} categories but model.num_classes is {num_classes}; "
                      f"set model.num_classes={label_map.num_classes}")
 
 

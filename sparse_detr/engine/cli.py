@@ -14,6 +14,7 @@ traceback of every error. This module imports nothing heavy: a tool's `--help` s
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shlex
@@ -32,8 +33,13 @@ _WORKER_TRACEBACK = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.
                                r"\(most recent call last\):\n(?:.*\n)*?(?:[\w.]+\.)?\1: ")
 
 
+# A full disk or quota, or a read-only file system: the machine's state, which the user fixes, not a bug.
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def is_user_error(error: BaseException) -> bool:
-    return isinstance(error, (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError))
+    return (isinstance(error, (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError))
+            or (isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS))
 
 
 def resume_command(script: str, argv: Sequence[str]) -> str:
