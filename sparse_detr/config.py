@@ -154,6 +154,7 @@ class TrainConfig:
     clip_max_norm: float = 0.1
     seed: int = 42
     deterministic: bool = False
+    collective_timeout_s: float = 1800.0  # how long a process waits in a collective for the others (torchrun)
     amp: Literal["none", "bf16"] = "none"
     ema: bool = False
     ema_decay: float = 0.9997
@@ -378,6 +379,7 @@ def _require(ok: bool, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field and range checks that a type alone cannot express (the message names the key)."""
     m, d, t = cfg.model, cfg.data, cfg.train
+    _require(t.collective_timeout_s > 0, f"train.collective_timeout_s must be > 0, got {t.collective_timeout_s}")
     # Sizes first: the divisibility checks below would divide by zero.
     for name in ("hidden_dim", "nheads", "dim_feedforward", "enc_layers", "dec_layers", "enc_n_points",
                  "dec_n_points", "num_queries", "num_classes", "num_select"):

@@ -218,7 +218,7 @@ def check_config_compatible(ckpt_cfg: Optional[dict], cfg: dict, source: str = "
 RESUMABLE_CHANGES = ("train.epochs", "train.lr_drop_epochs", "train.eval_every_epochs", "train.num_threads",
                      "train.output_dir", "train.log_every", "train.checkpoint_every_iters", "train.vis_num_images",
                      "train.eval_batch_size", "data.root", "data.num_workers", "model.pretrained_backbone",
-                     "model.init_weights")
+                     "model.init_weights", "train.collective_timeout_s")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -405,7 +405,8 @@ class Trainer:
                             + [total.new_full((), float(self.stop.signal is not None))])  # SIGTERM on this rank
         if failure is not None:
             local[0] = math.nan
-        reduced = dist.all_reduce_mean(local)  # before backward: every rank logs (and checks) the same numbers
+        # before backward: every rank logs (and checks) the same numbers
+        reduced = dist.all_reduce_mean(local, "the training step's loss terms")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         max_norm = self.train_cfg.clip_max_norm if self.train_cfg.clip_max_norm > 0 else math.inf
@@ -533,7 +534,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, eval_only: bool = False,
     """
     note = builders.setup_determinism(cfg)  # before anything touches CUDA
     threads = builders.setup_threads(cfg)
-    info = dist.init_from_env(cfg.train.device)
+    info = dist.init_from_env(cfg.train.device, cfg.train.collective_timeout_s)
     trainer = lock = None
     try:
         out_dir = cfg.train.output_dir
@@ -618,7 +619,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, *, use_ema: bool = False,
     use_ema: evaluate the checkpoint's EMA weights instead of the raw ones. Returns the metrics on every rank.
     """
     builders.setup_threads(cfg)
-    info = dist.init_from_env(cfg.train.device)
+    info = dist.init_from_env(cfg.train.device, cfg.train.collective_timeout_s)
     try:
         # The checkpoint against the config first (inference.py: the same short report in every tool), then data.
         ckpt = load_checkpoint(checkpoint)
