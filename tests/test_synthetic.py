@@ -152,3 +152,15 @@ def test_cli_matches_function(tmp_path):
                         min_object_side=20, max_object_scale=0.6)
     assert read_tree(tmp_path / "cli2") == read_tree(tmp_path / "fn2")
     assert json.load(open(tmp_path / "cli2" / "synthetic_params.json"))["min_object_side"] == 20
+
+
+def test_generation_shows_progress_and_the_marker_ignores_it(tmp_path, capsys):
+    from sparse_detr.data.synthetic import MARKER
+
+    ensure_synthetic(str(tmp_path / "d"), progress=True, num_train=20, num_val=4, min_size=32, max_size=48)
+    err = capsys.readouterr().err
+    assert "generating the synthetic train split" in err and "20/20 images" in err and "4/4 images" in err
+    assert len([line for line in err.splitlines() if "train split" in line]) == 11  # at the start, then every 10%
+    assert "progress" not in json.loads((tmp_path / "d" / MARKER).read_text())
+    ensure_synthetic(str(tmp_path / "d"), num_train=20, num_val=4, min_size=32, max_size=48)  # found: no work
+    assert capsys.readouterr().err == ""

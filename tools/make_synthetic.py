@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
                                 min_size=args.image_size[0], max_size=args.image_size[1],
                                 max_objects=args.max_objects, empty_every=args.empty_every,
                                 preset=args.preset, min_object_side=args.min_object_side,
-                                max_object_scale=args.max_object_scale)
+                                max_object_scale=args.max_object_scale, progress=True)
     for split in ("train", "val"):
         with open(paths[split]["ann_file"], encoding="utf-8") as f:
             data = json.load(f)

@@ -31,6 +31,8 @@ import functools
 import inspect
 import json
 import os
+import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -191,8 +193,9 @@ def _renderer(preset: str, min_object_side: int, max_object_scale: float):
 
 def _write_split(out_dir: str, split: str, split_index: int, count: int, seed: int, min_size: int,
                  max_size: int, max_objects: int, empty_every: int, preset: str = "demo",
-                 min_object_side: int = 14, max_object_scale: float = 0.95) -> str:
+                 min_object_side: int = 14, max_object_scale: float = 0.95, progress: bool = False) -> str:
     render = _renderer(preset, min_object_side, max_object_scale)
+    started, shown = time.perf_counter(), -1
     img_dir = os.path.join(out_dir, split)
     os.makedirs(img_dir, exist_ok=True)
     images, annotations = [], []
@@ -208,6 +211,12 @@ def _write_split(out_dir: str, split: str, split_index: int, count: int, seed: i
         for obj in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": obj["category_id"],
                                 "bbox": obj["bbox"], "area": obj["area"], "iscrowd": 0})
+        if progress and (i + 1) * 10 // count != shown:  # a line every 10%
+            shown = (i + 1) * 10 // count
+            elapsed = time.perf_counter() - started
+            eta = elapsed / (i + 1) * (count - i - 1)
+            print(f"generating the synthetic {split} split in {out_dir}: {i + 1}/{count} images, "
+                  f"ETA {eta:.0f} s", file=sys.stderr, flush=True)
     data = {
         "info": {"description": f"sparse-detr synthetic shapes ({preset})", "version": str(GENERATOR_VERSION),
                  "seed": seed},
@@ -232,13 +241,14 @@ def synthetic_paths(out_dir: str) -> dict[str, Any]:
 
 def make_synthetic_coco(out_dir: str, num_train: int = 64, num_val: int = 16, seed: int = 0, min_size: int = 160,
                         max_size: int = 320, max_objects: int = 6, empty_every: int = 8,
-                        preset: str = "demo", min_object_side: int = 14, max_object_scale: float = 0.95
-                        ) -> dict[str, Any]:
+                        preset: str = "demo", min_object_side: int = 14, max_object_scale: float = 0.95,
+                        progress: bool = False) -> dict[str, Any]:
     """Write the dataset (see the module docstring) and return ``synthetic_paths(out_dir)``.
 
     Images have 1..max_objects objects (the ``cluttered`` preset adds distractors), every ``empty_every``-th none.
     ``min_object_side`` (pixels) and ``max_object_scale`` (fraction of the short side): the object size range of
     the ``cluttered`` preset (``demo`` sizes its objects its own way and must keep the defaults).
+    ``progress``: a line on stderr every 10% of a split (not a parameter of the data: not in the marker).
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown synthetic preset {preset!r}; expected one of {PRESETS}")
@@ -256,7 +266,7 @@ def make_synthetic_coco(out_dir: str, num_train: int = 64, num_val: int = 16, se
     marker = _claim_folder(out_dir, params)
     for split_index, (split, count) in enumerate(zip(SPLITS, (num_train, num_val))):
         _write_split(out_dir, split, split_index, count, seed, min_size, max_size, max_objects, empty_every, preset,
-                     min_object_side, max_object_scale)
+                     min_object_side, max_object_scale, progress)
     _write_marker(marker, params, complete=True)
     return synthetic_paths(out_dir)
 
@@ -264,7 +274,7 @@ def make_synthetic_coco(out_dir: str, num_train: int = 64, num_val: int = 16, se
 def _defaults() -> dict[str, Any]:
     # Read from make_synthetic_coco itself, so the marker can never disagree with what was generated.
     return {name: p.default for name, p in inspect.signature(make_synthetic_coco).parameters.items()
-            if name != "out_dir"}
+            if name not in ("out_dir", "progress")}
 
 
 def _read_marker(marker: str) -> dict | None:
@@ -305,7 +315,7 @@ def _claim_folder(out_dir: str, params: dict[str, Any]) -> str:
     return marker
 
 
-def ensure_synthetic(out_dir: str, **kwargs: Any) -> dict[str, Any]:
+def ensure_synthetic(out_dir: str, progress: bool = False, **kwargs: Any) -> dict[str, Any]:
     """``make_synthetic_coco(out_dir, **kwargs)`` unless ``out_dir`` already holds it, complete, with the same
     parameters. Raises ``SyntheticFolderError`` for a folder that is not ours (see the module docstring)."""
     defaults = _defaults()
@@ -318,4 +328,4 @@ def ensure_synthetic(out_dir: str, **kwargs: Any) -> dict[str, Any]:
     if (found == {**params, "generator_version": GENERATOR_VERSION, "complete": True}
             and all(os.path.isfile(paths[s]["ann_file"]) for s in SPLITS)):
         return paths
-    return make_synthetic_coco(out_dir, **params)
+    return make_synthetic_coco(out_dir, **params, progress=progress)

@@ -167,7 +167,8 @@ def build_split(cfg: Config, split: str) -> Dataset:
                          seed=s.seed, preset=s.preset, max_objects=s.max_objects, min_object_side=s.min_object_side,
                          max_object_scale=s.max_object_scale)
         if dist.is_main_process():
-            ensure_synthetic(d.root, **synthetic)  # generates the files when missing or made with other options
+            # generates the files when missing or made with other options, with a progress line every 10%
+            ensure_synthetic(d.root, progress=True, **synthetic)
         dist.barrier()
         paths: dict[str, Any] = dict(dataset="synthetic", root=d.root, synthetic=synthetic)
     else:
