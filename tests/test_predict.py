@@ -154,7 +154,7 @@ def test_predict_tool_on_synthetic_val_folder(tmp_path, input_sizes, capsys):
         tool.main(["--checkpoint", ckpt, "--images", val["img_folder"], "--out", str(out)])
 
 
-def test_visualize_tool_feeds_eval_size_without_config(tmp_path, input_sizes):
+def test_visualize_tool_feeds_eval_size_without_config(tmp_path, input_sizes, capsys):
     from tools.visualize import main
 
     ckpt = _checkpoint(tmp_path / "run")
@@ -165,6 +165,7 @@ def test_visualize_tool_feeds_eval_size_without_config(tmp_path, input_sizes):
     written = main(["--checkpoint", ckpt, "--images", str(folder), "--out", str(tmp_path / "vis")])
     assert len(written) == 2
     assert input_sizes == [eval_size(150, 200), eval_size(100, 320)] == [(288, 384), (125, 400)]
+    assert capsys.readouterr().out.strip() == f"wrote 2 picture(s) to {tmp_path / 'vis'}: a_vis.png, b_vis.png"
 
 
 def test_every_tool_gets_the_same_short_report_for_a_wrong_config(tmp_path):

@@ -99,3 +99,25 @@ def test_list_images_errors(tmp_path):
         vis.list_images(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError):
         vis.list_images(str(tmp_path))  # a folder without images
+
+
+def test_labels_never_overlap_and_the_best_one_is_drawn():
+    """Ten detections piled on one object: the labels drawn do not overlap, the highest score's is among them,
+    and its box lies on top."""
+    from PIL import Image
+
+    from sparse_detr.engine.visualize import draw_detections
+
+    picture = Image.new("RGB", (200, 150), (90, 90, 90))
+    boxes = torch.tensor([[40.0 + i, 50.0 + i, 120.0 + i, 110.0 + i] for i in range(10)])
+    scores = torch.linspace(0.3, 0.9, 10).flip(0)[torch.randperm(10, generator=torch.Generator().manual_seed(0))]
+    det = {"boxes": boxes, "scores": scores, "labels": torch.arange(10) % 3}
+    panel = draw_detections(picture, det)
+    rects = panel.info["label_rects"]
+    assert 1 <= len(rects) < 10
+    for i, a in enumerate(rects):
+        for b in rects[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    best = int(scores.argmax())
+    first_rect = rects[0]  # the labels are placed best first
+    assert first_rect[0] <= boxes[best][0] + 2 and first_rect[1] <= boxes[best][1] + 2

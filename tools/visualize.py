@@ -14,6 +14,7 @@ config (e.g. `model.rho=0.2` to see what a model trained at ρ = 0.1 keeps at ρ
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -47,8 +48,8 @@ def main(argv=None) -> list:
     written = run_visualization(args.config, args.checkpoint, args.images, args.out, args.score_thresh,
                                 args.device, tuple(args.overrides), args.max_images, args.columns,
                                 args.panel_width, args.size, args.max_size)
-    for path in written:
-        print(path)
+    shown = ", ".join(os.path.basename(p) for p in written[:3]) + (", ..." if len(written) > 3 else "")
+    print(f"wrote {len(written)} picture(s) to {args.out}: {shown}")
     return written
 
 

@@ -133,21 +133,33 @@ def _label_name(label: int, label_map: Optional[Union[LabelMap, dict]]) -> str:
 def draw_detections(picture: Image.Image, det: dict, score_thresh: float = 0.0, label_map=None,
                     target: Optional[dict] = None) -> Image.Image:
     """A copy of `picture` with the detections (`boxes` xyxy pixels of the picture, `labels`, `scores`) at or above
-    `score_thresh` drawn with their class names and scores, and the optional ground truth in white."""
+    `score_thresh` drawn with their class names and scores, and the optional ground truth in white.
+
+    Boxes are drawn from the lowest score up, so the best box lies on top; labels from the highest score down, each
+    at the first of a few places by its box (above, inside, below) where it overlaps no label drawn before: a
+    label that would hide a better one is left out (``label_rects`` lists the drawn ones)."""
     panel = picture.copy()
     draw, font = ImageDraw.Draw(panel), _font(12)
     if target is not None:  # ground truth (xyxy pixels of the shown picture) in white, under the predictions
         for box in target["boxes"].tolist():
             draw.rectangle(box, outline=(255, 255, 255), width=1)
     keep = det["scores"] >= score_thresh
-    for box, label, score in zip(det["boxes"][keep].tolist(), det["labels"][keep].tolist(),
-                                 det["scores"][keep].tolist()):
-        color = LEVEL_COLORS[label % len(LEVEL_COLORS)]
-        draw.rectangle(box, outline=color, width=2)
+    rows = sorted(zip(det["scores"][keep].tolist(), det["boxes"][keep].tolist(), det["labels"][keep].tolist()),
+                  key=lambda r: -r[0])
+    for score, box, label in reversed(rows):
+        draw.rectangle(box, outline=LEVEL_COLORS[label % len(LEVEL_COLORS)], width=2)
+    placed: list[tuple[float, float, float, float]] = []
+    for score, box, label in rows:
         text = f"{_label_name(label, label_map)} {score:.2f}"
-        x, y = box[0], max(0, box[1] - 13)
-        draw.rectangle(draw.textbbox((x, y), text, font=font), fill=color)
-        draw.text((x, y), text, fill=(0, 0, 0), font=font)
+        for x, y in ((box[0], box[1] - 14), (box[0] + 2, box[1] + 2), (box[0], box[3] + 2)):
+            x, y = min(max(0, x), panel.width - 1), min(max(0, y), panel.height - 1)
+            rect = draw.textbbox((x, y), text, font=font)
+            if not any(rect[0] < r[2] and r[0] < rect[2] and rect[1] < r[3] and r[1] < rect[3] for r in placed):
+                draw.rectangle(rect, fill=LEVEL_COLORS[label % len(LEVEL_COLORS)])
+                draw.text((x, y), text, fill=(0, 0, 0), font=font)
+                placed.append(rect)
+                break
+    panel.info["label_rects"] = placed
     return panel
 
 
