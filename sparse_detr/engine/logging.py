@@ -19,7 +19,7 @@ import os
 import resource
 import sys
 from collections import deque
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -128,18 +128,19 @@ class JsonlLog:
 
     def read(self, kind: str) -> list[dict]:
         """The records of one kind written so far (this run's file, resumed runs included); [] elsewhere."""
-        if self.file is None:
-            return []
-        records = []
-        with open(self.file.name, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:  # a line cut by a kill
-                    continue
-                if record.get("type") == kind:
-                    records.append(record)
-        return records
+        return [] if self.file is None else [r for r in read_jsonl(self.file.name) if r.get("type") == kind]
+
+
+def read_jsonl(path: str) -> Iterator[dict]:
+    """The records of a log.jsonl in file order (none if it is missing; a line cut by a kill is skipped)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue
 
     def close(self) -> None:
         if self.file is not None:

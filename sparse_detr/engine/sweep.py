@@ -38,6 +38,7 @@ from typing import Callable, Optional, Sequence
 
 from sparse_detr.config import load_config, to_dict
 from sparse_detr.engine.atomic import write_atomic
+from sparse_detr.engine.logging import read_jsonl
 
 __all__ = ["RunSpec", "SweepOptions", "RECORD_KEYS", "METRICS", "plan_runs", "run_one", "run_sweep",
            "run_status", "run_pretrain", "backbone_path", "train_seconds", "ConfigChangedError"]
@@ -216,16 +217,7 @@ def run_pretrain(opts: SweepOptions, log: Callable[[str], None] = print) -> dict
 def train_seconds(log_path: str) -> tuple[float, int]:
     """(seconds, iterations) of training in an engine `log.jsonl`: the iteration times of the final trajectory
     (an iteration redone after a resume counts once, its last time), evaluation and checkpointing excluded."""
-    times: dict[int, float] = {}
-    if os.path.isfile(log_path):
-        with open(log_path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:  # a line cut by a kill
-                    continue
-                if entry.get("type") == "iter":
-                    times[int(entry["iteration"])] = float(entry["time"])
+    times = {int(e["iteration"]): float(e["time"]) for e in read_jsonl(log_path) if e.get("type") == "iter"}
     return sum(times.values()), len(times)
 
 
@@ -234,20 +226,13 @@ def read_curves(log_path: str) -> dict:
     evaluation (`evals`: iteration, AP, AP50 and the val-set instruments) of the final trajectory in a log.jsonl."""
     steps: dict[int, dict] = {}
     evals: dict[int, dict] = {}
-    if os.path.isfile(log_path):
-        with open(log_path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:  # a line cut by a kill
-                    continue
-                if entry.get("type") == "iter" and "stat_sel_dam_random" in entry:
-                    steps[int(entry["iteration"])] = {k: entry.get("stat_sel_" + k) for k in CURVE_KEYS}
-                elif entry.get("type") == "eval":
-                    sel = entry.get("selection") or {}
-                    evals[int(entry["iteration"])] = {"iteration": int(entry["iteration"]), "AP": entry.get("AP"),
-                                                      "AP50": entry.get("AP50"),
-                                                      **{k: sel.get(k) for k in CURVE_KEYS}}
+    for entry in read_jsonl(log_path):  # a later record of an iteration (after a resume) replaces the earlier
+        if entry.get("type") == "iter" and "stat_sel_dam_random" in entry:
+            steps[int(entry["iteration"])] = {k: entry.get("stat_sel_" + k) for k in CURVE_KEYS}
+        elif entry.get("type") == "eval":
+            sel = entry.get("selection") or {}
+            evals[int(entry["iteration"])] = {"iteration": int(entry["iteration"]), "AP": entry.get("AP"),
+                                              "AP50": entry.get("AP50"), **{k: sel.get(k) for k in CURVE_KEYS}}
     its = sorted(steps)
     return {"curves": {"iteration": its, **{k: [steps[i][k] for i in its] for k in CURVE_KEYS}},
             "evals": [evals[i] for i in sorted(evals)]}
