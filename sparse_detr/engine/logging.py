@@ -130,6 +130,11 @@ class JsonlLog:
         """The records of one kind written so far (this run's file, resumed runs included); [] elsewhere."""
         return [] if self.file is None else [r for r in read_jsonl(self.file.name) if r.get("type") == kind]
 
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
 
 def read_jsonl(path: str) -> Iterator[dict]:
     """The records of a log.jsonl in file order (none if it is missing; a line cut by a kill is skipped)."""
@@ -141,11 +146,6 @@ def read_jsonl(path: str) -> Iterator[dict]:
                 yield json.loads(line)
             except ValueError:
                 continue
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
 
 
 class TensorboardLog:
