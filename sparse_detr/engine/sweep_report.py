@@ -150,17 +150,25 @@ def _legend(ax) -> None:
         ax.legend(fontsize=7)
 
 
-def _band(ax, runs: list[tuple[list, list]], label: str, color=None) -> None:
-    """Mean over seeds of curves sampled at the same iterations, with a min–max band."""
+def _band(ax, runs: list[tuple[list, list]], label: str, color=None, smooth: int = 1) -> None:
+    """Mean over seeds of curves sampled at the same iterations, with a min–max band; ``smooth``: a moving mean
+    over that many points of each curve first (a training log step measures one batch)."""
     import numpy as np
 
     common = sorted(set.intersection(*(set(x) for x, _ in runs))) if runs else []
     if not common:
         return
     ys = np.array([[dict(zip(x, y))[i] for i in common] for x, y in runs], dtype=float)
+    if smooth > 1 and ys.shape[1] >= smooth:
+        kernel = np.ones(smooth) / smooth
+        ys = np.array([np.convolve(row, kernel, mode="valid") for row in ys])
+        common = common[smooth - 1:]
     line, = ax.plot(common, np.nanmean(ys, 0), label=f"{label} (n={len(runs)})", color=color, lw=1.3)
     if len(runs) > 1:
         ax.fill_between(common, np.nanmin(ys, 0), np.nanmax(ys, 0), color=line.get_color(), alpha=0.15)
+
+
+SMOOTH = 5  # log steps averaged in the training curves
 
 
 def plot_selection(records: list[dict], path: str, title: str = "") -> None:
@@ -190,8 +198,8 @@ def plot_selection(records: list[dict], path: str, title: str = "") -> None:
             else:
                 t_label = t
             if any(any(v == v for v in y) for _, y in runs):
-                _band(ax, runs, t_label, colors[t])
-        ax.set(xlabel="iteration", ylabel="fraction", title=name)
+                _band(ax, runs, t_label, colors[t], smooth=SMOOTH)
+        ax.set(xlabel="iteration", ylabel="fraction", title=f"{name}, moving mean of {SMOOTH} log steps")
         ax.grid(alpha=0.3)
         _legend(ax)
     ax = axes[0][2]
