@@ -67,9 +67,10 @@ class ModelConfig:
     rho_levels: Optional[list[float]] = None
     rho_layers: Optional[list[float]] = None
     use_enc_aux_loss: bool = False
-    # How tokens are selected (models/selection.py SELECTORS): dam (decoder attention map, official), os
-    # (objectness score), foreground (Focus-DETR), salience (Salience-DETR), random (the control).
-    scorer_target: Literal["dam", "os", "foreground", "salience", "random"] = "dam"
+    # How tokens are selected: a name registered in models/selection.py (SELECTORS, checked when the model is
+    # built): dam (decoder attention map, official), os (objectness score), foreground (Focus-DETR), salience
+    # (Salience-DETR), random (the control), or a criterion of your own (@register_selector).
+    scorer_target: str = "dam"
     dam_alignment: Literal["official", "aligned"] = "official"  # official: half-pixel shift quirk
     scorer_padding: Literal["official", "exclude"] = "official"  # official: padding in mean and loss
     # official: the two-stage top-Q ranks padded / invalid tokens too; exclude: never picks them

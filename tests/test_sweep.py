@@ -242,3 +242,13 @@ def test_paired_differences_pair_runs_by_seed():
     assert paired_differences(records, "random", "dam", "dam_coverage") == pytest.approx([-0.3])
     md = paired_markdown(records)
     assert "| dam − dense | 2 | -6.0 ± 1.4 | -5.0 -7.0 |" in md and "| random − dam | 1 | +1.0 ± 0.0 | +1.0 |" in md
+
+
+def test_an_unknown_criterion_stops_the_sweep_before_anything_trains(tmp_path):
+    from sparse_detr.config import ConfigError
+
+    base = "configs/demo_synthetic.yaml"
+    runs = sweep.plan_runs(["dma"], [0.1], [0], dense=False)
+    with pytest.raises(ConfigError, match="model.scorer_target: unknown token selection 'dma'"):
+        sweep.run_sweep(runs, sweep.SweepOptions(base=base, out=str(tmp_path / "s")), log=lambda m: None)
+    assert not (tmp_path / "s").exists()

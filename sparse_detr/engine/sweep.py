@@ -375,8 +375,10 @@ def run_sweep(runs: Sequence[RunSpec], opts: SweepOptions, log: Callable[[str], 
     """Run every `RunSpec` not finished yet; returns the records in plan order (see the module docstring)."""
     if opts.jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {opts.jobs}")
-    for spec in runs:  # the configs are validated before anything trains (a typo fails in seconds)
-        load_config(opts.base, run_overrides(spec, opts))
+    from sparse_detr.models.build import build_token_selector
+
+    for spec in runs:  # the configs and criteria are validated before anything trains (a typo fails in seconds)
+        build_token_selector(load_config(opts.base, run_overrides(spec, opts)).model)
     if opts.train and opts.pretrain:
         load_config(opts.pretrain, pretrain_overrides(opts))
     records: dict[str, dict] = {}

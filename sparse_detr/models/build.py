@@ -13,13 +13,13 @@ from typing import Callable
 
 from torch import nn
 
-from sparse_detr.config import Config, ModelConfig
+from sparse_detr.config import Config, ConfigError, ModelConfig
 from sparse_detr.models.backbone import Joiner, build_backbone
 from sparse_detr.models.criterion import SetCriterion, build_weight_dict
 from sparse_detr.models.detector import SparseDETR
 from sparse_detr.models.matcher import HungarianMatcher
 from sparse_detr.models.postprocess import PostProcess
-from sparse_detr.models.selection import KeepBudget, SelectorOptions, TokenSelector, build_selector
+from sparse_detr.models.selection import SELECTORS, KeepBudget, SelectorOptions, TokenSelector, build_selector
 from sparse_detr.models.tiny_backbone import build_tiny_backbone
 
 __all__ = ["build_model", "build_detector", "build_token_selector", "BACKBONES"]
@@ -59,6 +59,9 @@ def build_token_selector(m: ModelConfig) -> TokenSelector | None:
     budget = KeepBudget(m.rho, tuple(m.rho_levels) if m.rho_levels else None,
                         tuple(m.rho_layers) if m.rho_layers else None)
     options = SelectorOptions(m.hidden_dim, m.num_classes, m.scorer_padding, m.dam_alignment)
+    if m.scorer_target not in SELECTORS:
+        raise ConfigError(f"model.scorer_target: unknown token selection {m.scorer_target!r}; registered: "
+                          f"{sorted(SELECTORS)} (a criterion of your own registers with @register_selector)")
     return build_selector(m.scorer_target, budget, options)
 
 

@@ -2,7 +2,9 @@
 
 A ``TokenSelector`` scores the S backbone tokens, keeps the best of every image under a ``KeepBudget``, and, when
 it learns, builds its own training target and names its losses. The detector calls ``score`` and ``select`` once
-per forward; the criterion calls ``losses`` and ``matched_heads``. One class per criterion (``SELECTORS``):
+per forward; the criterion calls ``losses`` and ``matched_heads``. One class per criterion, registered under its
+``model.scorer_target`` name in ``SELECTORS`` (``@register_selector("name")`` for a new one, e.g. a subclass of
+``ScorerSelector`` that defines ``target``):
 
     dam         scorer trained on the decoder cross-attention map (Sparse DETR, the official default)
     os          objectness of a detection head on the backbone tokens (the paper's OS ablation)
@@ -29,7 +31,8 @@ from sparse_detr.models.dam import decoder_attention_map, token_levels
 from sparse_detr.models.heads import box_head, class_head
 
 __all__ = [
-    "KeepBudget", "Selection", "SelectorOptions", "TokenScorer", "TokenSelector", "DAMSelector", "ObjectnessSelector",
+    "KeepBudget", "Selection", "SelectorOptions", "TokenScorer", "TokenSelector", "ScorerSelector", "DAMSelector",
+    "ObjectnessSelector", "register_selector",
     "ForegroundSelector", "SalienceSelector", "RandomSelector", "SELECTORS", "build_selector", "max_kept_tokens",
     "kept_token_counts", "select_tokens", "select_under_budget", "top_count_mask", "token_geometry", "scale_aware_assignment",
     "foreground_target", "salience_target", "mask_prediction_loss", "selector_name",
@@ -335,9 +338,11 @@ class TokenSelector:
         return {}
 
 
-class _ScorerSelector(TokenSelector):
-    """A ``TokenScorer`` trained by ``mask_prediction_loss`` on ``target``. scorer_padding "official": padding in the
-    mean and the loss, padded logits set to the batch minimum (as the official code)."""
+class ScorerSelector(TokenSelector):
+    """The public base of a scorer-trained criterion: a ``TokenScorer`` (``transformer.enc_mask_predictor``) trained
+    by ``mask_prediction_loss`` (``loss_mask``) on ``target``; a subclass defines ``target`` and registers itself
+    with ``@register_selector("name")``. scorer_padding "official": padding in the mean and the loss, padded logits
+    set to the batch minimum (as the official code)."""
 
     layout = "scorer (transformer.enc_mask_predictor)"
 
@@ -367,7 +372,7 @@ class _ScorerSelector(TokenSelector):
         return {"loss_mask": mask}
 
 
-class DAMSelector(_ScorerSelector):
+class DAMSelector(ScorerSelector):
     """Scorer trained on the top-k_b tokens (per level with ``rho_levels``) of the DAM (Sparse DETR Sec. 3.2)."""
 
     needs_decoder_sampling = True
@@ -393,7 +398,7 @@ class DAMSelector(_ScorerSelector):
                               outputs["level_start_index"]).float()
 
 
-class _GroundTruthSelector(_ScorerSelector):
+class _GroundTruthSelector(ScorerSelector):
     """A scorer trained on a per-token map of the ground-truth boxes: ``target_map(padding_mask, spatial_shapes,
     level_start_index, targets) -> (B, S)``; no map without ground truth."""
 
@@ -452,7 +457,7 @@ class RandomSelector(TokenSelector):
         return torch.rand(padding_mask.shape, device=padding_mask.device), {}
 
 
-#: ``model.scorer_target`` → selector class.
+#: ``model.scorer_target`` → selector class; ``register_selector`` adds to it.
 SELECTORS: dict[str, type[TokenSelector]] = {
     "dam": DAMSelector,
     "os": ObjectnessSelector,
@@ -460,6 +465,19 @@ SELECTORS: dict[str, type[TokenSelector]] = {
     "salience": SalienceSelector,
     "random": RandomSelector,
 }
+
+
+def register_selector(name: str) -> Callable[[type[TokenSelector]], type[TokenSelector]]:
+    """Class decorator: make a ``TokenSelector`` subclass the criterion ``model.scorer_target: name``. The one
+    registration a new criterion needs (the config, the engine and the tools take any registered name)."""
+    def register(cls: type[TokenSelector]) -> type[TokenSelector]:
+        if not (isinstance(cls, type) and issubclass(cls, TokenSelector)):
+            raise TypeError(f"register_selector({name!r}): {cls!r} is not a TokenSelector subclass")
+        if SELECTORS.get(name, cls) is not cls:
+            raise ValueError(f"register_selector: {name!r} is taken by {SELECTORS[name].__name__}")
+        SELECTORS[name] = cls
+        return cls
+    return register
 
 
 def selector_name(selector: TokenSelector) -> str:

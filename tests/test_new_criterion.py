@@ -1,0 +1,74 @@
+"""A new token-selection criterion is one class and one registration: defined here, in a test file, it trains
+through the model and the criterion, is evaluated (with the selection instruments), goes through the sweep's
+report and is drawn by the visualizer, with no edit of the config schema, the engine, the tools or other tests."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from sparse_detr.config import load_config
+from sparse_detr.data import ensure_synthetic
+from sparse_detr.engine import train as train_mod
+from sparse_detr.engine.checkpoint import load_checkpoint
+from sparse_detr.engine.inference import load_for_inference
+from sparse_detr.engine.sweep_report import results_markdown
+from sparse_detr.engine.visualize import make_panels
+from sparse_detr.models.selection import SELECTORS, ScorerSelector, register_selector, token_geometry
+
+NAME = "top_half_of_boxes_test"
+
+
+class TopHalfSelector(ScorerSelector):
+    """Scorer trained on the tokens whose centre lies in the upper half of some ground-truth box."""
+
+    def target(self, outputs, targets):
+        if targets is None:
+            return None
+        centres, _, _ = token_geometry(outputs["padding_mask"], outputs["spatial_shapes"],
+                                       outputs["level_start_index"])
+        boxes = torch.nn.utils.rnn.pad_sequence([t["boxes"].reshape(-1, 4) for t in targets], batch_first=True)
+        if boxes.shape[1] == 0:
+            return torch.zeros(centres.shape[:2], device=centres.device)
+        cx, cy, w, h = boxes[:, None].unbind(-1)  # (B, 1, T)
+        x, y = centres[..., 0:1], centres[..., 1:2]  # (B, S, 1)
+        inside = ((x - cx).abs() <= w / 2) & (y >= cy - h / 2) & (y <= cy) & (w > 0)
+        return inside.any(-1).float()
+
+
+@pytest.fixture
+def registered():
+    saved = dict(SELECTORS)
+    register_selector(NAME)(TopHalfSelector)
+    yield
+    SELECTORS.clear()
+    SELECTORS.update(saved)
+
+
+def test_a_criterion_defined_in_a_test_file_trains_evaluates_reports_and_draws(registered, tmp_path):
+    root = str(tmp_path / "data")
+    synth = dict(num_train=4, num_val=2, min_size=96, max_size=96, seed=0)
+    ensure_synthetic(root, **synth)
+    cfg = {"model": {"num_classes": 6, "hidden_dim": 32, "nheads": 2, "enc_layers": 2, "dec_layers": 2,
+                     "dim_feedforward": 64, "num_queries": 10, "train_backbone": False, "rho": 0.2,
+                     "use_enc_aux_loss": True, "two_stage": True, "with_box_refine": True, "scorer_target": NAME},
+           "data": {"dataset": "synthetic", "root": root, "synthetic": synth, "train_scales": [96], "max_size": 96,
+                    "val_size": 96, "crop": False, "num_workers": 0},
+           "train": {"output_dir": str(tmp_path / "run"), "epochs": 1, "batch_size": 2, "max_iters_per_epoch": 2,
+                     "eval_every_epochs": 1, "log_every": 1}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    metrics = train_mod.run(load_config(str(tmp_path / "c.yaml")))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r["type"] == "iter"]
+    assert len(steps) == 2 and all(r["loss_mask"] > 0 for r in steps)  # its scorer trained on its target
+    assert 0 < metrics["selection"]["dam_coverage"] <= metrics["selection"]["dam_oracle"]  # evaluated
+    record = {"name": f"{NAME}_rho0.2_seed0", "target": NAME, "rho": 0.2, "seed": 0, "status": "done",
+              "config": "c.yaml", "AP": metrics["AP"], "AP50": metrics["AP50"], "selection": metrics["selection"]}
+    assert f"| {NAME} | 0.2 | 0 |" in results_markdown([record])  # the sweep's report takes it as it is
+    loaded = load_for_inference(str(tmp_path / "run" / "checkpoint_last.pth"))
+    assert type(loaded.model.selector) is TopHalfSelector
+    image = torch.rand(3, 96, 96)
+    panels = make_panels(loaded.model, loaded.postprocessor, image, loaded.label_map,
+                         target={"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0]])})
+    assert any(k.startswith("kept tokens") for k in panels) and f"{NAME} target" in panels
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint_last.pth"))["config"]["model"]["scorer_target"] == NAME
