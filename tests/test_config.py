@@ -85,7 +85,6 @@ def test_cross_field_validation(tmp_path):
     ("data.crop_min=700", "data.crop_min"),
     ("data.train_scales=[]", "data.train_scales"),
     ("model.rho=-0.1", "model.rho"),
-    ("model.scorer_target=objectness", "model.scorer_target"),  # not a criterion of models/selection.py
     ("model.rho_levels=[0.1,0.1,0.1,0.1]", "model.rho_levels"),  # the base is dense (rho 0): nothing to select
     ("model.hidden_dim=0", "model.hidden_dim"),
     ("model.nheads=0", "model.nheads"),  # a size error, not a ZeroDivisionError from the divisibility check
