@@ -282,7 +282,7 @@ class Trainer:
             lines[0] += (f": best AP {100 * best['AP']:.1f} (AP50 {100 * best.get('AP50', 0.0):.1f}) after epoch "
                          f"{best['epoch']}, final AP {100 * evals[-1]['AP']:.1f} after epoch {evals[-1]['epoch']}")
         best_ckpt = os.path.join(out, BEST if p.best_ap >= 0 else LAST)
-        images = "VAL_IMAGES"
+        images = getattr(self.val_loader.dataset, "img_folder", None) or "VAL_IMAGES"  # the val split's folder
         lines += [f"  outputs in {out}: {os.path.basename(best_ckpt)}, {LAST}, log.txt, log.jsonl, tensorboard/",
                   "  next:",
                   f"    python tools/eval.py --checkpoint {best_ckpt}",
