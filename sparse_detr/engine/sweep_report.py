@@ -199,7 +199,7 @@ def plot_selection(records: list[dict], path: str, title: str = "") -> None:
                 t_label = t
             if any(any(v == v for v in y) for _, y in runs):
                 _band(ax, runs, t_label, colors[t], smooth=SMOOTH)
-        ax.set(xlabel="iteration", ylabel="fraction", title=f"{name}, moving mean of {SMOOTH} log steps")
+        ax.set(xlabel="iteration", ylabel=f"fraction (moving mean of {SMOOTH} log steps)", title=name)
         ax.grid(alpha=0.3)
         _legend(ax)
     ax = axes[0][2]
