@@ -99,11 +99,10 @@ def paired_markdown(records: list[dict]) -> str:
     per-seed values."""
     targets = list(dict.fromkeys(r["target"] for r in records if r.get("status") == "done"))
     lines = []
-    for ref in ("dense", "dam"):
-        if ref not in targets:
-            continue
+    refs = [r for r in ("dense", "dam") if r in targets]
+    for i, ref in enumerate(refs):
         for t in targets:
-            if t == ref or (ref == "dam" and t == "dense"):  # dam − dense is in the rows against dense
+            if t == ref or t in refs[:i]:  # each pair once: dam − dense is among the rows against dense
                 continue
             diffs = paired_differences(records, t, ref)
             if diffs:
