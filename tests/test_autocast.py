@@ -17,6 +17,8 @@ a bounded share of kept tokens and of queries may change (a swapped two-stage pr
 within the tolerances.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -101,8 +103,8 @@ def test_bf16_training_step_matches_fp32(model_and_batch, op_dtypes):
             fixed = lambda outputs, targets: target32  # noqa: E731
             original, selector.target = selector.target, fixed
             try:
-                got = selector.losses({k: (v.detach().float() if k == "scores" else v) for k, v in out16.items()},
-                                      TARGETS)["loss_mask"]
+                float_scores = dataclasses.replace(out16["selection"], scores=out16["selection"].scores.detach().float())
+                got = selector.losses(out16 | {"selection": float_scores}, TARGETS).terms["loss_mask"]
             finally:
                 selector.target = original
         torch.testing.assert_close(got, want, rtol=LOSS_RTOL, atol=1e-4, msg=name)
@@ -120,10 +122,10 @@ def test_bf16_inference_matches_fp32(model_and_batch, op_dtypes):
             out16 = model(images)
     assert set(op_dtypes[len(op_dtypes) // 2:]) == {(torch.bfloat16, torch.float32, torch.float32)}
     # Continuous outputs: the token scores within bf16 precision of fp32; the same kept tokens.
-    torch.testing.assert_close(out16["scores"].float(), out32["scores"], atol=SCORE_ATOL, rtol=0)
+    torch.testing.assert_close(out16["selection"].scores.float(), out32["selection"].scores, atol=SCORE_ATOL, rtol=0)
     for b in range(len(images)):  # the kept sets, up to swapped near ties
-        kept32 = set(out32["kept_indices"][b][out32["kept_valid"][b]].tolist())
-        kept16 = set(out16["kept_indices"][b][out16["kept_valid"][b]].tolist())
+        kept32 = set(out32["selection"].indices[b][out32["selection"].valid[b]].tolist())
+        kept16 = set(out16["selection"].indices[b][out16["selection"].valid[b]].tolist())
         assert len(kept32 & kept16) >= MIN_KEPT_AGREEMENT * len(kept32)
     # Predictions as sets (query order carries no meaning): pair every fp32 query with the bf16 query of the
     # nearest box; the pairs within BOX_ATOL (all but a few swapped proposals) must be one-to-one and their

@@ -94,14 +94,14 @@ def test_part_attribution_charges_the_innermost_part():
     class Toy(nn.Module):
         def __init__(self):
             super().__init__()
-            self.backbone = nn.Linear(8, 3, bias=False)
-            self.class_embed = nn.ModuleList([nn.Linear(3, 2, bias=False)])
-            self.transformer = nn.Module()
-            self.transformer.decoder = nn.Linear(8, 8, bias=False)
+            self.tokens, self.decoder = nn.Module(), nn.Module()
+            self.tokens.backbone = nn.Linear(8, 3, bias=False)
+            self.decoder.class_embed = nn.ModuleList([nn.Linear(3, 2, bias=False)])
+            self.decoder.stack = nn.Linear(8, 8, bias=False)
 
         def forward(self, x):
-            y = self.transformer.decoder(x)
-            return self.class_embed[0](self.backbone(y))
+            y = self.decoder.stack(x)
+            return self.decoder.class_embed[0](self.tokens.backbone(y))
 
     toy = Toy()
     with torch.no_grad(), bm.FlopCounterMode(display=False) as counter:

@@ -6,8 +6,8 @@ import torch
 
 from sparse_detr.models.criterion import SetCriterion, build_weight_dict, check_finite, weighted_total
 from sparse_detr.models.matcher import HungarianMatcher
-from sparse_detr.models.selection import (KeepBudget, ObjectnessSelector, SelectorOptions, TokenSelector,
-                                          mask_prediction_loss)
+from sparse_detr.models.selection import (KeepBudget, ObjectnessSelector, Selection, SelectorLosses, SelectorOptions,
+                                          TokenSelector, mask_prediction_loss)
 
 K = 4
 
@@ -16,7 +16,7 @@ class _MaskSelector(TokenSelector):
     """A selection criterion written as one class, the way a user adds one: its loss reaches the criterion."""
 
     def losses(self, outputs, targets):
-        return {"loss_mask": mask_prediction_loss(outputs["mask_logits"], outputs["mask_targets"])}
+        return SelectorLosses({"loss_mask": mask_prediction_loss(outputs["mask_logits"], outputs["mask_targets"])})
 
     def loss_weights(self, cls, bbox, giou, mask):
         return {"loss_mask": mask}
@@ -60,7 +60,6 @@ def _full_outputs(g, bsz=2, queries=5, tokens=12):
     out["enc_aux_outputs"] = [_head(bsz, 6, g, valid=True) for _ in range(2)]
     out["mask_logits"] = torch.randn(bsz, tokens, generator=g).requires_grad_()
     out["mask_targets"] = (torch.rand(bsz, tokens, generator=g) > 0.7).float()
-    out["kept_token_counts"] = torch.tensor([3, 6])  # ignored by the criterion
     return out
 
 
@@ -227,8 +226,14 @@ def test_wrong_num_classes_is_an_error():
         _plain(5)(_head(1, 3, g), _targets([1], g))
 
 
+def _selection_with_head(head):
+    """A selection of nothing that carries the objectness head's outputs (all the OS criterion reads)."""
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    return Selection(empty, empty.bool(), torch.zeros(2, dtype=torch.long), None, [], heads={"backbone": head})
+
+
 def test_backbone_outputs_are_a_class_specific_masked_head():
-    """The OS selection head (``backbone_outputs``, the paper's OS ablation) is matched and trained like the Sparse
+    """The OS selection head (``Selection.heads["backbone"]``, the paper's OS ablation) is matched and trained like the Sparse
     DETR two-stage head: real class labels even where the two-stage head is class-agnostic, invalid tokens ignored,
     ``_backbone`` keys that the weight dict covers."""
     g = torch.Generator().manual_seed(8)
@@ -238,7 +243,7 @@ def test_backbone_outputs_are_a_class_specific_masked_head():
     weights = build_weight_dict(num_dec_layers=1, two_stage=True) | selector.loss_weights(2, 5, 2, 1)
     assert {"loss_ce_backbone", "loss_bbox_backbone", "loss_giou_backbone"} <= set(weights)
     criterion = SetCriterion(K, HungarianMatcher(), weights, class_agnostic_enc=True, selector=selector)
-    losses = criterion(out | {"backbone_outputs": head}, targets)
+    losses = criterion(out | {"selection": _selection_with_head(head)}, targets)
     specific = SetCriterion(K, HungarianMatcher(), weights)(out | {"enc_outputs": head}, targets)
     for name in ("loss_ce", "loss_bbox", "loss_giou"):
         assert losses[name + "_backbone"].item() == pytest.approx(specific[name + "_enc"].item(), rel=1e-6)
@@ -247,6 +252,6 @@ def test_backbone_outputs_are_a_class_specific_masked_head():
     bad = ~head["valid"]
     garbage["pred_logits"] = head["pred_logits"].detach().masked_fill(bad[..., None], float("nan"))
     garbage["pred_boxes"] = head["pred_boxes"].detach().masked_fill(bad[..., None], float("inf"))
-    again = criterion(out | {"backbone_outputs": garbage}, targets)
+    again = criterion(out | {"selection": _selection_with_head(garbage)}, targets)
     for name in ("loss_ce_backbone", "loss_bbox_backbone", "loss_giou_backbone"):
         assert again[name].item() == pytest.approx(losses[name].item(), rel=1e-6)

@@ -68,15 +68,15 @@ def test_forward_backward_and_output_contract(config, rho, train_backbone):
             assert not (out["enc_outputs"]["valid"] & out["padding_mask"]).any()
 
     if rho == 0:
-        for key in ("kept_indices", "scores", "enc_aux_outputs", "backbone_outputs"):
+        for key in ("selection", "enc_aux_outputs"):
             assert key not in out
     else:
         valid_tokens = (~out["padding_mask"]).sum(1)
         expected = [math.floor(int(v) * rho) + 1 for v in valid_tokens]
-        assert out["kept_token_counts"].tolist() == expected
-        k = out["kept_indices"].shape[1]
-        assert out["kept_valid"].shape == (B, k) and out["kept_valid"].sum(1).tolist() == expected
-        assert not out["padding_mask"].gather(1, out["kept_indices"])[out["kept_valid"]].any()
+        assert out["selection"].counts.tolist() == expected
+        k = out["selection"].indices.shape[1]
+        assert out["selection"].valid.shape == (B, k) and out["selection"].valid.sum(1).tolist() == expected
+        assert not out["padding_mask"].gather(1, out["selection"].indices)[out["selection"].valid].any()
         assert len(out["enc_aux_outputs"]) == m.enc_layers - 1
         for aux in out["enc_aux_outputs"]:
             _check_head(aux, B, k, K)
@@ -84,13 +84,13 @@ def test_forward_backward_and_output_contract(config, rho, train_backbone):
             slots = torch.arange(k)[None, :] < (max(expected) if m.enc_loss_padding == "official"
                                                  else torch.tensor(expected)[:, None])
             assert torch.equal(aux["valid"], slots.expand(B, k))
-        assert len(out["kept_indices_per_layer"]) == m.enc_layers
+        assert len(out["selection"].layer_indices) == m.enc_layers
         if m.scorer_target == "dam":
             assert out["dec_sampling_locations"].shape[:3] == (B, Ld, Q)
             assert model.selector.target(out, TARGETS).sum(1).tolist() == expected
-            assert "backbone_outputs" not in out
+            assert "backbone" not in out["selection"].heads
         else:
-            _check_head(out["backbone_outputs"], B, S, K)
+            _check_head(out["selection"].heads["backbone"], B, S, K)
             assert "dec_sampling_locations" not in out
 
     losses = criterion(out, TARGETS)
@@ -99,22 +99,22 @@ def test_forward_backward_and_output_contract(config, rho, train_backbone):
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert all(g is None or torch.isfinite(g).all() for g in grads.values())
-    backbone = [g for n, g in grads.items() if n.startswith("backbone.")]
+    backbone = [g for n, g in grads.items() if n.startswith("tokens.backbone.")]
     assert bool(backbone) == train_backbone
     assert all(g is not None and g.abs().sum() > 0 for g in backbone[-10:])  # the loss reaches the backbone
-    assert grads["transformer.encoder.layers.0.self_attn.value_proj.weight"].abs().sum() > 0
-    assert grads["input_proj.3.0.weight"].abs().sum() > 0
+    assert grads["encoder.stack.layers.0.self_attn.value_proj.weight"].abs().sum() > 0
+    assert grads["tokens.input_proj.3.0.weight"].abs().sum() > 0
 
 
 @pytest.mark.parametrize("levels", [1, 2, 3])
 def test_fewer_feature_levels(levels):
     """L < 4: the last min(L, 3) backbone levels (C5 only for L = 1), no extra stride-2 level."""
     model, _, _ = _build("sparse_detr_r50_rho0.1", f"model.num_feature_levels={levels}", "model.num_queries=4")
-    assert [p[0].in_channels for p in model.input_proj] == [512, 1024, 2048][-levels:]
+    assert [p[0].in_channels for p in model.tokens.input_proj] == [512, 1024, 2048][-levels:]
     with torch.no_grad():
         out = model([torch.randn(3, 128, 96)])
     assert out["spatial_shapes"].tolist() == [[128 // s, 96 // s] for s in (8, 16, 32)][-levels:]
-    assert out["pred_boxes"].shape == (1, 4, 4) and out["kept_token_counts"].shape == (1,)
+    assert out["pred_boxes"].shape == (1, 4, 4) and out["selection"].counts.shape == (1,)
 
 
 def test_inference_outputs_and_input_forms():
@@ -134,12 +134,12 @@ def test_inference_outputs_and_input_forms():
         from_batch = model(batch, mask)  # image sizes unknown: k from the padded shape
         from_sized = model(batch, mask, image_sizes=[(64, 96), (96, 72)])
         maps = model(images, return_maps=True)
-    assert "dec_sampling_locations" not in from_list and from_list["scores"].shape[0] == 2
-    assert from_batch["kept_indices"].shape[1] >= from_sized["kept_indices"].shape[1]
+    assert "dec_sampling_locations" not in from_list and from_list["selection"].scores.shape[0] == 2
+    assert from_batch["selection"].indices.shape[1] >= from_sized["selection"].indices.shape[1]
     for other in (from_batch, from_sized):
         torch.testing.assert_close(other["pred_logits"], from_list["pred_logits"])
         torch.testing.assert_close(other["pred_boxes"], from_list["pred_boxes"])
-        assert torch.equal(other["kept_token_counts"], from_list["kept_token_counts"])
+        assert torch.equal(other["selection"].counts, from_list["selection"].counts)
     assert model.selector.target(maps, None).shape == from_list["padding_mask"].shape
 
 
@@ -212,7 +212,7 @@ def test_encoder_aux_heads_are_training_only():
     model, _, _ = _build("sparse_detr_r50_rho0.1", "model.train_backbone=false")
     images = [torch.randn(*s, generator=torch.Generator().manual_seed(3)) for s in IMAGES]
     calls = []
-    hook = model.class_embed[-1].register_forward_hook(lambda *a: calls.append(1))  # the last encoder aux head
+    hook = model.encoder.aux_class_embed[-1].register_forward_hook(lambda *a: calls.append(1))  # the last encoder aux head
     model.train()
     with torch.no_grad():
         train_out = model(images)

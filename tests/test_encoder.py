@@ -152,12 +152,12 @@ def test_scorer_learns_only_through_the_mask_loss(only_mask, tiny_sparse):
     weights = dict(criterion.weight_dict)
     weights = {"loss_mask": 1.0} if only_mask else {**weights, "loss_mask": 0.0}
     weighted_total(losses, weights).backward()
-    scorer = model.transformer.enc_mask_predictor
+    scorer = model.selector.enc_mask_predictor
     scorer_grads = [p.grad for p in scorer.parameters()]
     if only_mask:
         assert all(g is not None and g.abs().sum() > 0 for g in scorer_grads)
     else:  # every other loss reaches the rest of the model but not the scorer (selection is indices only)
         assert all(g is None or g.abs().sum() == 0 for g in scorer_grads)
-        assert model.transformer.encoder.layers[0].linear1.weight.grad.abs().sum() > 0
-        assert model.class_embed[0].weight.grad.abs().sum() > 0
-        assert model.backbone[0].body.stem[0][0].weight.grad.abs().sum() > 0
+        assert model.encoder.stack.layers[0].linear1.weight.grad.abs().sum() > 0
+        assert model.decoder.class_embed[0].weight.grad.abs().sum() > 0
+        assert model.tokens.backbone[0].body.stem[0][0].weight.grad.abs().sum() > 0

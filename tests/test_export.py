@@ -29,7 +29,8 @@ def _spread_class_head(model) -> None:
     """Random init gives every class logit ≈ the focal prior, so scores tie and the top-10 order is arbitrary;
     wider random class heads give distinct scores (what a trained model has)."""
     with torch.no_grad():
-        for head in {id(h): h for h in model.class_embed}.values():
+        heads = [model.queries.class_embed, *model.decoder.class_embed]  # the two-stage and the decoder heads
+        for head in {id(h): h for h in heads}.values():
             head.weight.normal_(0, 0.5)
             head.bias.normal_(-2.0, 1.0)
 

@@ -62,7 +62,7 @@ def test_os_head_is_trained_by_its_own_loss():
     # Only the `_backbone` terms reach the OS head: its gradient comes from them alone.
     backbone_only = sum(losses[k] * criterion.weight_dict[k] for k in losses if k.endswith("_backbone"))
     backbone_only.backward()
-    head = model.transformer.backbone_class_embed.weight
+    head = model.selector.backbone_class_embed.weight
     assert head.grad is not None and head.grad.abs().sum() > 0
 
 
@@ -76,8 +76,8 @@ def test_has_unused_parameters_tells_the_truth(config, extra, unused):
     missing = {id(p) for p in _step(model, criterion)}
     assert model.has_unused_parameters() == unused == bool(missing)
     if unused:  # only heads of decoder layers 0..Ld-2 (their refined boxes are detached), the class heads at least
-        class_heads = {id(p) for i in range(2) for p in model.class_embed[i].parameters()}
-        box_heads = {id(p) for i in range(2) for p in model.bbox_embed[i].parameters()}
+        class_heads = {id(p) for i in range(2) for p in model.decoder.class_embed[i].parameters()}
+        box_heads = {id(p) for i in range(2) for p in model.decoder.bbox_embed[i].parameters()}
         assert class_heads <= missing <= class_heads | box_heads
 
 

@@ -39,10 +39,7 @@ def _outputs(seed=0, budget=KeepBudget(0.2)):
     image_hw = [(math.ceil(fh * 40), math.ceil(fw * 50)) for fh, fw in VALID_HW]
     sel = select_under_budget(scores, pad, budget, SHAPES, canvas, image_hw)
     out = {"padding_mask": pad, "spatial_shapes": shapes, "level_start_index": starts,
-           "dec_sampling_locations": loc, "dec_attention_weights": weights, "kept_indices": sel.indices,
-           "kept_valid": sel.valid, "kept_token_counts": sel.counts}
-    if sel.level_counts is not None:
-        out["kept_level_counts"] = sel.level_counts
+           "dec_sampling_locations": loc, "dec_attention_weights": weights, "selection": sel}
     boxes = torch.rand(batch, 4, 4, generator=gen) * torch.tensor([0.8, 0.8, 0.5, 0.5]) + 0.1
     targets = [{"boxes": boxes[b, : b + 2], "orig_size": torch.tensor([200, 300])} for b in range(batch)]
     return out, targets
@@ -66,13 +63,13 @@ def _brute(out, targets):
     res = {k: [] for k in ("cov", "oracle", "t50", "t90")}
     hits = {"kept": [0, 0], "oracle": [0, 0]}
     fg = {"kept": [0, 0], "oracle": [0, 0]}
-    level_counts = out.get("kept_level_counts")
+    level_counts = out["selection"].level_counts
     for b in range(len(pad)):
         table = _token_table(pad[b])
         valid = [s for s in range(len(pad[b])) if not pad[b][s]]
-        kept = {int(i) for i, v in zip(out["kept_indices"][b], out["kept_valid"][b]) if v}
+        kept = {int(i) for i, v in zip(out["selection"].indices[b], out["selection"].valid[b]) if v}
         if level_counts is None:
-            k = int(out["kept_token_counts"][b])
+            k = int(out["selection"].counts[b])
             oracle = set(sorted(valid, key=lambda s: -dam[b][s])[:k])
         else:
             oracle = set()
@@ -118,13 +115,13 @@ def test_batched_instruments_equal_brute_force_loops(budget, seed):
     for name, value in want.items():
         assert got[name] == pytest.approx(value, abs=1e-6), name
     assert got["kept_fraction"] == pytest.approx(
-        (out["kept_token_counts"].double() / (~out["padding_mask"]).sum(1)).mean().item())
+        (out["selection"].counts.double() / (~out["padding_mask"]).sum(1)).mean().item())
 
 
 def test_oracle_bounds_every_selection_of_the_same_budget():
     out, _ = _outputs(3)
     dam = instrument_map(out)
-    pad, counts = out["padding_mask"], out["kept_token_counts"]
+    pad, counts = out["padding_mask"], out["selection"].counts
     oracle = selection_instruments(out).compute()["dam_oracle"]
     gen = torch.Generator().manual_seed(0)
     for _ in range(50):
@@ -177,7 +174,7 @@ def test_random_expectation_on_a_uniform_map_is_k_over_valid():
     pad = out["padding_mask"]
     uniform = (~pad).float()
     valid = (~pad).sum(1)
-    counts = out["kept_token_counts"]
+    counts = out["selection"].counts
     level_mass = uniform.sum(1, keepdim=True)
     expect = random_coverage(level_mass, valid[:, None], counts[:, None])
     assert torch.allclose(expect, counts.double().div(valid).float())

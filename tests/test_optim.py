@@ -172,9 +172,9 @@ def test_real_model_groups_and_scaled_lrs():
     # DETR's lr_linear_proj_names: every attention's offsets and the query reference points).
     from sparse_detr.models.ms_deform_attn import MSDeformAttn
 
-    backbone = {id(p) for p in model.backbone[0].parameters()}
+    backbone = {id(p) for p in model.tokens.backbone[0].parameters()}
     proj_modules = [m.sampling_offsets for m in model.modules() if isinstance(m, MSDeformAttn)]
-    proj_modules.append(model.transformer.reference_points)
+    proj_modules.append(model.queries.reference_points)
     linear_proj = {id(p) for m in proj_modules for p in m.parameters()}
     seen = {"default": 0, "backbone": 0, "linear_proj": 0}
     for name, p in model.named_parameters():

@@ -66,7 +66,7 @@ def test_encoder_losses_count_every_token_and_slot_only_when_official(mode):
     for name, value in zip(("loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"), expected):
         assert losses[name].item() == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
-    counts = out["kept_token_counts"]
+    counts = out["selection"].counts
     assert counts[0] != counts[1]
     for i, aux in enumerate(out["enc_aux_outputs"]):
         k = aux["pred_logits"].shape[1]

@@ -38,9 +38,9 @@ class _EncoderSpy:
 
     def __init__(self, model):
         self.before, self.hooks = [], []
-        for layer in model.transformer.encoder.layers:
+        for layer in model.encoder.stack.layers:
             self.hooks.append(layer.register_forward_hook(self._record))
-        self.hooks.append(model.transformer.encoder.register_forward_hook(self._final))
+        self.hooks.append(model.encoder.stack.register_forward_hook(self._final))
 
     def _record(self, module, args, output):
         self.before.append(args[3].detach().clone())  # `value`: the full map this layer reads
@@ -63,12 +63,12 @@ def test_every_criterion_forward_criterion_backward(config, criterion_name):
     pad = out["padding_mask"]
     valid = (~pad).sum(1)
     expected = [math.floor(0.1 * int(v)) + 1 for v in valid]
-    assert out["kept_token_counts"].tolist() == expected == out["kept_valid"].sum(1).tolist()
-    assert not pad.gather(1, out["kept_indices"])[out["kept_valid"]].any()  # padding never kept
+    assert out["selection"].counts.tolist() == expected == out["selection"].valid.sum(1).tolist()
+    assert not pad.gather(1, out["selection"].indices)[out["selection"].valid].any()  # padding never kept
 
     # Tokens a layer does not keep are bit-identical before and after it.
     maps = spy.before + [spy.after_last]
-    for i, (indices, slot_valid) in enumerate(zip(out["kept_indices_per_layer"], out["kept_valid_per_layer"])):
+    for i, (indices, slot_valid) in enumerate(zip(out["selection"].layer_indices, out["selection"].layer_valid)):
         kept = torch.zeros_like(pad).scatter_(1, indices, slot_valid)
         assert torch.equal(maps[i + 1][~kept], maps[i][~kept])
         assert (maps[i + 1][kept] - maps[i][kept]).abs().amax(-1).min() > 0  # and every kept token changed
@@ -76,20 +76,20 @@ def test_every_criterion_forward_criterion_backward(config, criterion_name):
     losses = criterion(out, TARGETS)
     own = set(model.selector.loss_weights(1, 1, 1, 1))
     assert own <= set(losses) and own <= set(criterion.weight_dict)
-    scorer = list(model.transformer.enc_mask_predictor.parameters()) if hasattr(
-        model.transformer, "enc_mask_predictor") else []
+    scorer = list(model.selector.enc_mask_predictor.parameters()) if hasattr(
+        model.selector, "enc_mask_predictor") else []
     assert bool(scorer) == (criterion_name in ("dam", "foreground", "salience"))
     # Every loss but the selector's own: no gradient reaches the scorer (selection passes indices only).
     others = {k: w for k, w in criterion.weight_dict.items() if k not in own}
     weighted_total(losses, others).backward(retain_graph=True)
     assert all(p.grad is None or not p.grad.any() for p in scorer)
-    assert model.transformer.encoder.layers[0].linear1.weight.grad.abs().sum() > 0
+    assert model.encoder.stack.layers[0].linear1.weight.grad.abs().sum() > 0
     if "loss_mask" in own:  # and its own loss does reach it
         model.zero_grad(set_to_none=True)
         losses["loss_mask"].backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in scorer)
     if criterion_name == "random":
-        assert not model.selector.modules and not own
+        assert not list(model.selector.parameters()) and not own
 
 
 def _padded_mask(sizes, canvas, shapes):
@@ -183,12 +183,12 @@ def test_random_selection_is_uniform_over_valid_tokens_and_seeded():
         draws = 120
         for _ in range(draws):
             out = model(image)
-            hits += torch.zeros_like(hits).scatter_(1, out["kept_indices"], out["kept_valid"].double())
+            hits += torch.zeros_like(hits).scatter_(1, out["selection"].indices, out["selection"].valid.double())
         torch.manual_seed(3)
         again = model(image)
-    assert torch.equal(first["kept_indices"], again["kept_indices"])  # same seed, same tokens
+    assert torch.equal(first["selection"].indices, again["selection"].indices)  # same seed, same tokens
     pad = first["padding_mask"]
-    counts = first["kept_token_counts"]
+    counts = first["selection"].counts
     for b in range(2):
         assert hits[b][pad[b]].sum() == 0
         observed = hits[b][~pad[b]]
@@ -201,18 +201,18 @@ def test_rho_levels_keep_the_requested_count_per_level():
     out = model(_images())
     pad, shapes = out["padding_mask"], out["spatial_shapes"].tolist()
     levels = torch.repeat_interleave(torch.arange(len(shapes)), out["spatial_shapes"].prod(1))
-    kept = torch.zeros_like(pad).scatter_(1, out["kept_indices"], out["kept_valid"])
+    kept = torch.zeros_like(pad).scatter_(1, out["selection"].indices, out["selection"].valid)
     for b in range(2):
         for lvl, rho in enumerate(cfg.model.rho_levels):
             valid = int((~pad[b] & (levels == lvl)).sum())
             assert int((kept[b] & (levels == lvl)).sum()) == min(valid, math.floor(rho * valid) + 1)
-            assert int(out["kept_level_counts"][b, lvl]) == min(valid, math.floor(rho * valid) + 1)
+            assert int(out["selection"].level_counts[b, lvl]) == min(valid, math.floor(rho * valid) + 1)
     assert not (kept & pad).any()
-    assert out["kept_valid"].sum(1).tolist() == out["kept_token_counts"].tolist()
-    assert torch.equal(out["kept_valid"], torch.arange(out["kept_valid"].shape[1]) < out["kept_token_counts"][:, None])
+    assert out["selection"].valid.sum(1).tolist() == out["selection"].counts.tolist()
+    assert torch.equal(out["selection"].valid, torch.arange(out["selection"].valid.shape[1]) < out["selection"].counts[:, None])
     target = model.selector.target(out, TARGETS)  # the DAM target follows the same per-level budget
     for lvl in range(len(shapes)):
-        assert ((target.bool() & (levels == lvl)).sum(1) == out["kept_level_counts"][:, lvl]).all()
+        assert ((target.bool() & (levels == lvl)).sum(1) == out["selection"].level_counts[:, lvl]).all()
     weighted_total(criterion(out, TARGETS), criterion.weight_dict).backward()
 
 
@@ -223,14 +223,14 @@ def test_rho_layers_cascade_nests_and_costs_less():
     out = model(_images())
     valid = (~out["padding_mask"]).sum(1)
     sets = []
-    for rho, indices, slot_valid in zip(cfg.model.rho_layers, out["kept_indices_per_layer"],
-                                        out["kept_valid_per_layer"]):
+    for rho, indices, slot_valid in zip(cfg.model.rho_layers, out["selection"].layer_indices,
+                                        out["selection"].layer_valid):
         assert slot_valid.sum(1).tolist() == [math.floor(rho * int(v)) + 1 for v in valid]
         sets.append([set(indices[b][slot_valid[b]].tolist()) for b in range(2)])
     for inner, outer in zip(sets[1:], sets):
         assert all(i < o for i, o in zip(inner, outer))  # strictly inside the previous layer's set
     assert [a["pred_logits"].shape[1] for a in out["enc_aux_outputs"]] == [
-        i.shape[1] for i in out["kept_indices_per_layer"][:-1]]
+        i.shape[1] for i in out["selection"].layer_indices[:-1]]
     weighted_total(criterion(out, TARGETS), criterion.weight_dict).backward()
 
     _, flat, _, _ = _build("demo_synthetic", "model.rho=0.4")
@@ -275,13 +275,13 @@ def test_dam_criterion_end_to_end_against_loops(scorer_padding):
             if 0 <= cx < width and 0 <= cy < height:
                 dam[b, starts[lvl] + cy * width + cx] += float(attn[b, i, q, h, lvl, p]) * (1 - abs(x - cx)) * (
                     1 - abs(y - cy))
-    logits = out["scores"].detach().double()
+    logits = out["selection"].scores.detach().double()
     fill = logits.min().item()
     per_image = []
     for b in range(B):
         valid = [s for s in range(pad.shape[1]) if not pad[b, s]]
         k = math.floor(0.1 * len(valid)) + 1  # Sec. 3.2: k_b = floor(rho * valid_b) + 1
-        assert int(out["kept_token_counts"][b]) == k
+        assert int(out["selection"].counts[b]) == k
         top = set(sorted(valid, key=lambda s: -dam[b, s].item())[:k])
         tokens = range(pad.shape[1]) if scorer_padding == "official" else valid
         terms = []
@@ -348,7 +348,7 @@ def test_the_readme_example_adds_a_working_criterion(registry):
     out = model(_images())
     losses = criterion(out, TARGETS)
     weighted_total(losses, criterion.weight_dict).backward()
-    assert model.selector.scorer.layer1[1].weight.grad.abs().sum() > 0  # its scorer learns from loss_mask
+    assert model.selector.enc_mask_predictor.layer1[1].weight.grad.abs().sum() > 0  # its scorer learns from loss_mask
     target = model.selector.target(out, TARGETS)
     foreground = foreground_target(out["padding_mask"], out["spatial_shapes"], out["level_start_index"], TARGETS)
     assert target.sum() > 0 and (target <= foreground).all()  # the inner half of the foreground

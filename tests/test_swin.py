@@ -231,7 +231,7 @@ def test_swin_t_sparse_detr_forward_backward_on_two_sizes():
     batch = math.ceil(90 / 4)  # 90×90 padded batch → stem 23×23 → levels 12, 6, 3 (+ 2 from input_proj.3)
     expected = [[math.ceil(batch / 2 ** k)] * 2 for k in (1, 2, 3)] + [[2, 2]]
     assert out["spatial_shapes"].tolist() == expected
-    grads = dict(model.named_parameters())
+    grads = model.state_dict(keep_vars=True)  # official names
     for name in ("backbone.0.body.norm1.weight", "backbone.0.body.features.3.0.attn.qkv.weight",
                  "backbone.0.body.features.7.1.mlp.3.weight", "input_proj.0.0.weight"):
         grad = grads[name].grad
@@ -332,7 +332,7 @@ def test_format_1_swin_t_checkpoint_is_torchvision_swin_and_loads(tmp_path):
     tv.eval()
     x = torch.randn(1, 3, 100, 120)
     with torch.no_grad():
-        ours = fresh.backbone[0].body(x)
+        ours = fresh.tokens.backbone[0].body(x)
         y = tv.features(x)
     torch.testing.assert_close(ours[-1], y.permute(0, 3, 1, 2))
 

@@ -283,7 +283,7 @@ def test_training_and_evaluation_give_the_model_the_unpadded_image_sizes(data_ro
         valid = (~out["padding_mask"]).sum(1).tolist()  # the tokens of each image, counted off the mask
         calls.append({"training": self.training, "sizes": image_sizes,
                       "extents": [(int((~m).any(1).sum()), int((~m).any(0).sum())) for m in mask],
-                      "k": out["kept_indices"].shape[1],
+                      "k": out["selection"].indices.shape[1],
                       # Sec. 3: floor(rho * valid) + 1 tokens per image; k must hold the largest image's ...
                       "k_needed": max(math.floor(self.selector.budget.rho * v) + 1 for v in valid),
                       # ... and, bounded by the canvas only, it would be that of a full canvas.

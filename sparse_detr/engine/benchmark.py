@@ -49,18 +49,20 @@ __all__ = ["BenchmarkOptions", "PARTS", "load_images", "count_parameters", "coun
            "measure_train_step", "benchmark_config", "benchmark_configs", "add_ratios"]
 
 PARTS = ("backbone", "selector", "encoder", "decoder", "heads", "enc_aux_heads", "other")
-# Module-name prefixes (as `named_modules` spells them) -> part. A module registered under several names (the
-# heads are aliased under transformer.decoder / transformer.encoder for the checkpoint layout) takes the part
-# that comes first in PARTS_PRIORITY, so a head is a head wherever it is called from.
+# Module-name prefixes (as `named_modules` spells them) -> part. A module reachable under several names (a shared
+# head fills every head slot) takes the part that comes first in PARTS_PRIORITY, so a head is a head wherever it
+# is called from. The proposal projection (enc_output) is in no part: "other", as the official code's own lines.
 PART_PREFIXES = {
-    "backbone": "backbone",
-    "input_proj": "encoder", "transformer.encoder": "encoder",
-    "transformer.decoder": "decoder", "transformer.pos_trans": "decoder", "transformer.pos_trans_norm": "decoder",
-    "transformer.reference_points": "decoder", "query_embed": "decoder",
-    "class_embed": "heads", "bbox_embed": "heads",
+    "tokens.backbone": "backbone",
+    "tokens.input_proj": "encoder", "encoder.stack": "encoder", "encoder.selector": "selector",
+    "decoder.stack": "decoder", "queries.pos_trans": "decoder", "queries.pos_trans_norm": "decoder",
+    "queries.reference_points": "decoder", "queries.query_embed": "decoder",
+    "decoder.class_embed": "heads", "decoder.bbox_embed": "heads", "queries.class_embed": "heads",
+    "queries.bbox_embed": "heads", "encoder.aux_class_embed": "heads", "encoder.aux_bbox_embed": "heads",
 }
 PARTS_PRIORITY = ("selector", "heads", "backbone", "encoder", "decoder")
-HEAD_LISTS = ("class_embed", "bbox_embed", "backbone_class_embed", "backbone_bbox_embed")
+HEADS = ("decoder.class_embed", "decoder.bbox_embed", "queries.class_embed", "queries.bbox_embed",
+         "encoder.aux_class_embed", "encoder.aux_bbox_embed")
 
 
 @dataclass
@@ -115,17 +117,19 @@ def _modules_that_run(model: nn.Module) -> Iterator[set[int]]:
             h.remove()
 
 
-def _training_only_heads(model: nn.Module) -> set[int]:
-    """ids of the encoder aux heads: the heads the detector also registers under transformer.encoder.* (they
-    only feed the encoder aux losses), unless the same object also fills a decoder slot (one shared head)."""
+def _head_modules(model: nn.Module, names: Sequence[str] = HEADS) -> dict[int, nn.Module]:
+    """id -> head module for the head slots ``names`` (a ModuleList slot gives each of its heads)."""
     modules = dict(model.named_modules(remove_duplicate=False))
-    aux: set[int] = set()
-    for kind in ("class_embed", "bbox_embed"):
-        alias, full = modules.get(f"transformer.encoder.{kind}"), modules.get(kind)
-        if isinstance(alias, nn.ModuleList) and isinstance(full, nn.ModuleList):
-            other_slots = {id(m) for m in list(full)[:len(full) - len(alias)]}
-            aux.update(id(m) for m in alias if id(m) not in other_slots)
-    return aux
+    found = [modules[n] for n in names if n in modules]
+    return {id(h): h for m in found for h in (m if isinstance(m, nn.ModuleList) else [m])}
+
+
+def _training_only_heads(model: nn.Module) -> set[int]:
+    """ids of the encoder aux heads (they only feed the encoder aux losses), unless the same object also fills a
+    decoder or two-stage slot (one shared head)."""
+    aux = _head_modules(model, ("encoder.aux_class_embed", "encoder.aux_bbox_embed"))
+    other = _head_modules(model, [n for n in HEADS if not n.startswith("encoder.")])
+    return set(aux) - set(other)
 
 
 def count_parameters(model: nn.Module, ran: set[int]) -> dict[str, int]:
@@ -134,10 +138,7 @@ def count_parameters(model: nn.Module, ran: set[int]) -> dict[str, int]:
     one, as `count_flops` returns them)."""
     unique = {id(p): p for p in model.parameters()}
     aux = _training_only_heads(model)
-    heads = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if name.split(".")[-1] in HEAD_LISTS and isinstance(module, nn.ModuleList):
-            heads.update((id(h), h) for h in module)
+    heads = _head_modules(model)
     used = {id(p) for k, h in heads.items() if k in ran and k not in aux for p in h.parameters()}
     unused = {id(p): p for k, h in heads.items() for p in h.parameters() if id(p) not in used}
     total = sum(p.numel() for p in unique.values())
@@ -148,10 +149,8 @@ def count_parameters(model: nn.Module, ran: set[int]) -> dict[str, int]:
 def _module_parts(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
     """id -> (module, part) for every module under a PART_PREFIXES entry (all names of aliased modules)."""
     found: dict[int, tuple[nn.Module, list[str]]] = {}
-    selector = getattr(model, "selector", None)  # its modules sit under transformer.<name> (selection.py)
-    prefixes = dict(PART_PREFIXES, **{f"transformer.{n}": "selector" for n in (selector.modules if selector else ())})
     for name, module in model.named_modules(remove_duplicate=False):
-        for prefix, part in prefixes.items():
+        for prefix, part in PART_PREFIXES.items():
             if name == prefix or name.startswith(prefix + "."):
                 found.setdefault(id(module), (module, []))[1].append(part)
     rank = {p: i for i, p in enumerate(PARTS_PRIORITY)}
@@ -201,7 +200,7 @@ def _count_one(model: nn.Module, image: Tensor) -> dict:
         finally:
             split = parts.close()
     counts = counter.get_flop_counts()["Global"]
-    kept = out.get("kept_token_counts")
+    kept = out["selection"].counts if out.get("selection") is not None else None
     return {"total": counter.get_total_flops(), "op": sum(counts.get(p, 0) for p in op_flops.OP_PACKETS),
             "parts": split, "tokens": int(out["padding_mask"].shape[1]), "ran": ran,
             "kept": float(kept.float().mean()) if kept is not None else None}

@@ -65,9 +65,9 @@ def _selections(out: dict, target: Optional[dict], reference_rho: float, generat
     """(1, S) kept masks of the selections (module docstring) at the model's budget (a dense one: reference_rho)."""
     pad, shapes, starts = out["padding_mask"], out["spatial_shapes"], out["level_start_index"]
     num_tokens = pad.shape[1]
-    level_counts = out.get("kept_level_counts")
-    counts = out["kept_token_counts"] if "kept_token_counts" in out else _counts((~pad).sum(1), reference_rho,
-                                                                                  num_tokens)
+    selection = out.get("selection")
+    level_counts = selection.level_counts if selection is not None else None
+    counts = selection.counts if selection is not None else _counts((~pad).sum(1), reference_rho, num_tokens)
     levels = token_levels(shapes, num_tokens)
 
     def top(values: torch.Tensor) -> torch.Tensor:
@@ -76,8 +76,8 @@ def _selections(out: dict, target: Optional[dict], reference_rho: float, generat
         return top_count_mask(values, pad, level_counts, levels, starts)
 
     chosen = {}
-    if "kept_indices" in out:
-        chosen["own"] = torch.zeros_like(pad).scatter_(1, out["kept_indices"], out["kept_valid"])
+    if selection is not None:
+        chosen["own"] = torch.zeros_like(pad).scatter_(1, selection.indices, selection.valid)
     chosen["DAM oracle"] = top(instrument_map(out))
     chosen["random"] = top(torch.rand(pad.shape, generator=generator).to(pad.device))
     if target is not None:

@@ -10,10 +10,24 @@ from __future__ import annotations
 import statistics
 from typing import Optional
 
+from sparse_detr.config import ModelConfig
+from sparse_detr.models.selection import SELECTORS
+
 __all__ = ["summarize", "results_markdown", "plot_pareto", "selection_markdown", "plot_selection",
            "paired_differences", "paired_markdown"]
 
-MARKERS = {"dam": "o", "os": "s", "foreground": "^", "salience": "D", "random": "X"}
+MARKER_CYCLE = "os^DXv<>ph"  # by registration order of the criteria (selection.SELECTORS); "P" for other labels
+
+
+def marker(target: str, other: str = "P") -> str:
+    """The plot marker of a criterion: fixed by its place in the registry, so every report draws it alike."""
+    names = list(SELECTORS)
+    return MARKER_CYCLE[names.index(target) % len(MARKER_CYCLE)] if target in names else other
+
+
+def _reference_targets() -> tuple[str, ...]:
+    """The paired differences' references: the dense run and the default criterion (``ModelConfig``'s)."""
+    return ("dense", ModelConfig.__dataclass_fields__["scorer_target"].default)
 SUMMARY_KEYS = ("AP", "AP50", "AP_s", "AP_m", "AP_l", "gflops", "encoder_gflops", "cpu_fps", "train_seconds")
 
 
@@ -99,7 +113,7 @@ def paired_markdown(records: list[dict]) -> str:
     per-seed values."""
     targets = list(dict.fromkeys(r["target"] for r in records if r.get("status") == "done"))
     lines = []
-    refs = [r for r in ("dense", "dam") if r in targets]
+    refs = [r for r in _reference_targets() if r in targets]
     for i, ref in enumerate(refs):
         for t in targets:
             if t == ref or t in refs[:i]:  # each pair once: dam − dense is among the rows against dense
@@ -215,7 +229,7 @@ def plot_selection(records: list[dict], path: str, title: str = "") -> None:
             pts = [(r["selection"].get(key), 100 * r["AP"]) for r in done if r["target"] == t
                    and r.get("selection") and r["selection"].get(key) is not None and r.get("AP") is not None]
             if pts:
-                ax.scatter(*zip(*pts), label=t, color=colors[t], marker=MARKERS.get(t, "P"), s=36)
+                ax.scatter(*zip(*pts), label=t, color=colors[t], marker=marker(t), s=36)
         ax.set(xlabel=name, ylabel="AP (%)", title=f"AP against {name} (one point per run)")
         ax.grid(alpha=0.3)
         _legend(ax)
@@ -256,7 +270,7 @@ def plot_pareto(records: list[dict], path: str, title: str = "") -> None:
         ax = axes[0][0]
         for target in dict.fromkeys(r["target"] for r in rows):
             pts = sorted((r["rho"], r["gflops"][0]) for r in rows if r["target"] == target)
-            ax.plot(*zip(*pts), marker=MARKERS.get(target, "o"), label=target)
+            ax.plot(*zip(*pts), marker=marker(target, "o"), label=target)
         ax.set(xlabel="keep ratio ρ", ylabel="GFLOPs", title="cost per image")
         ax.legend()
     targets = list(dict.fromkeys(r["target"] for r in rows if r["target"] != "dense"))
@@ -279,7 +293,7 @@ def plot_pareto(records: list[dict], path: str, title: str = "") -> None:
                 ax.errorbar(x, y, yerr=err, fmt="*", color="black", ms=11, capsize=3)
                 continue
             label = target if len(pts) > 1 else f"{target} (ρ={pts[0]['rho']:g})"
-            line = ax.errorbar(x, y, yerr=err, marker=MARKERS.get(target, "P"), ms=7, capsize=3, lw=1,
+            line = ax.errorbar(x, y, yerr=err, marker=marker(target), ms=7, capsize=3, lw=1,
                                label=label)
             for r, xi, yi in zip(pts if len(pts) > 1 else [], x, y):  # a single point: ρ is in the legend
                 ax.annotate(f"ρ={r['rho']:g}", (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=7,

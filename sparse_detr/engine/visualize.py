@@ -185,7 +185,8 @@ def make_panels(model: nn.Module, postprocessor: nn.Module, image: Union[Image.I
     panels = {"detections": draw_detections(picture, det, score_thresh, label_map, target)}
 
     shapes = out["spatial_shapes"]
-    scores = out.get("mask_logits", out.get("scores"))
+    selection = out.get("selection")
+    scores = selection.scores if selection is not None else None
     if scores is None:
         note = "dense encoder (rho = 0):\nno token scorer,\nevery token is updated"
         panels["saliency"] = _note_panel(picture, note)
@@ -199,7 +200,7 @@ def make_panels(model: nn.Module, postprocessor: nn.Module, image: Union[Image.I
             panels[f"saliency L{lvl} ({grid.shape[0]}x{grid.shape[1]})"] = _blend(
                 picture, heat, np.full(heat.shape[:2], 0.65, np.float32))
         previous = None
-        for layer, (indices, valid) in enumerate(zip(out["kept_indices_per_layer"], out["kept_valid_per_layer"])):
+        for layer, (indices, valid) in enumerate(zip(selection.layer_indices, selection.layer_valid)):
             count = int(valid[0].sum())
             if count == previous:  # the same set as the layer before (no cascade): one panel for all of them
                 continue

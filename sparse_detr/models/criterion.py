@@ -26,7 +26,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from sparse_detr.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from sparse_detr.models.matcher import FlatMatch, HungarianMatcher, MatchIndices, flatten_indices
-from sparse_detr.models.selection import TokenSelector
+from sparse_detr.models.selection import SelectorLosses, TokenSelector
 
 def build_weight_dict(cls: float = 2.0, bbox: float = 5.0, giou: float = 2.0, num_dec_layers: int = 6,
                       num_enc_aux: int = 0, two_stage: bool = False) -> dict[str, float]:
@@ -78,7 +78,8 @@ class SetCriterion(nn.Module):
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, class_agnostic_enc: bool = False,
                  selector: Optional[TokenSelector] = None):
         super().__init__()
-        self.selector = selector
+        # Only its loss interface: the selector's modules belong to the model, not to the criterion.
+        self.selector_losses = selector.losses if selector is not None else None
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
@@ -161,8 +162,9 @@ class SetCriterion(nn.Module):
         for i, enc_aux in enumerate(outputs.get("enc_aux_outputs") or []):
             heads.append((enc_aux, targets, f"_enc_aux_{i}", False))
 
-        if self.selector is not None:  # the selector's Hungarian-trained heads (selection.py)
-            heads += [(head, targets, suffix, False) for suffix, head in self.selector.matched_heads(outputs)]
+        # The selector's share (selection.py): its loss terms and the heads it trains by the Hungarian loss.
+        selector_losses = self.selector_losses(outputs, targets) if self.selector_losses else SelectorLosses()
+        heads += [(head, targets, suffix, False) for suffix, head in selector_losses.matched]
 
         matches = self.matcher.match_heads([h[0] for h in heads], targets, [h[3] for h in heads])
         losses = {}
@@ -173,8 +175,7 @@ class SetCriterion(nn.Module):
                 with torch.no_grad():
                     losses["stat_class_error"] = self._class_error(outputs["pred_logits"], *matched)
 
-        if self.selector is not None:
-            losses.update(self.selector.losses(outputs, targets))
+        losses.update(selector_losses.terms)
 
         if not self._checked_keys:
             self._warn_unweighted(losses)

@@ -1,8 +1,9 @@
 """Deformable DETR decoder with iterative box refinement (Deformable DETR Sec. 4.1, App. A.4).
 
 Post-norm layers: self-attention → norm2, deformable cross-attention → norm1, FFN → norm3 (official names).
-The box heads belong to the detector and are passed in; with refinement, layer l+1 attends around layer l's
-detached boxes. For the DAM (Sparse DETR Sec. 3.2) it can return every layer's sampling locations and weights.
+``Decoder`` is the layer stack (box heads passed in); ``DecoderStage`` owns it with one class and one box head per
+layer. With refinement, layer l+1 attends around layer l's detached boxes. For the DAM (Sparse DETR Sec. 3.2) it
+can return every layer's sampling locations and weights.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from torch import Tensor, nn
 
 from sparse_detr.box_ops import inverse_sigmoid
 from sparse_detr.models.ms_deform_attn import MSDeformAttn
+from sparse_detr.models.queries import Queries
+from sparse_detr.models.tokens import Tokens
 
-__all__ = ["DecoderLayer", "Decoder", "DecoderOutput", "refine_boxes"]
+__all__ = ["DecoderLayer", "Decoder", "DecoderOutput", "DecoderStage", "refine_boxes"]
 
 
 def refine_boxes(delta: Tensor, reference: Tensor) -> Tensor:
@@ -119,3 +122,38 @@ class Decoder(nn.Module):
             sampling_locations=torch.stack(locations, dim=1) if return_sampling else None,
             attention_weights=torch.stack(weights, dim=1) if return_sampling else None,
         )
+
+
+class DecoderStage(nn.Module):
+    """Queries + memory → the decoder layers → per-layer class logits and boxes.
+
+    class_embed / bbox_embed: one head per decoder layer (the same module repeated when the heads are shared);
+    aux_loss: also return the outputs of every layer but the last (``aux_outputs``).
+    """
+
+    def __init__(self, stack: Decoder, class_embed: nn.ModuleList, bbox_embed: nn.ModuleList,
+                 aux_loss: bool = True) -> None:
+        super().__init__()
+        if not len(class_embed) == len(bbox_embed) == len(stack.layers):
+            raise ValueError(f"the decoder has {len(stack.layers)} layers but {len(class_embed)} class heads and "
+                             f"{len(bbox_embed)} box heads")
+        self.stack, self.class_embed, self.bbox_embed, self.aux_loss = stack, class_embed, bbox_embed, aux_loss
+
+    @property
+    def has_unused_parameters(self) -> bool:
+        """Whether DDP needs ``find_unused_parameters``: only refinement without aux loss leaves heads unused."""
+        return self.stack.refine and not self.aux_loss and len(self.stack.layers) > 1
+
+    def forward(self, queries: Queries, memory: Tensor, tok: Tokens, return_sampling: bool = False) -> dict:
+        """memory (B, S, d) → {pred_logits (B, Q, K), pred_boxes (B, Q, 4), aux_outputs (aux_loss),
+        dec_sampling_locations (B, Ld, Q, H, L, P, 2), dec_attention_weights (B, Ld, Q, H, L, P) (return_sampling)}."""
+        dec = self.stack(queries.tgt, queries.query_pos, queries.reference, memory, tok.spatial_shapes,
+                         tok.level_start_index, tok.valid_ratios, tok.padding_mask, list(self.bbox_embed),
+                         return_sampling=return_sampling)
+        logits = [head(hidden) for head, hidden in zip(self.class_embed, dec.hidden)]
+        out = {"pred_logits": logits[-1], "pred_boxes": dec.boxes[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], dec.boxes)]
+        if return_sampling:  # the DAM's inputs
+            out["dec_sampling_locations"], out["dec_attention_weights"] = dec.sampling_locations, dec.attention_weights
+        return out

@@ -1,18 +1,22 @@
-"""The (sparse) deformable encoder (Sparse DETR Sec. 3.3) and the token geometry it needs: grid proposals,
-the scorer / two-stage input features, reference points, gather / scatter of the kept tokens."""
+"""The encoder stage (Sparse DETR Sec. 3.2-3.3): grid proposals, the token selector it owns, the (sparse)
+deformable encoder layers and their aux heads; and the token geometry it needs (reference points, gather /
+scatter of the kept tokens)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from sparse_detr.models.ms_deform_attn import MSDeformAttn
+from sparse_detr.models.selection import Selection, TokenSelector
+from sparse_detr.models.tokens import Tokens
 
 __all__ = [
     "grid_proposals", "proposal_features", "dense_reference_points", "gather_tokens", "scatter_tokens",
-    "EncoderLayer", "SparseEncoder",
+    "EncoderLayer", "SparseEncoder", "ProposalProjection", "Encoded", "EncoderStage",
 ]
 
 
@@ -153,3 +157,92 @@ class SparseEncoder(nn.Module):
                     "valid": layer_valid[i],
                 })
         return memory, aux_outputs
+
+
+class ProposalProjection(nn.Module):
+    """``enc_output_norm(enc_output(x))`` with invalid tokens zeroed first: the input of the token selector (on the
+    backbone tokens) and of the two-stage head (on the encoder memory), one set of weights shared by both."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.enc_output, self.enc_output_norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
+
+    def forward(self, tokens: Tensor, valid: Tensor) -> Tensor:
+        """tokens (B, S, d), valid (B, S) → (B, S, d)."""
+        return proposal_features(tokens, valid, self.enc_output, self.enc_output_norm)
+
+
+@dataclass
+class Encoded:
+    """memory (B, S, d); proposals (B, S, 4) grid-proposal logits and proposal_valid (B, S), or None without a
+    proposal projection; selection or None (dense); aux_outputs: per encoder layer but the last {pred_logits
+    (B, k_i, K), pred_boxes (B, k_i, 4), valid (B, k_i)} (training with aux heads), else empty."""
+
+    memory: Tensor
+    proposals: Optional[Tensor]
+    proposal_valid: Optional[Tensor]
+    selection: Optional[Selection]
+    aux_outputs: list[dict[str, Tensor]]
+
+    def outputs(self) -> dict:
+        """The detector's output entries of this stage: ``selection``, ``enc_aux_outputs``."""
+        out: dict = {"selection": self.selection} if self.selection is not None else {}
+        return out | ({"enc_aux_outputs": self.aux_outputs} if self.aux_outputs else {})
+
+
+class EncoderStage(nn.Module):
+    """Tokens → grid proposals → the selector's kept set → the encoder layers over it (dense without a selector) →
+    memory, with aux heads on each layer's kept tokens (Sparse DETR Sec. 3.2-3.3).
+
+    stack: the layers; selector: None = dense; proposal_proj: the selector's input projection (two-stage models);
+    aux_class_embed / aux_bbox_embed: one head per layer but the last (``use_enc_aux_loss``), run in training only;
+    enc_loss_padding "official": an aux head's loss counts every slot up to the batch's largest k_b.
+    """
+
+    def __init__(self, stack: SparseEncoder, selector: Optional[TokenSelector] = None,
+                 proposal_proj: Optional[ProposalProjection] = None, aux_class_embed: Optional[nn.ModuleList] = None,
+                 aux_bbox_embed: Optional[nn.ModuleList] = None, enc_loss_padding: str = "official") -> None:
+        super().__init__()
+        if selector is not None and proposal_proj is None:
+            raise ValueError("a sparse encoder needs two_stage (the selector shares enc_output with the two-stage head)")
+        if (aux_class_embed is not None) != (aux_bbox_embed is not None):
+            raise ValueError("encoder aux heads need both class and box heads")
+        if aux_class_embed is not None and selector is None:
+            raise ValueError("use_enc_aux_loss needs a sparse encoder (the aux heads score the kept tokens)")
+        if enc_loss_padding not in ("official", "exclude"):
+            raise ValueError(f"enc_loss_padding must be 'official' or 'exclude', got {enc_loss_padding!r}")
+        self.stack, self.selector, self.proposal_proj = stack, selector, proposal_proj
+        self.aux_class_embed, self.aux_bbox_embed = aux_class_embed, aux_bbox_embed
+        self.enc_loss_padding = enc_loss_padding
+
+    @property
+    def needs_decoder_sampling(self) -> bool:
+        """Whether the selector's training target reads the decoder's sampling (the DAM)."""
+        return self.selector is not None and self.selector.needs_decoder_sampling
+
+    def _select(self, tok: Tokens, proposals: Optional[Tensor], valid: Optional[Tensor]) -> Optional[Selection]:
+        if self.selector is None:
+            return None
+        features = self.proposal_proj(tok.src + tok.pos, valid) if self.selector.needs_features else None
+        selection = self.selector(features, proposals, tok.padding_mask, tok.shapes, tok.canvas_hw, tok.image_hw)
+        return selection.for_layers(len(self.stack.layers))
+
+    def forward(self, tok: Tokens) -> Encoded:
+        pad = tok.padding_mask
+        proposals = valid = None
+        if self.proposal_proj is not None:
+            proposals, valid = grid_proposals(pad, tok.shapes)
+        selection = self._select(tok, proposals, valid)
+        aux_heads = None
+        if self.aux_class_embed is not None and self.training:  # they only feed losses
+            aux_heads = (list(self.aux_class_embed), list(self.aux_bbox_embed))
+        memory, aux = self.stack(tok.src, tok.pos, dense_reference_points(tok.shapes, tok.valid_ratios),
+                                 tok.spatial_shapes, tok.level_start_index, pad,
+                                 kept_indices=None if selection is None else selection.indices,
+                                 layer_valid=None if selection is None else selection.layer_valid,
+                                 proposals=proposals, aux_heads=aux_heads)
+        if aux and self.enc_loss_padding == "official":  # every slot up to the batch's largest k_b (official k)
+            for head, (k_i, counts) in zip(aux, selection.layers):
+                slots = torch.arange(k_i, device=pad.device)[None, :] < counts.max()
+                head["valid"] = slots.expand(pad.shape[0], -1)
+        return Encoded(memory, proposals, valid, selection, aux)

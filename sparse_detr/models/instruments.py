@@ -204,7 +204,7 @@ def selection_instruments(outputs: dict, targets: Optional[Sequence[dict]] = Non
                           reference_rho: float = REFERENCE_RHO, kept: Optional[Tensor] = None) -> InstrumentMeter:
     """The instruments of one forward pass run with ``return_maps=True`` (see the module docstring).
 
-    outputs: the detector's dict; a dense one (no ``kept_indices``) gets the DAM references at ``reference_rho``.
+    outputs: the detector's dict; a dense one (no ``selection``) gets the DAM references at ``reference_rho``.
     targets: per image ``boxes`` (T_b, 4) cxcywh in [0, 1] of the unpadded image and ``orig_size``; None: the
     DAM side only. kept: (B, S) bool, another selection of the same budget to measure instead of the model's."""
     meter = InstrumentMeter()
@@ -213,9 +213,10 @@ def selection_instruments(outputs: dict, targets: Optional[Sequence[dict]] = Non
     num_levels = shapes.shape[0]
     levels = token_levels(shapes, num_tokens)
     images = pad.new_ones(()).float() * batch
-    if "kept_indices" in outputs:
-        counts, level_counts = outputs["kept_token_counts"], outputs.get("kept_level_counts")
-        kept = kept_mask(outputs["kept_indices"], outputs["kept_valid"], num_tokens) if kept is None else kept
+    selection = outputs.get("selection")
+    if selection is not None:
+        counts, level_counts = selection.counts, selection.level_counts
+        kept = kept_mask(selection.indices, selection.valid, num_tokens) if kept is None else kept
     else:
         level_counts = None
         counts = _counts((~pad).sum(1), reference_rho, num_tokens)

@@ -7,12 +7,16 @@ Two-stage: the head ``[Ld]`` scores every token; the top-Q by objectness (max cl
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
 from torch import Tensor, nn
 
-from sparse_detr.models.encoder import gather_tokens, proposal_features
+from sparse_detr.models.encoder import Encoded, ProposalProjection, gather_tokens, proposal_features
 from sparse_detr.models.position_encoding import sine_embed_boxes
 
-__all__ = ["two_stage_queries", "learned_queries"]
+__all__ = ["two_stage_queries", "learned_queries", "Queries", "TwoStageQueries", "LearnedQueries"]
 
 
 def two_stage_queries(memory: Tensor, proposals: Tensor, proposal_valid: Tensor, enc_output: nn.Linear,
@@ -62,3 +66,55 @@ def learned_queries(query_embed: Tensor, reference_points: nn.Linear, batch: int
     query_pos = query_pos[None].expand(batch, -1, -1)
     tgt = tgt[None].expand(batch, -1, -1)
     return tgt, query_pos, reference_points(query_pos).sigmoid()
+
+
+@dataclass
+class Queries:
+    """The decoder's input: tgt, query_pos (B, Q, d); reference (B, Q, 4) boxes or (B, Q, 2) points in [0, 1];
+    outputs: this stage's entries of the detector's output dict (``enc_outputs`` for two-stage)."""
+
+    tgt: Tensor
+    query_pos: Tensor
+    reference: Tensor
+    outputs: dict = field(default_factory=dict)
+
+
+class TwoStageQueries(nn.Module):
+    """Two-stage query initialiser: the head ``class_embed`` / ``bbox_embed`` scores every encoded token, the top Q
+    become queries (``two_stage_queries``). proposal_proj is the encoder stage's (shared weights).
+    enc_loss_padding "exclude": the two-stage loss ignores invalid tokens ("official": counts them all)."""
+
+    def __init__(self, proposal_proj: ProposalProjection, class_embed: nn.Module, bbox_embed: nn.Module,
+                 pos_trans: nn.Linear, pos_trans_norm: nn.LayerNorm, num_queries: int, specific_head: bool = False,
+                 eff_query_init: bool = False, query_padding: str = "official",
+                 enc_loss_padding: str = "official") -> None:
+        super().__init__()
+        for name, value in (("query_padding", query_padding), ("enc_loss_padding", enc_loss_padding)):
+            if value not in ("official", "exclude"):
+                raise ValueError(f"{name} must be 'official' or 'exclude', got {value!r}")
+        self.proposal_proj, self.class_embed, self.bbox_embed = proposal_proj, class_embed, bbox_embed
+        self.pos_trans, self.pos_trans_norm = pos_trans, pos_trans_norm
+        self.num_queries, self.specific_head, self.eff_query_init = num_queries, specific_head, eff_query_init
+        self.query_padding, self.enc_loss_padding = query_padding, enc_loss_padding
+
+    def forward(self, enc: Encoded, batch: int) -> Queries:
+        proj = self.proposal_proj
+        tgt, query_pos, reference, enc_outputs = two_stage_queries(
+            enc.memory, enc.proposals, enc.proposal_valid, proj.enc_output, proj.enc_output_norm, self.class_embed,
+            self.bbox_embed, self.pos_trans, self.pos_trans_norm, self.num_queries, self.specific_head,
+            self.eff_query_init, self.query_padding)
+        valid = enc.proposal_valid
+        enc_outputs["valid"] = valid if self.enc_loss_padding == "exclude" else torch.ones_like(valid)
+        return Queries(tgt, query_pos, reference, {"enc_outputs": enc_outputs})
+
+
+class LearnedQueries(nn.Module):
+    """Plain Deformable DETR queries: ``query_embed`` (Q, 2d) learned [position, content], reference points from
+    the position half (``reference_points``: Linear d → 2)."""
+
+    def __init__(self, query_embed: nn.Embedding, reference_points: nn.Linear) -> None:
+        super().__init__()
+        self.query_embed, self.reference_points = query_embed, reference_points
+
+    def forward(self, enc: Optional[Encoded], batch: int) -> Queries:
+        return Queries(*learned_queries(self.query_embed.weight, self.reference_points, batch))

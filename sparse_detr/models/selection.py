@@ -1,8 +1,8 @@
 """Token selection: which backbone tokens the sparse encoder updates (Sparse DETR Sec. 3.2-3.3).
 
-A ``TokenSelector`` scores the S backbone tokens, keeps the best of every image under a ``KeepBudget``, and, when
-it learns, builds its own training target and names its losses. The detector calls ``score`` and ``select`` once
-per forward; the criterion calls ``losses`` and ``matched_heads``. One class per criterion, registered under its
+A ``TokenSelector`` (an ``nn.Module`` owned by the encoder stage) scores the S backbone tokens and keeps the best of
+every image under a ``KeepBudget``, returning one typed ``Selection``; when it learns, it builds its own training
+target and returns its losses (``SelectorLosses``) to the criterion. One class per criterion, registered under its
 ``model.scorer_target`` name in ``SELECTORS`` (``@register_selector("name")`` for a new one, e.g. a subclass of
 ``ScorerSelector`` that defines ``target``):
 
@@ -20,7 +20,7 @@ bound (``max_kept_tokens``); exact counts stay on the device, ``valid`` marks th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -31,7 +31,7 @@ from sparse_detr.models.dam import decoder_attention_map, token_levels
 from sparse_detr.models.heads import box_head, class_head
 
 __all__ = [
-    "KeepBudget", "Selection", "SelectorOptions", "TokenScorer", "TokenSelector", "ScorerSelector", "DAMSelector",
+    "KeepBudget", "Selection", "SelectorOptions", "SelectorLosses", "TokenScorer", "TokenSelector", "ScorerSelector", "DAMSelector",
     "ObjectnessSelector", "register_selector",
     "ForegroundSelector", "SalienceSelector", "RandomSelector", "SELECTORS", "build_selector", "max_kept_tokens",
     "kept_token_counts", "select_tokens", "select_under_budget", "top_count_mask", "token_geometry", "scale_aware_assignment",
@@ -108,14 +108,37 @@ class KeepBudget:
 
 @dataclass
 class Selection:
-    """Kept slots, valid first, by decreasing score: indices, valid (B, k); counts (B,); level_counts (B, L) or None;
-    layers: per encoder layer (k_i host int, counts_i (B,)), prefixes of ``indices``."""
+    """What a selector keeps, by decreasing score, valid slots first (one typed value, ``outputs["selection"]``).
+
+    scores (B, S) raw selector scores; indices, valid (B, k) kept token indices and the slots that count; counts (B,)
+    k_b; level_counts (B, L) or None (without ``rho_levels``); layers: per encoder layer (k_i host int, counts_i
+    (B,)), k_i non-increasing, each a prefix of ``indices``; heads: outputs of the selector's own heads (e.g. the
+    objectness head's {pred_logits, pred_boxes, valid}), by name.
+    """
 
     indices: Tensor
     valid: Tensor
     counts: Tensor
     level_counts: Optional[Tensor]
     layers: list[tuple[int, Tensor]]
+    scores: Optional[Tensor] = None
+    heads: dict = field(default_factory=dict)
+
+    @property
+    def layer_indices(self) -> list[Tensor]:
+        """(B, k_i) kept indices of every encoder layer."""
+        return [self.indices[:, :k_i] for k_i, _ in self.layers]
+
+    @property
+    def layer_valid(self) -> list[Tensor]:
+        """(B, k_i) valid slots of every encoder layer (layer 0: ``valid``)."""
+        return [self.valid] + [torch.arange(k_i, device=self.valid.device)[None, :] < counts[:, None]
+                               for k_i, counts in self.layers[1:]]
+
+    def for_layers(self, num_layers: int) -> "Selection":
+        """The same selection with one ``layers`` entry per encoder layer (the last budget repeated)."""
+        layers = self.layers + self.layers[-1:] * (num_layers - len(self.layers))
+        return replace(self, layers=layers[:max(num_layers, 1)])
 
 
 def _sort_kept(indices: Tensor, valid: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
@@ -287,9 +310,6 @@ def mask_prediction_loss(logits: Tensor, targets: Tensor, weights: Optional[Tens
     return (bce.sum(dim=1) / weights.sum(dim=1).clamp(min=torch.finfo(torch.float32).eps)).mean()
 
 
-Features = Callable[[], Tensor]  # lazily computes enc_output_norm(enc_output(tokens)) (B, S, d)
-
-
 @dataclass(frozen=True)
 class SelectorOptions:
     """What a selector needs besides its budget: d (``hidden_dim``), K and the ``ModelConfig`` switches so named."""
@@ -300,41 +320,53 @@ class SelectorOptions:
     dam_alignment: str = "official"
 
 
-class TokenSelector:
-    """Interface of a selection criterion. ``modules`` are registered as ``transformer.<name>`` (official names);
-    ``layout`` names them for the checkpoint check; ``needs_decoder_sampling``: the target uses the decoder's sampling.
+@dataclass
+class SelectorLosses:
+    """A selector's share of the training loss: named unweighted ``terms`` (and ``stat_*`` values), and ``matched``
+    heads, (loss-key suffix, {pred_logits, pred_boxes, valid}), for the criterion's Hungarian loss."""
+
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    matched: list[tuple[str, dict]] = field(default_factory=list)
+
+
+class TokenSelector(nn.Module):
+    """A selection criterion, owned by the encoder stage. Its submodules keep their official names (a checkpoint
+    stores them as ``transformer.<name>``); ``layout`` names them for the checkpoint check.
+
+    needs_features: ``score`` gets the (B, S, d) scorer input (``enc_output_norm(enc_output(src + pos))``);
+    needs_decoder_sampling: the training target uses the decoder's sampling locations (the DAM).
     """
 
     layout = "none"
+    needs_features = True
     needs_decoder_sampling = False
 
     def __init__(self, budget: KeepBudget, options: SelectorOptions) -> None:
+        super().__init__()
         self.budget = budget
-        self.modules: dict[str, nn.Module] = {}
 
-    def score(self, features: Features, proposals: Tensor, padding_mask: Tensor) -> tuple[Tensor, dict]:
-        """Scores (B, S) of the backbone tokens, and extra entries for the output dict."""
+    def score(self, features: Optional[Tensor], proposals: Tensor, padding_mask: Tensor) -> tuple[Tensor, dict]:
+        """Scores (B, S) of the backbone tokens, and the outputs of the selector's own heads by name."""
         raise NotImplementedError
 
-    def select(self, scores: Tensor, padding_mask: Tensor, shapes: Sequence[tuple[int, int]],
-               canvas_hw: tuple[int, int], image_hw: Optional[Sequence[tuple[int, int]]]) -> Selection:
-        """The kept tokens under the budget."""
-        return select_under_budget(scores, padding_mask, self.budget, shapes, canvas_hw, image_hw)
+    def forward(self, features: Optional[Tensor], proposals: Tensor, padding_mask: Tensor,
+                shapes: Sequence[tuple[int, int]], canvas_hw: tuple[int, int],
+                image_hw: Optional[Sequence[tuple[int, int]]]) -> Selection:
+        """Score the tokens and keep the best under the budget (Sparse DETR Sec. 3.2)."""
+        scores, heads = self.score(features, proposals, padding_mask)
+        selection = select_under_budget(scores, padding_mask, self.budget, shapes, canvas_hw, image_hw)
+        return replace(selection, scores=scores, heads=heads)
 
     def target(self, outputs: dict, targets: Optional[Sequence[dict]]) -> Optional[Tensor]:
         """The scorer's (B, S) target, or None (no target, or ground truth needed)."""
         return None
 
-    def losses(self, outputs: dict, targets: Sequence[dict]) -> dict[str, Tensor]:
-        """Named, unweighted losses and ``stat_*`` values."""
-        return {}
-
-    def matched_heads(self, outputs: dict) -> list[tuple[str, dict]]:
-        """(loss-key suffix, head dict) of the selector's heads trained by the Hungarian loss."""
-        return []
+    def losses(self, outputs: dict, targets: Sequence[dict]) -> SelectorLosses:
+        """The selector's loss terms and Hungarian-matched heads for a forward's ``outputs``."""
+        return SelectorLosses()
 
     def loss_weights(self, cls: float, bbox: float, giou: float, mask: float) -> dict[str, float]:
-        """Weight of every loss key the selector returns."""
+        """Weight of every loss key the selector returns (its terms and its matched heads' keys)."""
         return {}
 
 
@@ -351,22 +383,21 @@ class ScorerSelector(TokenSelector):
         if options.scorer_padding not in ("official", "exclude"):
             raise ValueError(f"scorer_padding must be 'official' or 'exclude', got {options.scorer_padding!r}")
         self.scorer_padding = options.scorer_padding
-        self.scorer = TokenScorer(options.dim)
-        for p in self.scorer.parameters():  # Deformable DETR's init of the transformer's matrices
+        self.enc_mask_predictor = TokenScorer(options.dim)
+        for p in self.enc_mask_predictor.parameters():  # Deformable DETR's init of the transformer's matrices
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
-        self.modules = {"enc_mask_predictor": self.scorer}
 
-    def score(self, features: Features, proposals: Tensor, padding_mask: Tensor) -> tuple[Tensor, dict]:
+    def score(self, features: Optional[Tensor], proposals: Tensor, padding_mask: Tensor) -> tuple[Tensor, dict]:
         excluded = padding_mask if self.scorer_padding == "exclude" else None
-        return self.scorer(features(), excluded), {}
+        return self.enc_mask_predictor(features, excluded), {}
 
-    def losses(self, outputs: dict, targets: Sequence[dict]) -> dict[str, Tensor]:
-        scores, pad = outputs["scores"], outputs["padding_mask"]
+    def losses(self, outputs: dict, targets: Sequence[dict]) -> SelectorLosses:
+        scores, pad = outputs["selection"].scores, outputs["padding_mask"]
+        target = self.target(outputs, targets)
         if self.scorer_padding == "official":
-            return {"loss_mask": mask_prediction_loss(scores.masked_fill(pad, scores.min()), self.target(
-                outputs, targets))}
-        return {"loss_mask": mask_prediction_loss(scores, self.target(outputs, targets), (~pad).float())}
+            return SelectorLosses({"loss_mask": mask_prediction_loss(scores.masked_fill(pad, scores.min()), target)})
+        return SelectorLosses({"loss_mask": mask_prediction_loss(scores, target, (~pad).float())})
 
     def loss_weights(self, cls: float, bbox: float, giou: float, mask: float) -> dict[str, float]:
         return {"loss_mask": mask}
@@ -390,9 +421,10 @@ class DAMSelector(ScorerSelector):
     def target(self, outputs: dict, targets: Optional[Sequence[dict]]) -> Optional[Tensor]:
         if "dec_sampling_locations" not in outputs:
             return None
-        pad, level_counts = outputs["padding_mask"], outputs.get("kept_level_counts")
+        pad, selection = outputs["padding_mask"], outputs["selection"]
+        level_counts = selection.level_counts
         if level_counts is None:
-            return top_count_mask(self.attention_map(outputs), pad, outputs["kept_token_counts"]).float()
+            return top_count_mask(self.attention_map(outputs), pad, selection.counts).float()
         levels = token_levels(outputs["spatial_shapes"], pad.shape[1])
         return top_count_mask(self.attention_map(outputs), pad, level_counts, levels,
                               outputs["level_start_index"]).float()
@@ -432,19 +464,17 @@ class ObjectnessSelector(TokenSelector):
 
     def __init__(self, budget: KeepBudget, options: SelectorOptions) -> None:
         super().__init__(budget, options)
-        self.class_head, self.box_head = class_head(options.dim, options.num_classes), box_head(options.dim)
-        self.modules = {"backbone_class_embed": self.class_head, "backbone_bbox_embed": self.box_head}
+        self.backbone_class_embed = class_head(options.dim, options.num_classes)
+        self.backbone_bbox_embed = box_head(options.dim)
 
-    def score(self, features: Features, proposals: Tensor, padding_mask: Tensor) -> tuple[Tensor, dict]:
-        feats = features()
-        logits = self.class_head(feats)
-        boxes = (self.box_head(feats) + proposals).sigmoid()
+    def score(self, features: Optional[Tensor], proposals: Tensor, padding_mask: Tensor) -> tuple[Tensor, dict]:
+        logits = self.backbone_class_embed(features)
+        boxes = (self.backbone_bbox_embed(features) + proposals).sigmoid()
         valid = torch.isfinite(proposals).all(-1)  # invalid grid proposals are +inf (padding included)
-        return logits.max(-1).values, {"backbone_outputs": {"pred_logits": logits, "pred_boxes": boxes,
-                                                            "valid": valid}}
+        return logits.max(-1).values, {"backbone": {"pred_logits": logits, "pred_boxes": boxes, "valid": valid}}
 
-    def matched_heads(self, outputs: dict) -> list[tuple[str, dict]]:
-        return [(self.SUFFIX, outputs["backbone_outputs"])]
+    def losses(self, outputs: dict, targets: Sequence[dict]) -> SelectorLosses:
+        return SelectorLosses(matched=[(self.SUFFIX, outputs["selection"].heads["backbone"])])
 
     def loss_weights(self, cls: float, bbox: float, giou: float, mask: float) -> dict[str, float]:
         return {"loss_ce" + self.SUFFIX: cls, "loss_bbox" + self.SUFFIX: bbox, "loss_giou" + self.SUFFIX: giou}
@@ -453,7 +483,9 @@ class ObjectnessSelector(TokenSelector):
 class RandomSelector(TokenSelector):
     """Uniformly random valid tokens (i.i.d. scores from torch's global generator, so seeded); no loss."""
 
-    def score(self, features: Features, proposals: Tensor, padding_mask: Tensor) -> tuple[Tensor, dict]:
+    needs_features = False
+
+    def score(self, features: Optional[Tensor], proposals: Tensor, padding_mask: Tensor) -> tuple[Tensor, dict]:
         return torch.rand(padding_mask.shape, device=padding_mask.device), {}
 
 
