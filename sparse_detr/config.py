@@ -41,7 +41,7 @@ class ModelConfig:
     # swin_t: the official detection Swin-T; swin_t_torchvision: torchvision's swin_t as it is (format-1 checkpoints)
     backbone: Literal["resnet50", "swin_t", "swin_t_torchvision", "tiny_cnn"] = "resnet50"  # tiny_cnn: CPU demos
     pretrained_backbone: Optional[str] = None  # local ImageNet weights (torchvision or official Swin layout)
-    init_weights: Optional[str] = None  # fine-tuning: a detector checkpoint, class heads fresh (engine/finetune.py)
+    init_weights: Optional[str] = None  # fine-tuning: a detector checkpoint, class heads fresh (engine/training/finetune.py)
     train_backbone: bool = True
     swin_drop_path_rate: float = 0.2
     hidden_dim: int = 256

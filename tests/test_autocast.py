@@ -142,7 +142,7 @@ def test_bf16_inference_matches_fp32(model_and_batch, op_dtypes):
 
 
 def test_benchmark_autocast_option_runs_the_op_in_bf16(model_and_batch, op_dtypes):
-    from sparse_detr.engine import benchmark as bm
+    from sparse_detr.engine.studies import benchmark as bm
 
     model, criterion, images = model_and_batch
     cpu = torch.device("cpu")

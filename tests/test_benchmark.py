@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_detr.engine import benchmark as bm
-from sparse_detr.engine.benchmark_report import format_markdown
+from sparse_detr.engine.studies import benchmark as bm
+from sparse_detr.engine.studies.benchmark_report import format_markdown
 from sparse_detr.ops import backend_for
 
 TINY = ("model.hidden_dim=64", "model.nheads=2", "model.dim_feedforward=8192", "model.enc_layers=6",

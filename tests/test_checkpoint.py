@@ -16,7 +16,7 @@ from sparse_detr.engine.atomic import write_atomic
 from sparse_detr.engine.checkpoint import (LAYOUT_FIELDS, ConfigMismatchError, check_config_compatible,
                                            find_last_checkpoint, get_rng_state, load_checkpoint, save_checkpoint,
                                            set_rng_state)
-from sparse_detr.engine.optim import build_ema, build_lr_scheduler, scheduler_state
+from sparse_detr.engine.training.optim import build_ema, build_lr_scheduler, scheduler_state
 
 REPO = Path(__file__).resolve().parents[1]
 

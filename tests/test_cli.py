@@ -9,7 +9,7 @@ import pytest
 
 from sparse_detr.config import ConfigError
 from sparse_detr.engine.cli import DEBUG_ENV, EXIT_INTERRUPTED, EXIT_USER_ERROR, run_tool
-from sparse_detr.engine.train import TrainingInterrupted
+from sparse_detr.engine.training.train import TrainingInterrupted
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,7 +118,7 @@ def test_a_full_disk_and_too_few_classes_are_one_line_not_a_traceback(capsys):
     import errno
 
     from sparse_detr.data import LabelMap
-    from sparse_detr.engine.builders import check_num_classes
+    from sparse_detr.engine.training.builders import check_num_classes
 
     full = OSError(errno.ENOSPC, "No space left on device")
     full.filename = "outputs/run/.checkpoint_last.pth.abcd1234.tmp"

@@ -83,7 +83,7 @@ def test_dataset_labels_follow_the_label_mapping(tmp_path):
 
 def test_build_fails_clearly_when_num_classes_is_below_the_largest_category_id(tmp_path):
     from sparse_detr.config import config_from_dict
-    from sparse_detr.engine.builders import build_split
+    from sparse_detr.engine.training.builders import build_split
 
     data = {"dataset": "synthetic", "root": str(tmp_path), "num_workers": 0,
             "synthetic": {"num_train": 1, "num_val": 1, "min_size": 32, "max_size": 32}}

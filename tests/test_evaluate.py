@@ -11,7 +11,7 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 
 from sparse_detr.data import CocoDataset, collate_batch, make_synthetic_coco
-from sparse_detr.engine.evaluate import METRIC_NAMES, CocoEvaluator, evaluate, load_coco_gt
+from sparse_detr.engine.training.evaluate import METRIC_NAMES, CocoEvaluator, evaluate, load_coco_gt
 
 
 @pytest.fixture(scope="module")

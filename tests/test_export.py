@@ -14,7 +14,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from sparse_detr.config import load_config, to_dict  # noqa: E402
-from sparse_detr.engine import export  # noqa: E402
+from sparse_detr.engine.inference import export  # noqa: E402
 from sparse_detr.models import build_model  # noqa: E402
 from sparse_detr.ops import dispatch, ms_deform_attn_reference  # noqa: E402
 from sparse_detr.ops import onnx_translation  # noqa: E402

@@ -1,4 +1,4 @@
-"""Fine-tuning (`model.init_weights`, engine/finetune.py): a detector checkpoint with other classes initialises a
+"""Fine-tuning (`model.init_weights`, engine/training/finetune.py): a detector checkpoint with other classes initialises a
 new model: every non-head tensor loaded bitwise, the class heads exactly as a fresh model's (focal prior bias
 included), for our 6-class demo checkpoint into 3 classes and for an official-layout 91-class R50 checkpoint."""
 import math
@@ -9,9 +9,9 @@ import yaml
 
 from sparse_detr.config import load_config
 from sparse_detr.data import ensure_synthetic
-from sparse_detr.engine import train as train_mod
+from sparse_detr.engine.training import train as train_mod
 from sparse_detr.engine.checkpoint import load_checkpoint
-from sparse_detr.engine.finetune import init_from_checkpoint, is_class_head
+from sparse_detr.engine.training.finetune import init_from_checkpoint, is_class_head
 from sparse_detr.models import build_detector
 
 from test_state_dict import _canonical, _layout

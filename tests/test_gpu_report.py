@@ -1,12 +1,10 @@
-"""tools/gpu_report.py on hand-written gpu_check outputs: counts, speed-ups and the fast-pair verdict."""
+"""The GPU check's report (tools/gpu_report.py) on hand-written gpu_check outputs: counts, speed-ups and the
+fast-pair verdict."""
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-
-import gpu_report  # noqa: E402
+from sparse_detr.engine.studies import gpu_report
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
 <testcase classname="tests.test_ops_cuda" name="test_cuda_kernel_is_built[default]"/>

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as torch_dist
 
 from sparse_detr.config import load_config
-from sparse_detr.engine import builders
+from sparse_detr.engine.training import builders
 from sparse_detr.models import build_model, weighted_total
 
 # The families differ in the transformer and its heads; the tiny GroupNorm CNN keeps the backbone cheap but still

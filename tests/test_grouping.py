@@ -5,8 +5,8 @@ import pytest
 
 from sparse_detr.config import config_from_dict
 from sparse_detr.data import build_dataset
-from sparse_detr.engine import train as train_mod
-from sparse_detr.engine.builders import EpochSampler, GroupedBatchSampler, aspect_ratio_groups
+from sparse_detr.engine.training import train as train_mod
+from sparse_detr.data.samplers import EpochSampler, GroupedBatchSampler, aspect_ratio_groups
 
 
 def test_groups_are_the_log2_bins_of_width_over_height():

@@ -7,7 +7,7 @@ from PIL import Image
 
 from sparse_detr.data.coco import CocoDataset
 from sparse_detr.data.image_io import ImageReadError, pil_to_uint8, read_image
-from sparse_detr.engine.predictor import load_image
+from sparse_detr.engine.inference.predictor import load_image
 
 from test_data import ann, write_coco
 

@@ -10,7 +10,7 @@ import yaml
 
 from sparse_detr.config import load_config
 from sparse_detr.data import ensure_synthetic
-from sparse_detr.engine import train as train_mod
+from sparse_detr.engine.training import train as train_mod
 from sparse_detr.models.selection import SELECTORS
 
 REPO = Path(__file__).resolve().parents[1]

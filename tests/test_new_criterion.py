@@ -9,11 +9,11 @@ import yaml
 
 from sparse_detr.config import load_config
 from sparse_detr.data import ensure_synthetic
-from sparse_detr.engine import train as train_mod
+from sparse_detr.engine.training import train as train_mod
 from sparse_detr.engine.checkpoint import load_checkpoint
-from sparse_detr.engine.inference import load_for_inference
-from sparse_detr.engine.sweep_report import results_markdown
-from sparse_detr.engine.visualize import make_panels
+from sparse_detr.engine.inference.loading import load_for_inference
+from sparse_detr.engine.studies.sweep_report import results_markdown
+from sparse_detr.engine.inference.visualize import make_panels
 from sparse_detr.models.selection import SELECTORS, ScorerSelector, register_selector, token_geometry
 
 NAME = "top_half_of_boxes_test"

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_detr.engine.optim import (build_ema, build_lr_scheduler, build_optimizer, restore_scheduler,
+from sparse_detr.engine.training.optim import (build_ema, build_lr_scheduler, build_optimizer, restore_scheduler,
                                       scaled_lr, scheduler_state)
 
 
@@ -153,7 +153,7 @@ def test_no_trainable_parameters_is_an_error():
 def test_real_model_groups_and_scaled_lrs():
     """The group rules hit the real parameter names; sqrt scaling uses the global batch."""
     from sparse_detr.config import config_from_dict
-    from sparse_detr.engine.builders import build_optimization
+    from sparse_detr.engine.training.builders import build_optimization
     from sparse_detr.models import build_detector
 
     cfg = config_from_dict({

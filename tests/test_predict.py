@@ -17,7 +17,7 @@ from sparse_detr.config import ConfigError, load_config, to_dict
 from sparse_detr.data.coco import LabelMap
 from sparse_detr.data.synthetic import make_synthetic_coco
 from sparse_detr.engine.checkpoint import ConfigMismatchError
-from sparse_detr.engine.inference import load_for_inference
+from sparse_detr.engine.inference.loading import load_for_inference
 from sparse_detr.models import SparseDETR, build_model
 from sparse_detr.models.postprocess import PostProcess
 

@@ -217,7 +217,7 @@ def test_rho_levels_keep_the_requested_count_per_level():
 
 
 def test_rho_layers_cascade_nests_and_costs_less():
-    from sparse_detr.engine.benchmark import count_flops
+    from sparse_detr.engine.studies.benchmark import count_flops
 
     cfg, model, criterion, _ = _build("demo_synthetic", "model.rho=0.4", "model.rho_layers=[0.4,0.2,0.05]")
     out = model(_images())
@@ -306,7 +306,7 @@ def test_selection_lives_in_one_module():
 
 
 def test_flop_counter_charges_each_selector_its_own_cost():
-    from sparse_detr.engine.benchmark import count_flops
+    from sparse_detr.engine.studies.benchmark import count_flops
 
     image = [torch.randn(3, 64, 96)]
     parts = {}

@@ -10,9 +10,9 @@ import yaml
 from PIL import Image
 
 from sparse_detr.config import load_config, to_dict
-from sparse_detr.engine import sweep
-from sparse_detr.engine import train as train_mod
-from sparse_detr.engine.sweep_report import summarize
+from sparse_detr.engine.studies import sweep
+from sparse_detr.engine.training import train as train_mod
+from sparse_detr.engine.studies.sweep_report import summarize
 
 TINY = {
     "model": {"backbone": "tiny_cnn", "num_classes": 6, "hidden_dim": 32, "nheads": 2, "num_feature_levels": 2,
@@ -229,7 +229,7 @@ def test_pretrain_stage_is_shared_skipped_and_starts_every_run(base, tmp_path, m
 
 
 def test_paired_differences_pair_runs_by_seed():
-    from sparse_detr.engine.sweep_report import paired_differences, paired_markdown
+    from sparse_detr.engine.studies.sweep_report import paired_differences, paired_markdown
 
     def rec(target, seed, ap, cov=None):
         return {"target": target, "rho": 0.1, "seed": seed, "status": "done", "AP": ap,

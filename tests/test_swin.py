@@ -21,7 +21,7 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention
 from sparse_detr.config import config_from_dict, load_config, to_dict
 from sparse_detr.engine.checkpoint import (ConfigMismatchError, check_config_compatible, load_checkpoint,
                                            save_checkpoint)
-from sparse_detr.engine.convert import StateDictMismatch, convert_official
+from sparse_detr.engine.studies.convert import StateDictMismatch, convert_official
 from sparse_detr.models import build_detector, build_model, weighted_total
 from sparse_detr.models.backbone import Backbone
 from sparse_detr.models.swin import OfficialWindowAttention, SwinT

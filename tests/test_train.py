@@ -27,7 +27,7 @@ import yaml
 
 from sparse_detr.config import config_from_dict, load_config
 from sparse_detr.data import build_dataset, ensure_synthetic
-from sparse_detr.engine import train as train_mod
+from sparse_detr.engine.training import train as train_mod
 from sparse_detr.engine.checkpoint import ConfigMismatchError, find_last_checkpoint, load_checkpoint
 from sparse_detr.models.criterion import SetCriterion
 
@@ -357,7 +357,7 @@ def test_stale_checkpoint_temp_files_are_removed_at_start_up(short_run, tmp_path
 
 
 def test_a_second_run_on_the_same_folder_is_refused_naming_the_first(short_run, tmp_path):
-    from sparse_detr.engine.output_dir import OutputFolderBusyError, lock_output_dir
+    from sparse_detr.engine.training.output_dir import OutputFolderBusyError, lock_output_dir
 
     cfg, _ = short_run
     out = tmp_path / "busy"
@@ -376,7 +376,7 @@ def test_a_second_run_on_the_same_folder_is_refused_naming_the_first(short_run, 
 def test_a_lock_file_replaced_between_open_and_flock_is_taken_anew(tmp_path, monkeypatch):
     """The owner removes its lock file at exit: a process that opened the old file (and then got its flock) must
     not hold a lock nobody else can see; it takes the new file's lock instead."""
-    import sparse_detr.engine.output_dir as od
+    import sparse_detr.engine.training.output_dir as od
 
     real_open, replaced = open, []
 
@@ -496,7 +496,7 @@ def test_interrupted_run_resumes_with_one_record_per_iteration(data_root, tmp_pa
 
 
 def test_auto_thread_count_follows_the_free_cores():
-    from sparse_detr.engine.builders import resolve_num_threads
+    from sparse_detr.engine.training.builders import resolve_num_threads
 
     assert resolve_num_threads("auto", environ={}, cores=2, load=8.0) == 1  # busy: one thread, no stalls
     assert resolve_num_threads("auto", environ={}, cores=8, load=0.3) == 8

@@ -11,7 +11,7 @@ from PIL import Image
 
 from sparse_detr.config import load_config, to_dict
 from sparse_detr.data.coco import LabelMap
-from sparse_detr.engine import visualize as vis
+from sparse_detr.engine.inference import visualize as vis
 from sparse_detr.models import build_model
 
 TINY = ["model.hidden_dim=32", "model.nheads=2", "model.dim_feedforward=64", "model.enc_layers=2",
@@ -106,7 +106,7 @@ def test_labels_never_overlap_and_the_best_one_is_drawn():
     and its box lies on top."""
     from PIL import Image
 
-    from sparse_detr.engine.visualize import draw_detections
+    from sparse_detr.engine.inference.visualize import draw_detections
 
     picture = Image.new("RGB", (200, 150), (90, 90, 90))
     boxes = torch.tensor([[40.0 + i, 50.0 + i, 120.0 + i, 110.0 + i] for i in range(10)])

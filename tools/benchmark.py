@@ -14,7 +14,7 @@ On a GPU add `--device cuda --train-step` (and `--autocast bfloat16` for mixed p
 the first val2017 images instead of random 800×1333 ones (resized as the val transform: shorter side --height, longer
 side <= --width).
 `key=value` arguments after the options override every config (e.g. `model.num_queries=100`).
-See sparse_detr/engine/benchmark.py for what each number means.
+See sparse_detr/engine/studies/benchmark.py for what each number means.
 """
 
 import argparse
@@ -26,8 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 
 from sparse_detr.engine.cli import run_tool  # noqa: E402
-from sparse_detr.engine.benchmark import BenchmarkOptions, benchmark_configs  # noqa: E402
-from sparse_detr.engine.benchmark_report import format_markdown  # noqa: E402
+from sparse_detr.engine.studies.benchmark import BenchmarkOptions, benchmark_configs  # noqa: E402
+from sparse_detr.engine.studies.benchmark_report import format_markdown  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -8,9 +8,7 @@ boxes (medians over --runs, in one process), and prints the overhead per step an
     python tools/benchmark_instruments.py --config configs/ablation_long.yaml --runs 10
 """
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
@@ -19,6 +17,7 @@ import torch  # noqa: E402
 
 from sparse_detr.config import load_config  # noqa: E402
 from sparse_detr.engine.cli import run_tool  # noqa: E402
+from sparse_detr.engine.timing import median_seconds  # noqa: E402
 from sparse_detr.models import build_model, weighted_total  # noqa: E402
 from sparse_detr.models.instruments import selection_instruments  # noqa: E402
 
@@ -49,22 +48,16 @@ def main(argv=None) -> dict:
     model.train()
     images, targets = _batch(cfg.train.batch_size, *args.size, args.boxes, torch.Generator().manual_seed(0))
 
-    def step(instrument: bool) -> float:
-        start = time.perf_counter()
+    def step(instrument: bool) -> None:
         out = model(images, return_maps=instrument)
         weighted_total(criterion(out, targets), criterion.weight_dict).backward()
         model.zero_grad(set_to_none=True)
         if instrument:
             selection_instruments(out, targets).compute()
-        return time.perf_counter() - start
 
-    for flag in (False, True):  # warm-up
-        step(flag)
-    plain, measured = [], []
-    for _ in range(args.runs):  # interleaved: a load change hits both alike
-        plain.append(step(False))
-        measured.append(step(True))
-    t_plain, t_instr = statistics.median(plain), statistics.median(measured)
+    # interleaved rounds (engine.timing): a load change hits both alike
+    seconds = median_seconds({"plain": lambda: step(False), "instrumented": lambda: step(True)}, args.runs)
+    t_plain, t_instr = seconds["plain"], seconds["instrumented"]
     overhead = t_instr - t_plain
     per_interval = overhead / (cfg.train.log_every * t_plain)
     print(f"{args.config}: training step {1000 * t_plain:.1f} ms, with the instruments {1000 * t_instr:.1f} ms "

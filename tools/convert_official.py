@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
-    from sparse_detr.engine.convert import convert_official
+    from sparse_detr.engine.studies.convert import convert_official
 
     try:
         summary = convert_official(args.input, args.output, cfg, config_name=args.config)

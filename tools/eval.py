@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 
 from sparse_detr.engine.cli import run_tool  # noqa: E402
-from sparse_detr.engine.evaluate import format_metrics  # noqa: E402
+from sparse_detr.engine.training.evaluate import format_metrics  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,14 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="detections json (default: next to the run's other outputs)")
     args = parser.parse_intermixed_args(argv)
     from sparse_detr.engine.checkpoint import load_checkpoint
-    from sparse_detr.engine.inference import resolve_config
+    from sparse_detr.engine.inference.loading import resolve_config
 
     # The weights come from the checkpoint: no pretrained-backbone file is needed.
     overrides = list(args.overrides) + ["model.pretrained_backbone=null"]
     cfg = resolve_config(load_checkpoint(args.checkpoint), args.checkpoint, args.config, overrides)
     out = args.out or os.path.join(cfg.train.output_dir,
                                    f"detections_{Path(args.checkpoint).stem}{'_ema' if args.ema else ''}.json")
-    from sparse_detr.engine.train import evaluate_checkpoint
+    from sparse_detr.engine.training.train import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(cfg, args.checkpoint, use_ema=args.ema, detections_path=out)
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun: print once (the process group is gone by now)

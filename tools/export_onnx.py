@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 import torch  # noqa: E402
 
-from sparse_detr.engine.export import (DeployModel, compare_onnx, describe_graph, export_onnx,  # noqa: E402
+from sparse_detr.engine.inference.export import (DeployModel, compare_onnx, describe_graph, export_onnx,  # noqa: E402
                                        onnx_session, run_onnx, time_inference, within_tolerance)
 from sparse_detr.engine.cli import run_tool  # noqa: E402
-from sparse_detr.engine.inference import load_for_inference  # noqa: E402
+from sparse_detr.engine.inference.loading import load_for_inference  # noqa: E402
 from sparse_detr.errors import UserError  # noqa: E402
 
 

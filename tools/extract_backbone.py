@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 
 from sparse_detr.engine.cli import run_tool  # noqa: E402
-from sparse_detr.engine.convert import extract_backbone  # noqa: E402
+from sparse_detr.engine.studies.convert import extract_backbone  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 
 from sparse_detr.engine.cli import run_tool  # noqa: E402
-from sparse_detr.engine.inspect_selection import format_inspection, run_inspection  # noqa: E402
+from sparse_detr.engine.inference.inspect_selection import format_inspection, run_inspection  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

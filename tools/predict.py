@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 
 from sparse_detr.engine.cli import run_tool  # noqa: E402
-from sparse_detr.engine.predict import predict_files  # noqa: E402
-from sparse_detr.engine.predictor import Predictor  # noqa: E402
-from sparse_detr.engine.visualize import list_images  # noqa: E402
+from sparse_detr.engine.inference.predict import predict_files  # noqa: E402
+from sparse_detr.engine.inference.predictor import Predictor  # noqa: E402
+from sparse_detr.engine.inference.visualize import list_images  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

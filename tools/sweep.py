@@ -3,7 +3,7 @@
 Every run gets its own folder OUT/<target>_rho<ρ>_seed<s> (the dense baseline: OUT/dense_seed<s>). Rerunning the
 same command skips finished runs and continues half-finished ones (`--resume auto`), so an interrupted sweep is
 resumed by starting it again; a finished run made with another config is an error, never silently reused.
-OUT/results.json holds one record per run (see sparse_detr/engine/sweep.py), OUT/results.md the tables (mean ±
+OUT/results.json holds one record per run (see sparse_detr/engine/studies/sweep.py), OUT/results.md the tables (mean ±
 std over seeds, and every run) and OUT/results.png AP and AP50 against GFLOPs.
 
     # the synthetic ablation of docs/ablation.md (18 runs from one pretrained backbone): dense, DAM at 4 ρ, the
@@ -30,8 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 
 from sparse_detr.engine.cli import run_tool  # noqa: E402
-from sparse_detr.config import ConfigError  # noqa: E402
-from sparse_detr.engine.sweep import ConfigChangedError, SweepOptions, plan_runs, run_sweep  # noqa: E402
+from sparse_detr.config import ConfigError, ModelConfig  # noqa: E402
+from sparse_detr.engine.studies.sweep import ConfigChangedError, SweepOptions, plan_runs, run_sweep  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,8 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--base", required=True, help="base config (e.g. configs/ablation_synthetic.yaml)")
     p.add_argument("--rho", type=float, nargs="*", default=[], help="keep ratios of the sparse runs, in (0, 1]")
-    p.add_argument("--targets", nargs="*", default=["dam"],
-                   help="model.scorer_target values (dam os foreground salience random), each run at every --rho; "
+    p.add_argument("--targets", nargs="*", default=[ModelConfig.scorer_target],
+                   help="model.scorer_target values (the registered criteria), each run at every --rho; "
                         "NAME@R1,R2 gives one target its own keep ratios; LABEL:NAME:key=value,... a variant")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed of each repetition")
     p.add_argument("--dense", action="store_true", help="add the dense baseline (ρ = 0) for every seed")

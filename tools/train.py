@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    from sparse_detr.engine.train import run  # after parsing: `--help` should not wait for torch to import
+    from sparse_detr.engine.training.train import run  # after parsing: `--help` should not wait for torch to import
 
     run(cfg, resume=args.resume, eval_only=args.eval_only, checkpoint=args.checkpoint, start_over=args.start_over)
 

@@ -1,6 +1,6 @@
 """Draw what a trained model sees: detections, the scorer's saliency per level, kept tokens, the selector's target.
 
-One PNG per image, the panels side by side (see sparse_detr/engine/visualize.py for what each panel shows):
+One PNG per image, the panels side by side (see sparse_detr/engine/inference/visualize.py for what each panel shows):
 
     python tools/visualize.py --config configs/sparse_detr_r50_rho0.1.yaml \
         --checkpoint outputs/sparse_rho0.1/checkpoint_best.pth --images data/coco/val2017 --max-images 8 \
@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 
 from sparse_detr.engine.cli import run_tool  # noqa: E402
-from sparse_detr.engine.visualize import run_visualization  # noqa: E402
+from sparse_detr.engine.inference.visualize import run_visualization  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

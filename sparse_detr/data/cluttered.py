@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .synthetic import CATEGORY_IDS, SHAPES, _object_colour, draw_shape_mask, mask_to_xywh
+from sparse_detr.data.shapes import CATEGORY_IDS, SHAPES, draw_shape_mask, mask_to_xywh, object_colour
 
 __all__ = ["DISTRACTORS", "MAX_HIDDEN", "MIN_OBJECT_SIDE", "MAX_OBJECT_SCALE", "textured_background",
            "draw_distractor_mask", "render_cluttered"]
@@ -138,7 +138,7 @@ def render_cluttered(rng: np.random.Generator, width: int, height: int, num_obje
                 break
         else:
             continue
-        colour = _object_colour(rng, image[mask].mean(axis=0))  # away from the background under it
+        colour = object_colour(rng, image[mask].mean(axis=0))  # away from the background under it
         owners = instance[mask]
         visible = visible - np.bincount(owners[owners >= 0], minlength=len(visible))
         image[mask] = colour

@@ -31,17 +31,16 @@ import functools
 import inspect
 import json
 import os
-import sys
-import time
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from sparse_detr.data.cluttered import render_cluttered
+from sparse_detr.data.shapes import CATEGORY_IDS, SHAPES, draw_shape_mask, mask_to_xywh, object_colour
 from sparse_detr.errors import UserError
+from sparse_detr.progress import Progress
 
-SHAPES = ("rectangle", "ellipse", "triangle", "cross", "ring", "diamond")
-CATEGORY_IDS = (1, 3, 5, 7, 9, 11)  # gaps on purpose: labels must go through the LabelMap
 SPLITS = ("train", "val")
 PRESETS = ("demo", "cluttered")
 MARKER = "synthetic_params.json"
@@ -50,52 +49,6 @@ GENERATOR_VERSION = 1  # bump when the drawing changes: a folder of another vers
 
 class SyntheticFolderError(UserError, ValueError):
     """The output folder holds files this generator did not write (or wrote with other parameters)."""
-
-
-def draw_shape_mask(shape: str, canvas_hw: tuple[int, int], box: tuple[int, int, int, int],
-                    rng: np.random.Generator) -> np.ndarray:
-    """Binary (H,W) mask of ``shape`` drawn inside the inclusive pixel box ``(x0, y0, x1, y1)``.
-
-    The shape need not touch every side of ``box`` (e.g. a triangle's apex position is random): annotation boxes
-    are always recomputed from the mask, never taken from ``box``.
-    """
-    height, width = canvas_hw
-    x0, y0, x1, y1 = box
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
-    bw, bh = x1 - x0, y1 - y0
-    if shape == "rectangle":
-        draw.rectangle([x0, y0, x1, y1], fill=255)
-    elif shape == "ellipse":
-        draw.ellipse([x0, y0, x1, y1], fill=255)
-    elif shape == "triangle":
-        apex = x0 + int(rng.integers(0, bw + 1))
-        points = [(apex, y0), (x0, y1), (x1, y1)]
-        if rng.random() < 0.5:  # upside-down half of the time
-            points = [(apex, y1), (x0, y0), (x1, y0)]
-        draw.polygon(points, fill=255)
-    elif shape == "cross":
-        tx, ty = max(1, bw // 6), max(1, bh // 6)
-        cx, cy = x0 + bw // 2, y0 + bh // 2
-        draw.rectangle([cx - tx, y0, cx + tx, y1], fill=255)
-        draw.rectangle([x0, cy - ty, x1, cy + ty], fill=255)
-    elif shape == "ring":
-        draw.ellipse([x0, y0, x1, y1], fill=255)
-        tx, ty = max(2, bw // 5), max(2, bh // 5)
-        draw.ellipse([x0 + tx, y0 + ty, x1 - tx, y1 - ty], fill=0)
-    elif shape == "diamond":
-        cx, cy = x0 + bw // 2, y0 + bh // 2
-        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=255)
-    else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    return np.asarray(canvas) > 0
-
-
-def mask_to_xywh(mask: np.ndarray) -> list[int]:
-    """Tight COCO box ``[x, y, w, h]`` of a non-empty mask; pixel ``i`` spans ``[i, i+1)``, hence the ``+1``."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,15 +68,6 @@ def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.n
         image = c0 * (1 - t[..., None]) + c1 * t[..., None]
     image = np.clip(image, 0, 255)
     return image, image.reshape(-1, 3).mean(axis=0)
-
-
-def _object_colour(rng: np.random.Generator, background_mean: np.ndarray) -> np.ndarray:
-    # Keep objects visible: resample a few times for a colour far from the background's mean.
-    for _ in range(10):
-        colour = rng.integers(0, 256, size=3)
-        if np.linalg.norm(colour - background_mean) > 100:
-            break
-    return colour.astype(np.uint8)
 
 
 def _overlaps_too_much(box: tuple[int, int, int, int], others: list[tuple[int, int, int, int]]) -> bool:
@@ -165,7 +109,7 @@ def render_image(rng: np.random.Generator, width: int, height: int, num_objects:
         else:
             continue  # crowded image: fewer objects rather than hidden ones
         mask = draw_shape_mask(SHAPES[shape_index], (height, width), box, rng)
-        colour = _object_colour(rng, bg_mean)
+        colour = object_colour(rng, bg_mean)
         image[mask] = colour
         instance[mask] = len(drawn)
         boxes.append(box)
@@ -185,8 +129,6 @@ def render_image(rng: np.random.Generator, width: int, height: int, num_objects:
 
 def _renderer(preset: str, min_object_side: int, max_object_scale: float):
     if preset == "cluttered":
-        from .cluttered import render_cluttered  # imported here: it builds on this module's shapes
-
         return functools.partial(render_cluttered, min_object_side=min_object_side, max_object_scale=max_object_scale)
     return render_image
 
@@ -195,7 +137,7 @@ def _write_split(out_dir: str, split: str, split_index: int, count: int, seed: i
                  max_size: int, max_objects: int, empty_every: int, preset: str = "demo",
                  min_object_side: int = 14, max_object_scale: float = 0.95, progress: bool = False) -> str:
     render = _renderer(preset, min_object_side, max_object_scale)
-    started, shown = time.perf_counter(), -1
+    bar = Progress(count, what="images", prefix=f"generating the synthetic {split} split in {out_dir}: ", bar=False)
     img_dir = os.path.join(out_dir, split)
     os.makedirs(img_dir, exist_ok=True)
     images, annotations = [], []
@@ -211,12 +153,8 @@ def _write_split(out_dir: str, split: str, split_index: int, count: int, seed: i
         for obj in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": obj["category_id"],
                                 "bbox": obj["bbox"], "area": obj["area"], "iscrowd": 0})
-        if progress and (i + 1) * 10 // count != shown:  # a line every 10%
-            shown = (i + 1) * 10 // count
-            elapsed = time.perf_counter() - started
-            eta = elapsed / (i + 1) * (count - i - 1)
-            print(f"generating the synthetic {split} split in {out_dir}: {i + 1}/{count} images, "
-                  f"ETA {eta:.0f} s", file=sys.stderr, flush=True)
+        if progress:
+            bar.update()
     data = {
         "info": {"description": f"sparse-detr synthetic shapes ({preset})", "version": str(GENERATOR_VERSION),
                  "seed": seed},

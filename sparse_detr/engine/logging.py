@@ -23,6 +23,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from sparse_detr.progress import format_duration as format_eta  # the training log's ETA
+
 __all__ = ["SmoothedValue", "MeterGroup", "setup_text_logger", "JsonlLog", "TensorboardLog", "format_eta",
            "peak_memory_mb", "resident_memory_mb", "release_free_memory"]
 
@@ -181,16 +183,6 @@ class TensorboardLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-
-
-def format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    days, rem = divmod(seconds, 86400)
-    hours, rem = divmod(rem, 3600)
-    minutes, secs = divmod(rem, 60)
-    return (f"{days}d " if days else "") + f"{hours:d}:{minutes:02d}:{secs:02d}"
 
 
 def release_free_memory() -> None:

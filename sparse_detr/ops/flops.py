@@ -31,7 +31,7 @@ multiply-add as one FLOP: divide by 2 (``to_official``). Samples whose corners f
 counted too (the count depends on shapes only, as every torch formula does).
 
 The reference fallback (``grid_sample``) does not go through the custom op, so these formulas see only the
-compiled kernels; ``sparse_detr.engine.benchmark`` warns when a count ran on the reference.
+compiled kernels; ``sparse_detr.engine.studies.benchmark`` warns when a count ran on the reference.
 This module imports nothing of the project outside ``sparse_detr.ops``.
 """
 

@@ -15,7 +15,6 @@ without it the file accepts only the example's shape. Needs the `export` extra (
 """
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import numpy as np
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 
 from sparse_detr.data.transforms import imagenet_stats
 from sparse_detr.models.postprocess import PostProcess
+from sparse_detr.engine.timing import median_seconds
 from sparse_detr.ops import backend_for
 
 __all__ = ["DeployModel", "export_onnx", "onnx_session", "run_onnx", "compare_onnx", "time_inference",
@@ -152,18 +152,9 @@ def within_tolerance(report: list[dict]) -> bool:
 
 
 def time_inference(fns: dict, images: Tensor, repeats: int = 10, warmup: int = 2) -> dict:
-    """Median wall time in milliseconds of each `fns[name](images)`. The functions run in turns (a, b, a, b, ...)
-    so that both see the same machine load."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn(images)
-    times: dict = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn(images)
-            times[name].append(time.perf_counter() - start)
-    return {name: 1000.0 * float(np.median(t)) for name, t in times.items()}
+    """Median wall time in milliseconds of each `fns[name](images)`, timed in turns (``engine.timing``)."""
+    seconds = median_seconds({name: (lambda fn=fn: fn(images)) for name, fn in fns.items()}, repeats, warmup)
+    return {name: 1000.0 * t for name, t in seconds.items()}
 
 
 def describe_graph(path: str) -> dict:

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from sparse_detr.box_ops import box_cxcywh_to_xyxy
 from sparse_detr.data.image_io import read_picture
-from sparse_detr.engine.visualize import (_blend, _level_maps, _token_panel, _upsample, heatmap_colors, list_images,
+from sparse_detr.engine.inference.visualize import (_blend, _level_maps, _token_panel, _upsample, heatmap_colors, list_images,
                                           prepare_image, render_visualization)
 from sparse_detr.models.dam import token_levels
 from sparse_detr.models.instruments import (REFERENCE_RHO, InstrumentMeter, instrument_map, selection_instruments)
@@ -185,7 +185,7 @@ def run_inspection(checkpoint: str, images: str, out_dir: Optional[str], ann_fil
     """Load ``checkpoint`` and inspect its selection on the images of ``images`` (what tools/inspect_selection.py
     runs). ``rho``: the budget (a sparse model keeps that ratio, ``model.rho``; a dense one is measured there)."""
     from sparse_detr.engine.checkpoint import load_checkpoint
-    from sparse_detr.engine.inference import load_for_inference
+    from sparse_detr.engine.inference.loading import load_for_inference
 
     if ann_file is not None and not os.path.isfile(ann_file):
         raise FileNotFoundError(f"annotation file not found: {ann_file}")

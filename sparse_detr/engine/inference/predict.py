@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 from typing import Optional, Sequence
 
 from PIL import Image
@@ -26,34 +24,11 @@ from PIL import Image
 from sparse_detr.data.image_io import ImageReadError, read_image
 
 from sparse_detr.engine.atomic import write_atomic
-from sparse_detr.engine.predictor import Predictor
-from sparse_detr.engine.visualize import draw_detections
+from sparse_detr.engine.inference.predictor import Predictor
+from sparse_detr.engine.inference.visualize import draw_detections
+from sparse_detr.progress import Progress
 
-__all__ = ["predict_files", "Progress"]
-
-
-class Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, a line every 10% otherwise)."""
-
-    def __init__(self, total: int, what: str = "images", stream=None) -> None:
-        self.total, self.what, self.stream = total, what, stream or sys.stderr
-        self.start, self.done, self._last_tenth = time.perf_counter(), 0, -1
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        elapsed = time.perf_counter() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        filled = int(30 * self.done / max(1, self.total))
-        line = (f"[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {self.what}  "
-                f"{rate:.2f}/s  ETA {eta:.0f} s")
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if self.done >= self.total else ""))
-        elif self.done * 10 // max(1, self.total) != self._last_tenth or self.done >= self.total:
-            self._last_tenth = self.done * 10 // max(1, self.total)
-            self.stream.write(line + "\n")
-        self.stream.flush()
+__all__ = ["predict_files"]
 
 
 def _image_ids(files: Sequence[str], ann_file: Optional[str]) -> tuple[list[int], list[Optional[tuple]]]:

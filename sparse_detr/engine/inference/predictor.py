@@ -77,7 +77,7 @@ class Predictor:
                         device: Union[str, torch.device] = "cpu", *, bf16: bool = False, batch_size: int = 4,
                         overrides: Sequence[str] = (), use_ema: bool = False) -> "Predictor":
         """From a checkpoint; `config` None = the config stored in it (given, it must match its architecture)."""
-        from sparse_detr.engine.inference import load_for_inference
+        from sparse_detr.engine.inference.loading import load_for_inference
 
         loaded = load_for_inference(checkpoint, config, overrides, device="cpu", use_ema=use_ema)
         predictor = cls(loaded.model, loaded.postprocessor, val_size=loaded.cfg.data.val_size,

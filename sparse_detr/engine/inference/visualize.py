@@ -275,7 +275,7 @@ def run_visualization(config: Optional[str], checkpoint: str, images: str, out_d
     """Load `checkpoint` (weights_only) with `config` (None = the config stored in it; given, checked against it),
     write one PNG per image into `out_dir`. Returns the written paths. `size` / `max_size` default to the config's
     evaluation resize (data.val_size / data.max_size); the label map stored in the checkpoint names the classes."""
-    from sparse_detr.engine.inference import load_for_inference
+    from sparse_detr.engine.inference.loading import load_for_inference
 
     loaded = load_for_inference(checkpoint, config, overrides, device=device)
     size = size or loaded.cfg.data.val_size

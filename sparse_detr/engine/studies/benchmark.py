@@ -30,7 +30,6 @@ import contextlib
 import ctypes
 import gc
 import os
-import statistics
 import threading
 import time
 import warnings
@@ -43,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sparse_detr.config import load_config
 from sparse_detr.data.transforms import normalize
+from sparse_detr.engine.timing import median_seconds, synchronize
 from sparse_detr.ops import backend_for, flops as op_flops  # importing flops registers the op's FLOP formulas
 
 __all__ = ["BenchmarkOptions", "PARTS", "load_images", "count_parameters", "count_flops", "measure_fps",
@@ -90,7 +90,7 @@ def load_images(num_images: int, height: int, width: int, coco_dir: Optional[str
         g = torch.Generator().manual_seed(seed)
         return [normalize(torch.rand(3, height, width, generator=g)) for _ in range(num_images)]
     from sparse_detr.data.image_io import read_picture
-    from sparse_detr.engine.visualize import list_images, prepare_image
+    from sparse_detr.engine.inference.visualize import list_images, prepare_image
 
     subs = [os.path.join(coco_dir, s) for s in ("val2017", "val") if os.path.isdir(os.path.join(coco_dir, s))]
     folder = subs[0] if subs else coco_dir  # a COCO root (val2017/), our synthetic root (val/), or a folder
@@ -98,11 +98,6 @@ def load_images(num_images: int, height: int, width: int, coco_dir: Optional[str
     for path in list_images(folder)[:num_images]:
         images.append(prepare_image(read_picture(path), height, max(width, height))[0])
     return images
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
@@ -244,17 +239,12 @@ def measure_fps(models: Sequence[nn.Module], images: list[Tensor], batch_size: i
     The models take turns run by run (A B C A B C ...), and each gets the MEDIAN of its run times: on a shared
     machine the load drifts, and a config timed alone would inherit whatever load its minutes happened to see."""
     batch = [images[i % len(images)].to(device) for i in range(batch_size)]
-    times: list[list[float]] = [[] for _ in models]
+    for model in models:
+        model.eval()
+    fns = {i: (lambda model=model: model(batch)) for i, model in enumerate(models)}
     with torch.inference_mode(), _autocast(device, autocast):
-        for i in range(warmup + runs):
-            for model, record in zip(models, times):
-                model.eval()
-                _synchronize(device)
-                start = time.perf_counter()
-                model(batch)
-                _synchronize(device)
-                record.append(time.perf_counter() - start)
-    return [batch_size / statistics.median(t[warmup:]) for t in times]
+        seconds = median_seconds(fns, repeats=runs, warmup=warmup, device=device)
+    return [batch_size / seconds[i] for i in range(len(models))]
 
 
 @contextlib.contextmanager
@@ -310,14 +300,14 @@ def measure_train_step(model: nn.Module, criterion: nn.Module, images: list[Tens
 
     with FlopCounterMode(display=False) as counter:  # the warm-up step, counted
         step()
-    _synchronize(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with _rss_growth() as rss:
         start = time.perf_counter()
         for _ in range(runs):
             step()
-        _synchronize(device)
+        synchronize(device)
         elapsed = (time.perf_counter() - start) / runs
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss["growth"]
     model.eval()

@@ -1,8 +1,8 @@
-"""Markdown tables of benchmark records (`sparse_detr.engine.benchmark`): what tools/benchmark.py prints."""
+"""Markdown tables of benchmark records (`sparse_detr.engine.studies.benchmark`): what tools/benchmark.py prints."""
 
 from __future__ import annotations
 
-from sparse_detr.engine.benchmark import PARTS
+from sparse_detr.engine.studies.benchmark import PARTS
 
 __all__ = ["format_markdown"]
 

@@ -39,6 +39,7 @@ from typing import Callable, Optional, Sequence
 from sparse_detr.config import load_config, to_dict
 from sparse_detr.engine.atomic import write_atomic
 from sparse_detr.engine.logging import read_jsonl
+from sparse_detr.progress import format_duration
 
 __all__ = ["RunSpec", "SweepOptions", "RECORD_KEYS", "METRICS", "plan_runs", "run_one", "run_sweep",
            "run_status", "run_pretrain", "backbone_path", "train_seconds", "ConfigChangedError"]
@@ -189,8 +190,8 @@ def run_status(spec: RunSpec, opts: SweepOptions) -> tuple[str, Optional[dict]]:
 def run_pretrain(opts: SweepOptions, log: Callable[[str], None] = print) -> dict:
     """The shared pretraining stage: train `opts.pretrain` into OUT/pretrain unless finished, extract its backbone
     to OUT/pretrain/backbone.pt; returns its record (metrics on its own val split, training time, config)."""
-    from sparse_detr.engine.convert import extract_backbone
-    from sparse_detr.engine.train import run
+    from sparse_detr.engine.studies.convert import extract_backbone
+    from sparse_detr.engine.training.train import run
 
     cfg = load_config(opts.pretrain, pretrain_overrides(opts))
     folder, backbone = cfg.train.output_dir, backbone_path(opts)
@@ -209,7 +210,7 @@ def run_pretrain(opts: SweepOptions, log: Callable[[str], None] = print) -> dict
               "train_seconds": seconds, "iterations": iterations, "output_dir": folder, "backbone": backbone,
               "resolved_config": to_dict(cfg)}
     _write_json(os.path.join(folder, RESULT), record)
-    log(f"pretraining: done in {_fmt_time(time.perf_counter() - start)}, AP50 {100 * (record['AP50'] or 0):.1f} on "
+    log(f"pretraining: done in {format_duration(time.perf_counter() - start)}, AP50 {100 * (record['AP50'] or 0):.1f} on "
         f"its own val split; backbone in {backbone}")
     return record
 
@@ -245,7 +246,7 @@ def _provenance() -> dict:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.abspath(__file__))  # inside the checkout: git finds its root
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
@@ -266,7 +267,7 @@ def _benchmark(spec: RunSpec, opts: SweepOptions, cfg) -> dict:
     """GFLOPs (whole model, encoder), tokens and CPU FPS of the run's config at the benchmark input."""
     import torch
 
-    from sparse_detr.engine.benchmark import BenchmarkOptions, benchmark_config, load_images
+    from sparse_detr.engine.studies.benchmark import BenchmarkOptions, benchmark_config, load_images
 
     h, w = opts.bench_hw or (cfg.data.val_size, cfg.data.max_size)
     n = int(opts.extra.get("bench_images", 2))
@@ -296,7 +297,7 @@ def run_one(spec: RunSpec, opts: SweepOptions) -> dict:
         record.update(_benchmark(spec, opts, cfg), train_seconds=None, iterations=None, output_dir=None,
                       selection=None, curves=None, evals=None, **_provenance())
         return record
-    from sparse_detr.engine.train import run
+    from sparse_detr.engine.training.train import run
 
     folder = cfg.train.output_dir
     metrics = run(cfg, resume="auto")
@@ -339,17 +340,9 @@ def _guarded(spec: RunSpec, opts: SweepOptions) -> dict:
     return record
 
 
-def _fmt_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 def write_results(records: list[dict], opts: SweepOptions) -> None:
     """results.json (records in plan order, without the resolved configs), results.md and results.png."""
-    from sparse_detr.engine.sweep_report import plot_pareto, plot_selection, results_markdown
+    from sparse_detr.engine.studies.sweep_report import plot_pareto, plot_selection, results_markdown
 
     os.makedirs(opts.out, exist_ok=True)
     slim = [{k: v for k, v in r.items() if k not in ("resolved_config", "_wall")} for r in records]
@@ -396,7 +389,7 @@ def run_sweep(runs: Sequence[RunSpec], opts: SweepOptions, log: Callable[[str], 
     if todo and opts.train and opts.pretrain:
         run_pretrain(opts, log)
     if todo and opts.train:  # a generated data set is made once here, not raced for by parallel workers
-        from sparse_detr.engine.builders import build_split
+        from sparse_detr.engine.training.builders import build_split
 
         for root, cfg in {c.data.root: c for c in (load_config(opts.base, run_overrides(spec, opts))
                                                    for spec, _ in todo)}.items():
@@ -414,8 +407,8 @@ def run_sweep(runs: Sequence[RunSpec], opts: SweepOptions, log: Callable[[str], 
         eta = sum(timed) / len(timed) * math.ceil(left / opts.jobs) if timed else math.nan  # runs: about equal
         result = (f"AP {100 * record['AP']:.1f} AP50 {100 * record['AP50']:.1f}" if record.get("AP") is not None
                   else record.get("error", f"{record.get('gflops', 0):.3g} GFLOPs"))
-        log(f"[{len(records)}/{len(runs)}] {record['name']} {record['status']} in {_fmt_time(walls[-1])}: {result}"
-            f" | {left} left, elapsed {_fmt_time(time.perf_counter() - start)}, ETA {_fmt_time(eta)}")
+        log(f"[{len(records)}/{len(runs)}] {record['name']} {record['status']} in {format_duration(walls[-1])}: {result}"
+            f" | {left} left, elapsed {format_duration(time.perf_counter() - start)}, ETA {format_duration(eta)}")
         write_results(ordered(), opts)
 
     if opts.jobs == 1:

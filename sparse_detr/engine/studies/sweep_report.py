@@ -1,4 +1,4 @@
-"""Tables and the Pareto plot of the ablation runner's records (`sparse_detr.engine.sweep`).
+"""Tables and the Pareto plot of the ablation runner's records (`sparse_detr.engine.studies.sweep`).
 
 `summarize` groups the runs of one (target, ρ) over seeds (mean and sample standard deviation); `results_markdown`
 renders the summary and the per-run table (AP values in %); `plot_pareto` draws AP and AP50 against GFLOPs, one
@@ -27,7 +27,7 @@ def marker(target: str, other: str = "P") -> str:
 
 def _reference_targets() -> tuple[str, ...]:
     """The paired differences' references: the dense run and the default criterion (``ModelConfig``'s)."""
-    return ("dense", ModelConfig.__dataclass_fields__["scorer_target"].default)
+    return ("dense", ModelConfig.scorer_target)
 SUMMARY_KEYS = ("AP", "AP50", "AP_s", "AP_m", "AP_l", "gflops", "encoder_gflops", "cpu_fps", "train_seconds")
 
 

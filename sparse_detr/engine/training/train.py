@@ -38,24 +38,25 @@ import torch
 
 from sparse_detr.config import Config, TrainConfig, save_config, to_dict
 from sparse_detr.data import LabelMap, batch_image_sizes
-from sparse_detr.engine import builders, dist
+from sparse_detr.engine.training import builders
+from sparse_detr.engine import dist
 from sparse_detr.engine.checkpoint import (BEST, LAST, check_config_compatible, check_resumable, check_resume_config,
                                            find_last_checkpoint, get_rng_state, load_checkpoint, save_checkpoint,
                                            set_rng_state)
-from sparse_detr.engine.output_dir import lock_output_dir, remove_stale_temp_files, truncate_jsonl
-from sparse_detr.engine.evaluate import evaluate, load_coco_gt
-from sparse_detr.engine.finetune import format_init_report, init_from_checkpoint
-from sparse_detr.engine.inference import checkpoint_weights, load_weights
+from sparse_detr.engine.training.output_dir import lock_output_dir, remove_stale_temp_files, truncate_jsonl
+from sparse_detr.engine.training.evaluate import evaluate, load_coco_gt
+from sparse_detr.engine.training.finetune import format_init_report, init_from_checkpoint
+from sparse_detr.engine.inference.loading import checkpoint_weights, load_weights
 from sparse_detr.engine.logging import (JsonlLog, MeterGroup, TensorboardLog, format_eta, peak_memory_mb,
                                         release_free_memory, resident_memory_mb, setup_text_logger)
-from sparse_detr.engine.visualize import visualize_image
-from sparse_detr.engine.optim import restore_scheduler, scheduler_state
+from sparse_detr.engine.inference.visualize import visualize_image
+from sparse_detr.engine.training.optim import restore_scheduler, scheduler_state
 from sparse_detr.box_ops import box_cxcywh_to_xyxy
 from sparse_detr.errors import UserError
 from sparse_detr.models.criterion import check_finite, weighted_total
 from sparse_detr.models.instruments import format_instruments, selection_instruments
 
-__all__ = ["NonFiniteLossError", "EvaluationError", "TrainingInterrupted", "RunExistsError", "Progress", "Trainer",
+__all__ = ["NonFiniteLossError", "EvaluationError", "TrainingInterrupted", "RunExistsError", "TrainState", "Trainer",
            "run"]
 
 MAIN_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "loss_mask")  # shown in the progress line (all go to the logs)
@@ -117,7 +118,7 @@ def check_fresh_start(out_dir: str) -> None:
 
 
 @dataclass
-class Progress:
+class TrainState:
     epoch: int = 0  # the epoch to run next / in progress (0-based)
     step_in_epoch: int = 0  # batches of `epoch` already trained
     iteration: int = 0  # optimizer steps done in total (the global step)
@@ -170,7 +171,7 @@ class Trainer:
         full = train_sampler.samples_per_epoch // self.batch_size
         self.iters_per_epoch = min(full, train.max_iters_per_epoch) if train.max_iters_per_epoch > 0 else full
         self.use_bf16 = train.amp == "bf16" and self.device.type == "cuda"
-        self.progress = Progress()
+        self.progress = TrainState()
         self.stop = StopRequest()
         self._loss_names: Optional[list[str]] = None  # of the last good step (for a matcher failure's report)
         main = info.rank == 0

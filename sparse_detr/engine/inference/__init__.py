@@ -1,0 +1,1 @@
+"""Inference: loading a trained model, the `Predictor`, batch prediction, visualization, ONNX export and the selection inspector."""

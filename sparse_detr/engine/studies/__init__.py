@@ -1,0 +1,1 @@
+"""Studies: the ablation sweep and its report, the benchmark and its report, official-checkpoint conversion."""
