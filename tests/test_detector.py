@@ -226,3 +226,29 @@ def test_encoder_aux_heads_are_training_only():
     # dropout is 0, so train and eval modes compute the same detections
     torch.testing.assert_close(eval_out["pred_boxes"], train_out["pred_boxes"])
     torch.testing.assert_close(eval_out["pred_logits"], train_out["pred_logits"])
+
+
+def test_parts_recombine_a_sparse_detector_keeping_every_token_is_the_dense_one():
+    """The builder composes, the detector runs its parts: the same token stage, encoder layers, queries and decoder
+    recombined around a dense encoder stage (no selector) give the sparse detector's predictions when its selector
+    keeps every token (ρ = 1, one unpadded image: every token is updated either way)."""
+    from sparse_detr.models.detector import SparseDETR
+    from sparse_detr.models.encoder import EncoderStage
+
+    sparse, _, _ = _build("sparse_detr_r50_rho0.1", "model.rho=1.0", "model.train_backbone=false")
+    dense = SparseDETR(sparse.tokens, EncoderStage(sparse.encoder.stack, None, sparse.encoder.proposal_proj),
+                       sparse.queries, sparse.decoder).eval()
+    sparse.eval()
+    image = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a, b = sparse(image), dense(image)
+    assert bool(a["selection"].valid.all()) and a["selection"].indices.shape[1] == a["padding_mask"].shape[1]
+    assert "selection" not in b
+    torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a["pred_logits"], b["pred_logits"], atol=1e-4, rtol=1e-4)
+    # The same tensors under the same official names, whichever detector holds the parts (the dense one lacks only
+    # the scorer and the encoder aux heads).
+    full, part = sparse.state_dict(keep_vars=True), dense.state_dict(keep_vars=True)
+    assert all(full[k] is v for k, v in part.items())
+    assert {k.split(".")[1] for k in set(full) - set(part) if k.startswith("transformer.")} == {
+        "enc_mask_predictor", "encoder", "decoder"}  # the scorer; the aux heads' encoder / decoder aliases
