@@ -19,7 +19,7 @@ from sparse_detr.models.ms_deform_attn import MSDeformAttn
 from sparse_detr.models.queries import Queries
 from sparse_detr.models.tokens import Tokens
 
-__all__ = ["DecoderLayer", "Decoder", "DecoderOutput", "DecoderStage", "refine_boxes"]
+__all__ = ["DecoderLayer", "Decoder", "DecoderOutput", "Decoded", "DecoderStage", "refine_boxes"]
 
 
 def refine_boxes(delta: Tensor, reference: Tensor) -> Tensor:
@@ -124,6 +124,30 @@ class Decoder(nn.Module):
         )
 
 
+@dataclass
+class Decoded:
+    """Per decoder layer: logits (B, Q, K) and boxes (B, Q, 4) cxcywh; aux: whether layers 0..Ld-2 are returned
+    (``aux_loss``); sampling_locations (B, Ld, Q, H, L, P, 2) / attention_weights (B, Ld, Q, H, L, P) or None."""
+
+    logits: list[Tensor]
+    boxes: list[Tensor]
+    aux: bool
+    sampling_locations: Optional[Tensor] = None
+    attention_weights: Optional[Tensor] = None
+
+    def outputs(self) -> dict:
+        """The detector's output entries of this stage: ``pred_logits``, ``pred_boxes``, ``aux_outputs``,
+        ``dec_sampling_locations``, ``dec_attention_weights``."""
+        out = {"pred_logits": self.logits[-1], "pred_boxes": self.boxes[-1]}
+        if self.aux:
+            out["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx}
+                                  for lg, bx in zip(self.logits[:-1], self.boxes[:-1])]
+        if self.sampling_locations is not None:  # the DAM's inputs
+            out["dec_sampling_locations"] = self.sampling_locations
+            out["dec_attention_weights"] = self.attention_weights
+        return out
+
+
 class DecoderStage(nn.Module):
     """Queries + memory → the decoder layers → per-layer class logits and boxes.
 
@@ -144,16 +168,10 @@ class DecoderStage(nn.Module):
         """Whether DDP needs ``find_unused_parameters``: only refinement without aux loss leaves heads unused."""
         return self.stack.refine and not self.aux_loss and len(self.stack.layers) > 1
 
-    def forward(self, queries: Queries, memory: Tensor, tok: Tokens, return_sampling: bool = False) -> dict:
-        """memory (B, S, d) → {pred_logits (B, Q, K), pred_boxes (B, Q, 4), aux_outputs (aux_loss),
-        dec_sampling_locations (B, Ld, Q, H, L, P, 2), dec_attention_weights (B, Ld, Q, H, L, P) (return_sampling)}."""
+    def forward(self, queries: Queries, memory: Tensor, tok: Tokens, return_sampling: bool = False) -> Decoded:
+        """memory (B, S, d) → every layer's class logits and boxes (and the sampling, for the DAM)."""
         dec = self.stack(queries.tgt, queries.query_pos, queries.reference, memory, tok.spatial_shapes,
                          tok.level_start_index, tok.valid_ratios, tok.padding_mask, list(self.bbox_embed),
                          return_sampling=return_sampling)
         logits = [head(hidden) for head, hidden in zip(self.class_embed, dec.hidden)]
-        out = {"pred_logits": logits[-1], "pred_boxes": dec.boxes[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], dec.boxes)]
-        if return_sampling:  # the DAM's inputs
-            out["dec_sampling_locations"], out["dec_attention_weights"] = dec.sampling_locations, dec.attention_weights
-        return out
+        return Decoded(logits, list(dec.boxes), self.aux_loss, dec.sampling_locations, dec.attention_weights)

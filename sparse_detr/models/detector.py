@@ -79,6 +79,6 @@ class SparseDETR(nn.Module):
         queries = self.queries(enc, images.shape[0])          # Sparse DETR Sec. 3.4 / Deformable DETR Sec. 4.2
         # The DAM's inputs: the selector's target in training, and any model's instruments with return_maps.
         sampling = return_maps or (self.training and self.encoder.needs_decoder_sampling)
-        out = self.decoder(queries, enc.memory, tok, return_sampling=sampling)
-        return {**out, **queries.outputs, **enc.outputs(), "spatial_shapes": tok.spatial_shapes,
+        dec = self.decoder(queries, enc.memory, tok, return_sampling=sampling)
+        return {**dec.outputs(), **queries.outputs, **enc.outputs(), "spatial_shapes": tok.spatial_shapes,
                 "level_start_index": tok.level_start_index, "padding_mask": tok.padding_mask}
