@@ -252,3 +252,27 @@ def test_an_unknown_criterion_stops_the_sweep_before_anything_trains(tmp_path):
     with pytest.raises(ConfigError, match="model.scorer_target: unknown token selection 'dma'"):
         sweep.run_sweep(runs, sweep.SweepOptions(base=base, out=str(tmp_path / "s")), log=lambda m: None)
     assert not (tmp_path / "s").exists()
+
+
+def test_rank_correlations_against_scipy_and_by_hand():
+    from scipy.stats import spearmanr
+
+    from sparse_detr.engine.studies.sweep_report import correlation_markdown, rank_correlations
+
+    aps = [0.20, 0.25, 0.18, 0.30, 0.25, 0.10]
+    cover = [0.3, 0.5, 0.3, 0.9, 0.4, 0.1]  # ties in both columns
+    records = [{"target": "x", "rho": 0.1, "seed": i, "status": "done", "AP": ap,
+                "selection": {"dam_coverage": c, "object_coverage": 1 - c, "fg_precision": 0.5}}
+               for i, (ap, c) in enumerate(zip(aps, cover))]
+    records.append({"target": "dense", "rho": 0, "seed": 0, "status": "done", "AP": 0.9,
+                    "selection": {"dam_coverage": 0.0}})  # dense runs are not ranked
+    got = {r["key"]: r for r in rank_correlations(records)}
+    assert got["dam_coverage"]["n"] == 6
+    assert got["dam_coverage"]["rho"] == pytest.approx(spearmanr(aps, cover).statistic)
+    assert got["object_coverage"]["rho"] == pytest.approx(-got["dam_coverage"]["rho"])
+    assert got["fg_precision"]["rho"] is None and got["kept_share_l0"]["n"] == 0  # constant / missing
+    # a strictly monotone pair by hand: rho = 1
+    mono = [{"rho": 0.1, "status": "done", "AP": a, "selection": {"dam_coverage": a * a}} for a in (0.1, 0.3, 0.2)]
+    assert rank_correlations(mono, ("dam_coverage",))[0]["rho"] == pytest.approx(1.0)
+    md = correlation_markdown(records)
+    assert f"| dam_coverage | 6 | {spearmanr(aps, cover).statistic:+.2f} |" in md and "| fg_precision | 6 | – |" in md

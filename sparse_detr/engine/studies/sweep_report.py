@@ -14,7 +14,7 @@ from sparse_detr.config import ModelConfig
 from sparse_detr.models.selection import SELECTORS
 
 __all__ = ["summarize", "results_markdown", "plot_pareto", "selection_markdown", "plot_selection",
-           "paired_differences", "paired_markdown"]
+           "paired_differences", "paired_markdown", "rank_correlations", "correlation_markdown"]
 
 MARKER_CYCLE = "os^DXv<>ph"  # by registration order of the criteria (selection.SELECTORS); "P" for other labels
 
@@ -90,7 +90,8 @@ def results_markdown(records: list[dict], command: str = "") -> str:
                                                                                    "AP_l"))
                      + f" | {_num(r.get('gflops'))} | {_num(r.get('encoder_gflops'))} | {kept}"
                      f" | {_num(r.get('cpu_fps'))} | {_num(r.get('train_seconds'), 4)} | {status} |")
-    return "\n".join(lines) + "\n" + selection_markdown(records) + paired_markdown(records)
+    return ("\n".join(lines) + "\n" + selection_markdown(records) + paired_markdown(records)
+            + correlation_markdown(records))
 
 
 def paired_differences(records: list[dict], a: str, b: str, key: str = "AP") -> list[float]:
@@ -141,6 +142,65 @@ def _selection_rows(records: list[dict]) -> list[dict]:
     return [{"target": t, "rho": rho, "n": len(rs),
              **{k: _mean_std([r["selection"].get(k) for r in rs]) for k in SELECTION_KEYS}}
             for (t, rho), rs in groups.items()]
+
+
+#: The instruments AP is ranked against (H2 of docs/ablation.md): what a selection covers, and where it lies.
+CORRELATED = ("dam_coverage", "dam_efficiency", "object_coverage", "object_coverage_small", "fg_precision",
+              "kept_share_l0", "kept_share_l1", "kept_share_l2", "kept_share_l3")
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks 1..n, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def rank_correlations(records: list[dict], keys: tuple[str, ...] = CORRELATED) -> list[dict]:
+    """Spearman's rank correlation of final AP with each instrument over the finished sparse runs (every criterion
+    and seed pooled): {key, n, rho}; rho is None with fewer than 3 runs or a constant column."""
+    runs = [r for r in records if r.get("status") == "done" and r.get("rho", 0) > 0 and r.get("AP") is not None]
+    out = []
+    for key in keys:
+        pairs = [(r["AP"], r["selection"][key]) for r in runs
+                 if isinstance(r.get("selection"), dict) and r["selection"].get(key) is not None]
+        rho = None
+        if len(pairs) >= 3:
+            a, b = (_ranks([p[i] for p in pairs]) for i in (0, 1))
+            rho = _pearson(a, b)
+        out.append({"key": key, "n": len(pairs), "rho": rho})
+    return out
+
+
+def _pearson(a: list[float], b: list[float]) -> Optional[float]:
+    ma, mb = statistics.fmean(a), statistics.fmean(b)
+    sa = sum((x - ma) ** 2 for x in a) ** 0.5
+    sb = sum((y - mb) ** 2 for y in b) ** 0.5
+    if sa == 0 or sb == 0:
+        return None
+    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / (sa * sb)
+
+
+def correlation_markdown(records: list[dict]) -> str:
+    """The rank-correlation table of ``rank_correlations`` (empty without instruments)."""
+    rows = [r for r in rank_correlations(records) if r["n"]]
+    if not rows:
+        return ""
+    lines = ["", "Rank correlation (Spearman) of final AP with each val instrument over the sparse runs (criteria and "
+             "seeds pooled; it ranks the criteria more than it measures a mechanism):", "",
+             "| instrument | n | Spearman ρ |", "|---|---|---|"]
+    for r in rows:
+        rho = "–" if r["rho"] is None else f"{r['rho']:+.2f}"
+        lines.append(f"| {r['key']} | {r['n']} | {rho} |")
+    return "\n".join(lines) + "\n"
 
 
 def selection_markdown(records: list[dict]) -> str:
