@@ -35,7 +35,7 @@ def test_config_loads_and_builds(path):
     # encoder auxiliary loss (Sec. 3.3); Deformable DETR's two-stage proposals are class-agnostic, Sparse and
     # Efficient DETR's class-specific.
     stem, wd = path.stem, criterion.weight_dict
-    synthetic = ("demo_synthetic", "ablation_synthetic", "ablation_long")  # tiny-CNN recipes of their own
+    synthetic = ("demo_synthetic", "ablation_synthetic", "ablation_long", "ablation_long_levels")  # tiny-CNN recipes
     sparse = stem.startswith("sparse_detr") or stem in synthetic
     if sparse:
         assert m.rho == float(re.search(r"rho(0\.\d)", stem).group(1)) if "rho" in stem else m.rho > 0
