@@ -14,7 +14,9 @@ from sparse_detr.engine.checkpoint import load_checkpoint
 from sparse_detr.engine.inference.loading import load_for_inference
 from sparse_detr.engine.studies.sweep_report import results_markdown
 from sparse_detr.engine.inference.visualize import make_panels
-from sparse_detr.models.selection import SELECTORS, ScorerSelector, register_selector, token_geometry
+from sparse_detr.models import build_model
+from sparse_detr.models.selection import (SELECTORS, ScorerSelector, SelectorLosses, TokenSelector, register_selector,
+                                          token_geometry)
 
 NAME = "top_half_of_boxes_test"
 
@@ -72,3 +74,52 @@ def test_a_criterion_defined_in_a_test_file_trains_evaluates_reports_and_draws(r
                          target={"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0]])})
     assert any(k.startswith("kept tokens") for k in panels) and f"{NAME} target" in panels
     assert load_checkpoint(str(tmp_path / "run" / "checkpoint_last.pth"))["config"]["model"]["scorer_target"] == NAME
+
+
+class LinearScoreSelector(TokenSelector):
+    """A criterion with a module of its own (not the scorer): a linear token logit, trained by a margin loss."""
+
+    def __init__(self, budget, options):
+        super().__init__(budget, options)
+        self.token_logit = torch.nn.Linear(options.dim, 1)
+
+    def score(self, features, proposals, padding_mask):
+        return self.token_logit(features).squeeze(-1), {}
+
+    def losses(self, outputs, targets):
+        scores = outputs["selection"].scores
+        return SelectorLosses({"loss_spread": (scores.std(dim=1) - 1.0).abs().mean()})
+
+    def loss_weights(self, cls, bbox, giou, mask):
+        return {"loss_spread": 0.1}
+
+
+def test_a_criterion_with_its_own_module_saves_it_under_the_official_prefix_and_reloads_strictly():
+    saved = dict(SELECTORS)
+    register_selector("linear_score_test")(LinearScoreSelector)
+    try:
+        overrides = ["model.hidden_dim=32", "model.nheads=2", "model.enc_layers=2", "model.dec_layers=2",
+                     "model.dim_feedforward=64", "model.num_queries=10", "model.scorer_target=linear_score_test"]
+        cfg = load_config("configs/demo_synthetic.yaml", overrides)
+        torch.manual_seed(0)
+        model, criterion, _ = build_model(cfg)
+        image = torch.rand(1, 3, 96, 96)
+        targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])}]
+        losses = criterion(model(image), targets)
+        assert "loss_spread" in losses and criterion.weight_dict["loss_spread"] == 0.1
+        losses["loss_spread"].backward()
+        assert model.selector.token_logit.weight.grad.abs().sum() > 0  # its loss trains its module
+        state = model.state_dict()
+        assert {"transformer.token_logit.weight", "transformer.token_logit.bias"} <= set(state)
+        torch.manual_seed(1)
+        fresh, _, _ = build_model(cfg)
+        fresh.load_state_dict(state, strict=True)
+        model.eval()
+        fresh.eval()
+        with torch.no_grad():
+            a, b = model(image), fresh(image)
+        assert torch.equal(a["selection"].indices, b["selection"].indices)
+        assert torch.equal(a["pred_logits"], b["pred_logits"])
+    finally:
+        SELECTORS.clear()
+        SELECTORS.update(saved)
