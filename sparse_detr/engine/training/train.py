@@ -473,10 +473,10 @@ class Trainer:
                       meters["data_time"].avg, format_eta(left_epoch), format_eta(left_total), mem)
         cov = instruments.get(INSTRUMENT_PREFIX + "dam_coverage")
         if cov is not None:
-            self.log.info("  selection: DAM coverage %.3f (oracle %.3f, random %.3f)  object coverage %.3f",
-                          cov, instruments.get(INSTRUMENT_PREFIX + "dam_oracle", math.nan),
-                          instruments.get(INSTRUMENT_PREFIX + "dam_random", math.nan),
-                          instruments.get(INSTRUMENT_PREFIX + "object_coverage", math.nan))
+            self.log.info("  selection: DAM coverage %.1f%% (oracle %.1f%%, random %.1f%%)  object coverage %.1f%%",
+                          100 * cov, 100 * instruments.get(INSTRUMENT_PREFIX + "dam_oracle", math.nan),
+                          100 * instruments.get(INSTRUMENT_PREFIX + "dam_random", math.nan),
+                          100 * instruments.get(INSTRUMENT_PREFIX + "object_coverage", math.nan))
         self.tb.scalars("train", {k: m.avg for k, m in meters.meters.items()}, p.iteration)
         self.tb.scalars("train_selection", {k[len(INSTRUMENT_PREFIX):]: v for k, v in instruments.items()},
                         p.iteration)
