@@ -123,3 +123,13 @@ def test_a_criterion_with_its_own_module_saves_it_under_the_official_prefix_and_
     finally:
         SELECTORS.clear()
         SELECTORS.update(saved)
+
+
+def test_a_criterion_without_a_score_is_refused_when_built():
+    class Unfinished(TokenSelector):
+        pass
+
+    from sparse_detr.models.selection import KeepBudget, SelectorOptions
+
+    with pytest.raises(TypeError, match="Unfinished.*score"):
+        Unfinished(KeepBudget(0.1), SelectorOptions(dim=8, num_classes=3))

@@ -19,6 +19,7 @@ bound (``max_kept_tokens``); exact counts stay on the device, ``valid`` marks th
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence
@@ -329,7 +330,7 @@ class SelectorLosses:
     matched: list[tuple[str, dict]] = field(default_factory=list)
 
 
-class TokenSelector(nn.Module):
+class TokenSelector(nn.Module, abc.ABC):
     """A selection criterion, owned by the encoder stage. Its submodules keep their official names (a checkpoint
     stores them as ``transformer.<name>``); ``layout`` names them for the checkpoint check.
 
@@ -345,9 +346,10 @@ class TokenSelector(nn.Module):
         super().__init__()
         self.budget = budget
 
+    @abc.abstractmethod
     def score(self, features: Optional[Tensor], proposals: Tensor, padding_mask: Tensor) -> tuple[Tensor, dict]:
-        """Scores (B, S) of the backbone tokens, and the outputs of the selector's own heads by name."""
-        raise NotImplementedError
+        """Scores (B, S) of the backbone tokens, and the outputs of the selector's own heads by name (every criterion
+        defines it: a subclass without it cannot be instantiated)."""
 
     def forward(self, features: Optional[Tensor], proposals: Tensor, padding_mask: Tensor,
                 shapes: Sequence[tuple[int, int]], canvas_hw: tuple[int, int],
