@@ -36,7 +36,7 @@ def _full_state():
         "scaler": None, "ema": ema.state_dict(), "epoch": 1, "step_in_epoch": 3, "iteration": 17,
         "rng": [get_rng_state()], "config": to_dict(Config()),
         "label_map": {"category_ids": [1, 3], "names": ["a", "b"]},
-        "best_ap": 0.25, "metrics": {"AP": 0.25, "per_class": {"a": 0.5, "b": -1.0}},
+        "best_ap": 25.0, "metrics": {"AP": 25.0, "per_class": {"a": 50.0, "b": -1.0}, "ap_unit": "percent"},
     }
 
 
@@ -56,7 +56,7 @@ def test_round_trip_is_weights_only_and_complete(tmp_path):
     opt = torch.optim.AdamW([{"name": "default", "params": list(fresh.parameters())}], lr=1e-3)
     opt.load_state_dict(loaded["optimizer"])
     assert loaded["config"] == to_dict(Config())
-    assert loaded["metrics"]["per_class"] == {"a": 0.5, "b": -1.0}
+    assert loaded["metrics"] == state["metrics"] and loaded["best_ap"] == 25.0
     assert (loaded["epoch"], loaded["step_in_epoch"], loaded["iteration"]) == (1, 3, 17)
 
 
@@ -290,3 +290,26 @@ def test_extracted_backbone_loads_as_pretrained_weights(tmp_path):
     assert run_tool(tool.main, [str(tmp_path / "run.pth"), str(out)]) == 3  # a user error: never overwrites
     with pytest.raises(CheckpointError, match="exists"):
         tool.extract_backbone(str(tmp_path / "run.pth"), str(out))
+
+
+def test_a_format_2_checkpoint_is_read_in_percent(tmp_path):
+    """Before format 3, best_ap and the metrics were COCO fractions: on load they are percent, -1 (no ground truth)
+    stays -1, the selection instruments stay fractions, and the file is not changed."""
+    _, state = _full_state()
+    old = {**state, "format_version": 2, "best_ap": 0.25,
+           "metrics": {"AP": 0.25, "AP50": 0.5, "APs": -1.0, "per_class": {"a": 0.5, "b": -1.0},
+                       "selection": {"dam_coverage": 0.3}, "ema": {"AP": 0.125}}}
+    path = tmp_path / "old.pth"
+    torch.save(old, path)
+    raw = path.read_bytes()
+    loaded = load_checkpoint(str(path))
+    assert loaded["best_ap"] == 25.0
+    m = loaded["metrics"]
+    assert (m["AP"], m["AP50"], m["APs"], m["ema"]["AP"]) == (25.0, 50.0, -1.0, 12.5)
+    assert m["per_class"] == {"a": 50.0, "b": -1.0} and m["selection"] == {"dam_coverage": 0.3}
+    assert m["ap_unit"] == "percent" and path.read_bytes() == raw
+    # A current checkpoint is not converted twice; one without metrics (an official release) is left alone.
+    save_checkpoint(str(tmp_path / "new.pth"), {**state, "best_ap": 25.0})
+    assert load_checkpoint(str(tmp_path / "new.pth"))["best_ap"] == 25.0
+    torch.save({"model": state["model"]}, tmp_path / "official.pth")
+    assert "best_ap" not in load_checkpoint(str(tmp_path / "official.pth"))

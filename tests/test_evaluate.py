@@ -1,4 +1,4 @@
-"""COCO evaluator: perfect detections give AP 1 (with contiguous labels and with category ids as labels), numbers
+"""COCO evaluator: perfect detections give AP 100 % (with contiguous labels and with category ids as labels), numbers
 equal a direct pycocotools run, zero detections give 0; the loop hands the model the unpadded image sizes."""
 
 import contextlib
@@ -45,21 +45,21 @@ def gt_as_predictions(coco_gt, label_map, jitter=0.0, seed=0):
     return predictions
 
 
-def test_ground_truth_as_detections_gives_ap_one(gt):
+def test_ground_truth_as_detections_gives_full_ap(gt):
     coco_gt, dataset = gt
     evaluator = CocoEvaluator(coco_gt, dataset.label_map)
     evaluator.update(gt_as_predictions(coco_gt, dataset.label_map))
     evaluator.synchronize()  # not distributed: a no-op merge
     metrics = evaluator.summarize()
     for name in ("AP", "AP50", "AP75", "AR100"):
-        assert metrics[name] == pytest.approx(1.0), name
+        assert metrics[name] == pytest.approx(100.0), name  # percent
     assert set(metrics["per_class"]) == {"rectangle", "ellipse", "triangle", "cross", "ring", "diamond"}
-    assert all(ap == pytest.approx(1.0) for ap in metrics["per_class"].values())
+    assert all(ap == pytest.approx(100.0) for ap in metrics["per_class"].values())  # percent
     table = evaluator.format_per_class_table()
     assert "diamond" in table and "100.0" in table
 
 
-def test_category_ids_as_labels_give_ap_one_and_drop_non_categories(gt):
+def test_category_ids_as_labels_give_full_ap_and_drop_non_categories(gt):
     """label_mapping="category_id" (COCO + official checkpoints): label = category id. Detections whose label is
     no category of the json (a gap between ids, 0, or past the largest id) are dropped, not an error."""
     coco_gt, contiguous = gt
@@ -83,7 +83,7 @@ def test_category_ids_as_labels_give_ap_one_and_drop_non_categories(gt):
     assert len(results) == sum(len(coco_gt.getAnnIds(imgIds=i)) for i in coco_gt.getImgIds())
     metrics = evaluator.summarize()
     for name in ("AP", "AP50", "AP75", "AR100"):
-        assert metrics[name] == pytest.approx(1.0), name
+        assert metrics[name] == pytest.approx(100.0), name  # percent
 
 
 def test_numbers_equal_a_direct_cocoeval_run(gt, tmp_path):
@@ -99,8 +99,11 @@ def test_numbers_equal_a_direct_cocoeval_run(gt, tmp_path):
         reference.evaluate()
         reference.accumulate()
         reference.summarize()
-    assert [metrics[name] for name in METRIC_NAMES] == pytest.approx(list(reference.stats), abs=1e-12)
-    assert 0.1 < metrics["AP"] < 0.95  # the jitter must make this a non-trivial comparison
+    # Percent (engine/metrics.py): COCOeval's fractions x 100, its -1 (no ground truth) kept.
+    expected = [100 * v if v >= 0 else v for v in reference.stats]
+    assert [metrics[name] for name in METRIC_NAMES] == pytest.approx(expected, abs=1e-10)
+    assert metrics["ap_unit"] == "percent"
+    assert 10 < metrics["AP"] < 95  # the jitter must make this a non-trivial comparison
 
     # Per-class AP equals COCOeval restricted to that one category.
     category = coco_gt.loadCats(5)[0]
@@ -110,7 +113,7 @@ def test_numbers_equal_a_direct_cocoeval_run(gt, tmp_path):
         single.evaluate()
         single.accumulate()
         single.summarize()
-    assert metrics["per_class"][category["name"]] == pytest.approx(single.stats[0], abs=1e-12)
+    assert metrics["per_class"][category["name"]] == pytest.approx(100 * single.stats[0], abs=1e-10)
 
 
 def test_zero_detections_give_zero_ap(gt):
@@ -165,7 +168,7 @@ def test_evaluate_runs_the_loop_in_eval_mode(gt):
     model.train()
     metrics = evaluate(model, _replay_postprocessor, loader, torch.device("cpu"), dataset.label_map, coco_gt,
                        instruments=False)  # a replay model has no tokens to measure
-    assert metrics["AP"] == pytest.approx(1.0)
+    assert metrics["AP"] == pytest.approx(100.0)
     assert model.calls and all(call == (False, False, True) for call in model.calls)
     assert model.training  # mode restored
     assert all(given == from_mask for given, from_mask in model.sizes)

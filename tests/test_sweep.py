@@ -115,6 +115,17 @@ def test_skip_resume_retry_and_schema(base, tmp_path, monkeypatch):
     third = sweep.run_sweep(runs, opts, log=lambda m: None)
     assert [r["status"] for r in third] == ["done", "done"]
 
+    # A finished record written before AP was in percent (COCO fractions, no "ap_unit") is reused in percent.
+    old = {k: v for k, v in third[1].items() if k != "ap_unit"}
+    old.update(AP=0.125, AP50=0.5, AP_s=None, evals=[{**e, "AP": 0.125, "AP50": 0.5} for e in old["evals"]])
+    with open(os.path.join(dam_dir, "result.json"), "w") as f:
+        json.dump(old, f)
+    reread = sweep.run_sweep(runs, opts, log=lambda m: None)[1]
+    assert (reread["AP"], reread["AP50"], reread["AP_s"], reread["ap_unit"]) == (12.5, 50.0, None, "percent")
+    assert reread["evals"][-1]["AP"] == 12.5 and reread["selection"] == third[1]["selection"]
+    assert json.load(open(os.path.join(opts.out, "results.json")))[1]["AP"] == 12.5
+    assert "| dam_rho0.3_seed0 | 12.5 | 50.0 |" in open(os.path.join(opts.out, "results.md")).read()
+
     # 4. A finished run is never reused for another config.
     with pytest.raises(sweep.ConfigChangedError, match="loss.cls_loss_coef"):
         sweep.run_sweep(runs, _opts(base, tmp_path, overrides=("loss.cls_loss_coef=3.0",)), log=lambda m: None)
@@ -126,7 +137,8 @@ def test_skip_resume_retry_and_schema(base, tmp_path, monkeypatch):
         assert set(sweep.RECORD_KEYS) <= set(r) and "resolved_config" not in r
         assert (r["target"], r["rho"], r["seed"], r["status"]) == (spec.target, spec.rho, spec.seed, "done")
         for key in sweep.METRICS:
-            assert r[key] is None or 0.0 <= r[key] <= 1.0, (key, r[key])
+            assert r[key] is None or 0.0 <= r[key] <= 100.0, (key, r[key])
+        assert r["ap_unit"] == "percent"
         assert r["AP50"] is not None  # the val split has objects
         assert 0 < r["encoder_gflops"] < r["gflops"] and r["cpu_fps"] > 0 and r["benchmark_hw"] == [64, 64]
         assert r["iterations"] == 3 and r["train_seconds"] > 0
@@ -214,7 +226,7 @@ def test_pretrain_stage_is_shared_skipped_and_starts_every_run(base, tmp_path, m
         for k, v in backbone.items():
             assert torch.equal(final[f"backbone.0.body.{k}"], v) and torch.equal(pretrained[f"backbone.0.body.{k}"], v)
     meta = json.load(open(os.path.join(pre_dir, "result.json")))
-    assert meta["iterations"] == 3 and 0 <= meta["AP50"] <= 1 and meta["backbone"] == sweep.backbone_path(opts)
+    assert meta["iterations"] == 3 and 0 <= meta["AP50"] <= 100 and meta["backbone"] == sweep.backbone_path(opts)
     # Rerun: neither the pretraining nor a run trains again.
     monkeypatch.setattr(train_mod, "run", lambda *a, **k: pytest.fail("trained again"))
     assert [r["status"] for r in sweep.run_sweep(runs, opts, log=lambda m: None)] == ["done"]
@@ -235,10 +247,10 @@ def test_paired_differences_pair_runs_by_seed():
         return {"target": target, "rho": 0.1, "seed": seed, "status": "done", "AP": ap,
                 "selection": {"dam_coverage": cov} if cov is not None else {}}
 
-    records = [rec("dense", 0, 0.20), rec("dense", 1, 0.24), rec("dam", 0, 0.15, 0.3), rec("dam", 1, 0.17, 0.4),
-               rec("dam", 2, 0.9), rec("random", 1, 0.18, 0.1)]
-    assert paired_differences(records, "dam", "dense") == pytest.approx([-0.05, -0.07])  # seed 2 has no pair
-    assert paired_differences(records, "random", "dam") == pytest.approx([0.01])
+    records = [rec("dense", 0, 20.0), rec("dense", 1, 24.0), rec("dam", 0, 15.0, 0.3), rec("dam", 1, 17.0, 0.4),
+               rec("dam", 2, 90.0), rec("random", 1, 18.0, 0.1)]  # AP in percent, instruments as fractions
+    assert paired_differences(records, "dam", "dense") == pytest.approx([-5.0, -7.0])  # seed 2 has no pair
+    assert paired_differences(records, "random", "dam") == pytest.approx([1.0])
     assert paired_differences(records, "random", "dam", "dam_coverage") == pytest.approx([-0.3])
     md = paired_markdown(records)
     assert "| dam − dense | 2 | -6.0 ± 1.4 | -5.0 -7.0 |" in md and "| random − dam | 1 | +1.0 ± 0.0 | +1.0 |" in md

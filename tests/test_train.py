@@ -668,7 +668,59 @@ def test_a_finished_run_closes_with_a_summary_and_the_next_commands(data_root, t
     evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
              if json.loads(line)["type"] == "eval"]
     best = max(evals, key=lambda e: e["AP"])
-    assert f"best AP {100 * best['AP']:.1f}" in log and f"after epoch {best['epoch']}" in log
-    assert f"final AP {100 * evals[-1]['AP']:.1f} after epoch 2" in log
+    assert f"best AP {best['AP']:.1f}" in log and f"after epoch {best['epoch']}" in log
+    assert f"final AP {evals[-1]['AP']:.1f} after epoch 2" in log
     for tool in ("eval", "predict", "visualize", "inspect_selection"):
         assert f"python tools/{tool}.py --checkpoint {out}" in log
+
+
+def test_a_finished_run_extended_to_more_epochs_equals_the_longer_run_from_scratch(data_root, tmp_path):
+    """`--resume auto train.epochs=N+k` on a finished N-epoch run trains exactly what an (N+k)-epoch run trains
+    (nothing in the loop depends on the total epoch count): how a study's schedule is lengthened without retraining."""
+    cfg = _write(tmp_path / "c.yaml", _config(data_root, tmp_path / "unused", epochs=2, max_iters_per_epoch=2,
+                                              eval_every_epochs=1, lr_drop_epochs=[1]))
+    longer, extended = tmp_path / "longer", tmp_path / "extended"
+    train_mod.run(load_config(cfg, [f"train.output_dir={longer}", "train.epochs=3"]))
+    train_mod.run(load_config(cfg, [f"train.output_dir={extended}"]))
+    assert load_checkpoint(str(extended / "checkpoint_last.pth"))["epoch"] == 2
+    train_mod.run(load_config(cfg, [f"train.output_dir={extended}", "train.epochs=3"]), resume="auto")
+    a, b = _iters(longer), _iters(extended)
+    assert sorted(a) == sorted(b) == list(range(1, 7)) and a == b
+    end_a, end_b = (load_checkpoint(str(d / "checkpoint_last.pth")) for d in (longer, extended))
+    assert end_b["iteration"] == 6
+    for name, tensor in end_a["model"].items():
+        assert torch.equal(tensor, end_b["model"][name]), name
+    assert end_a["metrics"]["AP"] == end_b["metrics"]["AP"]
+
+
+def _fractions(metrics: dict) -> dict:
+    """What the code before the unit change wrote: COCO fractions, no "ap_unit"."""
+    return {k: (v / 100 if k in ("AP", "AP50") else v) for k, v in metrics.items() if k != "ap_unit"}
+
+
+def test_a_run_resumed_across_the_change_of_ap_unit_keeps_its_best(data_root, tmp_path, monkeypatch):
+    """A checkpoint (format 2) and log.jsonl written with COCO fractions: the resumed run reads them in percent, so
+    a worse AP after the resume neither replaces checkpoint_best nor becomes the summary's best."""
+    aps = iter([40.0, 30.0])  # percent: epoch 1, epoch 2
+
+    def fake_evaluate(*args, **kwargs):
+        return {"AP": next(aps), "AP50": 50.0, "per_class": {}, "ap_unit": "percent"}
+
+    monkeypatch.setattr(train_mod, "evaluate", fake_evaluate)
+    out = tmp_path / "run"
+    cfg = _write(tmp_path / "c.yaml", _config(data_root, out, max_iters_per_epoch=1, eval_every_epochs=1))
+    train_mod.run(load_config(cfg))
+    for name in ("checkpoint_last.pth", "checkpoint_best.pth"):  # rewritten as the old code wrote them
+        state = torch.load(out / name, map_location="cpu", weights_only=True)
+        state.update(format_version=2, best_ap=0.4, metrics=_fractions(state["metrics"]))
+        torch.save(state, out / name)
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    (out / "log.jsonl").write_text("".join(json.dumps(_fractions(r) if r["type"] == "eval" else r) + "\n"
+                                           for r in lines))
+    best_before = (out / "checkpoint_best.pth").read_bytes()
+    assert load_checkpoint(str(out / "checkpoint_last.pth"))["best_ap"] == pytest.approx(40.0)  # upgraded on load
+    train_mod.run(load_config(cfg, ["train.epochs=2"]), resume="auto")
+    end = load_checkpoint(str(out / "checkpoint_last.pth"))
+    assert end["best_ap"] == pytest.approx(40.0) and end["metrics"]["AP"] == 30.0
+    assert (out / "checkpoint_best.pth").read_bytes() == best_before
+    assert "best AP 40.0 (AP50 50.0) after epoch 1, final AP 30.0 after epoch 2" in (out / "log.txt").read_text()

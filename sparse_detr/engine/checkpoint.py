@@ -23,6 +23,7 @@ SIGKILL at any moment leaves either the previous checkpoint or the new one, neve
 
 Format history, upgraded on load (`_upgrade`): 2 — `model.backbone: swin_t` is the official detection Swin-T
 (models/swin.py); a format-1 `swin_t` checkpoint holds torchvision's swin_t, now called `swin_t_torchvision`.
+3 — `best_ap` and `metrics` in percent (engine/metrics.py); older ones hold COCO fractions.
 Files without a version (official releases) have their official Swin-T backbone keys renamed to ours.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from sparse_detr.engine.atomic import write_atomic
+from sparse_detr.engine.metrics import metrics_in_percent, percent
 from sparse_detr.models.selection import SELECTORS
 from sparse_detr.models.swin import has_official_swin_keys, official_to_ours
 from sparse_detr.errors import UserError
@@ -48,7 +50,7 @@ __all__ = [
     "find_last_checkpoint", "get_rng_state", "set_rng_state",
 ]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SWIN_RENAMED = "official Swin-T checkpoint: backbone keys renamed to ours"
 LAST = "checkpoint_last.pth"
 BEST = "checkpoint_best.pth"
@@ -178,6 +180,9 @@ def _upgrade(state: dict, path: str) -> dict:
         warnings.warn(f"{path}: format-1 Swin-T checkpoint, trained with torchvision's swin_t: evaluate or resume it "
                       f"with model.backbone=swin_t_torchvision (model.backbone=swin_t is now the official Swin-T)",
                       stacklevel=3)
+    if 0 < version < 3:  # official files (version 0) hold no metrics
+        state = {**state, "best_ap": percent(state.get("best_ap", -1.0)),
+                 "metrics": metrics_in_percent(state.get("metrics"))}
     return state
 
 

@@ -10,8 +10,8 @@ date after every run. The sweep is safe to interrupt and rerun with the same com
 * a half-finished run (checkpoints but no `result.json`) continues through the engine's `resume="auto"`;
 * a failed run is reported (its error goes into the results) and retried on the next invocation.
 
-One record per run (`RECORD_KEYS`): target, rho, seed, the COCO metrics as fractions in [0, 1] (None where COCO
-has no object of that size), GFLOPs (fvcore convention, 1 multiply-add = 1 FLOP) of the whole model and of its
+One record per run (`RECORD_KEYS`): target, rho, seed, the COCO metrics in percent (None where COCO has no object
+of that size; `ap_unit`, engine/metrics.py; records written before hold fractions and are converted by `load_record`), GFLOPs (fvcore convention, 1 multiply-add = 1 FLOP) of the whole model and of its
 encoder at the benchmark input, CPU images/s at batch 1, training seconds (sum of the iteration times of the
 final trajectory), the config path and the overrides that reproduce the run.
 
@@ -39,13 +39,14 @@ from typing import Callable, Optional, Sequence
 from sparse_detr.config import load_config, to_dict
 from sparse_detr.engine.atomic import write_atomic
 from sparse_detr.engine.logging import read_jsonl
+from sparse_detr.engine.metrics import AP_UNIT, AP_UNIT_KEY, is_percent, metrics_in_percent, percent
 from sparse_detr.progress import format_duration
 
 __all__ = ["RunSpec", "SweepOptions", "RECORD_KEYS", "METRICS", "plan_runs", "run_one", "run_sweep",
-           "run_status", "run_pretrain", "backbone_path", "train_seconds", "ConfigChangedError"]
+           "run_status", "run_pretrain", "backbone_path", "train_seconds", "load_record", "ConfigChangedError"]
 
 METRICS = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "AP_s": "APs", "AP_m": "APm", "AP_l": "APl"}  # ours: COCO's
-RECORD_KEYS = ("name", "target", "rho", "seed", "status", *METRICS, "gflops", "encoder_gflops", "benchmark_hw",
+RECORD_KEYS = ("name", "target", "rho", "seed", "status", *METRICS, AP_UNIT_KEY, "gflops", "encoder_gflops", "benchmark_hw",
                "tokens", "kept_tokens", "params", "cpu_fps", "fps_threads", "train_seconds", "iterations",
                "config", "overrides", "output_dir", "criterion", "selection", "curves", "evals", "device", "commit")
 CURVE_KEYS = ("dam_coverage", "dam_oracle", "dam_random", "object_coverage", "fg_precision")  # per log step
@@ -167,11 +168,7 @@ def _folder_status(folder: str, planned_config) -> tuple[str, Optional[dict]]:
     """("done", record) | ("resume", None) | ("new", None) for a run folder whose run must have `planned_config`."""
     path = os.path.join(folder, RESULT)
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            try:
-                record = json.load(f)
-            except ValueError as e:
-                raise ValueError(f"{path}: not valid JSON ({e}); move the folder away to rerun this run") from e
+        record = load_record(path)
         changed = _config_diff(record.get("resolved_config", {}), to_dict(planned_config))
         if changed:
             raise ConfigChangedError(f"{folder} was trained with another config (differs at {', '.join(changed)}); "
@@ -206,11 +203,11 @@ def run_pretrain(opts: SweepOptions, log: Callable[[str], None] = print) -> dict
         extract_backbone(os.path.join(folder, "checkpoint_last.pth"), backbone)
     seconds, iterations = train_seconds(os.path.join(folder, "log.jsonl"))
     record = {"name": PRETRAIN, "status": "done", "config": opts.pretrain, "overrides": pretrain_overrides(opts),
-              **{ours: _fraction(metrics.get(coco)) for ours, coco in METRICS.items()},
+              **{ours: _metric(metrics.get(coco)) for ours, coco in METRICS.items()}, AP_UNIT_KEY: AP_UNIT,
               "train_seconds": seconds, "iterations": iterations, "output_dir": folder, "backbone": backbone,
               "resolved_config": to_dict(cfg)}
     _write_json(os.path.join(folder, RESULT), record)
-    log(f"pretraining: done in {format_duration(time.perf_counter() - start)}, AP50 {100 * (record['AP50'] or 0):.1f} on "
+    log(f"pretraining: done in {format_duration(time.perf_counter() - start)}, AP50 {record['AP50'] or 0:.1f} on "
         f"its own val split; backbone in {backbone}")
     return record
 
@@ -231,6 +228,7 @@ def read_curves(log_path: str) -> dict:
         if entry.get("type") == "iter" and "stat_sel_dam_random" in entry:
             steps[int(entry["iteration"])] = {k: entry.get("stat_sel_" + k) for k in CURVE_KEYS}
         elif entry.get("type") == "eval":
+            entry = metrics_in_percent(entry)  # a log continued across the change of unit
             sel = entry.get("selection") or {}
             evals[int(entry["iteration"])] = {"iteration": int(entry["iteration"]), "AP": entry.get("AP"),
                                               "AP50": entry.get("AP50"), **{k: sel.get(k) for k in CURVE_KEYS}}
@@ -259,8 +257,28 @@ def _provenance() -> dict:
     return {"device": device, "commit": commit or os.environ.get("SPARSE_DETR_COMMIT")}
 
 
-def _fraction(value) -> Optional[float]:
+def _metric(value) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and value >= 0 else None  # COCO: -1 = no such object
+
+
+def load_record(path: str) -> dict:
+    """A run's `result.json` (or one record of `results.json`), its metrics in percent whatever it was written with."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            record = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); move the folder away to rerun this run") from e
+    return record_in_percent(record)
+
+
+def record_in_percent(record: dict) -> dict:
+    """A record written with COCO fractions (no `ap_unit`) converted to percent: its metrics and its evals' AP."""
+    if is_percent(record):
+        return record
+    out = metrics_in_percent(record, tuple(METRICS))
+    if out.get("evals"):
+        out["evals"] = [{k: percent(v) if k in ("AP", "AP50") else v for k, v in e.items()} for e in out["evals"]]
+    return out
 
 
 def _benchmark(spec: RunSpec, opts: SweepOptions, cfg) -> dict:
@@ -292,7 +310,7 @@ def run_one(spec: RunSpec, opts: SweepOptions) -> dict:
     cfg = load_config(opts.base, overrides)
     record = {"name": spec.name, "target": spec.target, "rho": spec.rho, "seed": spec.seed, "status": "cost",
               "config": opts.base, "overrides": overrides, "criterion": spec.criterion or spec.target}
-    record.update(dict.fromkeys(METRICS))
+    record.update(dict.fromkeys(METRICS), **{AP_UNIT_KEY: AP_UNIT})
     if not opts.train:
         record.update(_benchmark(spec, opts, cfg), train_seconds=None, iterations=None, output_dir=None,
                       selection=None, curves=None, evals=None, **_provenance())
@@ -302,7 +320,7 @@ def run_one(spec: RunSpec, opts: SweepOptions) -> dict:
     folder = cfg.train.output_dir
     metrics = run(cfg, resume="auto")
     metrics = metrics.get("ema", metrics) if cfg.train.ema else metrics  # what one would deploy
-    record.update({ours: _fraction(metrics.get(coco)) for ours, coco in METRICS.items()})
+    record.update({ours: _metric(metrics.get(coco)) for ours, coco in METRICS.items()})
     record.update(selection=metrics.get("selection"), **read_curves(os.path.join(folder, "log.jsonl")),
                   **_provenance())
     seconds, iterations = train_seconds(os.path.join(folder, "log.jsonl"))
@@ -405,7 +423,7 @@ def run_sweep(runs: Sequence[RunSpec], opts: SweepOptions, log: Callable[[str], 
         left = len(todo) - len(walls)
         timed = [w for w in walls if math.isfinite(w)]
         eta = sum(timed) / len(timed) * math.ceil(left / opts.jobs) if timed else math.nan  # runs: about equal
-        result = (f"AP {100 * record['AP']:.1f} AP50 {100 * record['AP50']:.1f}" if record.get("AP") is not None
+        result = (f"AP {record['AP']:.1f} AP50 {record['AP50']:.1f}" if record.get("AP") is not None
                   else record.get("error", f"{record.get('gflops', 0):.3g} GFLOPs"))
         log(f"[{len(records)}/{len(runs)}] {record['name']} {record['status']} in {format_duration(walls[-1])}: {result}"
             f" | {left} left, elapsed {format_duration(time.perf_counter() - start)}, ETA {format_duration(eta)}")

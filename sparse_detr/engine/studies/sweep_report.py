@@ -1,7 +1,7 @@
 """Tables and the Pareto plot of the ablation runner's records (`sparse_detr.engine.studies.sweep`).
 
 `summarize` groups the runs of one (target, ρ) over seeds (mean and sample standard deviation); `results_markdown`
-renders the summary and the per-run table (AP values in %); `plot_pareto` draws AP and AP50 against GFLOPs, one
+renders the summary and the per-run table (AP in percent, as in the records: engine/metrics.py); `plot_pareto` draws AP and AP50 against GFLOPs, one
 marker per target with error bars over seeds and the dense baseline as a horizontal reference line.
 """
 
@@ -48,8 +48,8 @@ def summarize(records: list[dict]) -> list[dict]:
              **{k: _mean_std([r.get(k) for r in rs]) for k in SUMMARY_KEYS}} for (t, rho), rs in groups.items()]
 
 
-def _pct(value: Optional[float]) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
+def _ap(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.1f}"
 
 
 def _pm(pair: tuple, scale: float = 1.0, digits: int = 1) -> str:
@@ -76,7 +76,7 @@ def results_markdown(records: list[dict], command: str = "") -> str:
               "|" + "---|" * 12]
     for row in summarize(records):
         lines.append(f"| {row['target']} | {row['rho']:g} | {' '.join(map(str, row['seeds']))} | "
-                     + " | ".join(_pm(row[k], 100) for k in ("AP", "AP50", "AP_s", "AP_m", "AP_l"))
+                     + " | ".join(_pm(row[k]) for k in ("AP", "AP50", "AP_s", "AP_m", "AP_l"))
                      + f" | {_pm(row['gflops'], digits=3)} | {_pm(row['encoder_gflops'], digits=3)}"
                      f" | {_pm(row['cpu_fps'])} | {_pm(row['train_seconds'], 1 / 60)} |")
     lines += ["", "Every run:", "",
@@ -86,8 +86,8 @@ def results_markdown(records: list[dict], command: str = "") -> str:
         kept = "–" if r.get("tokens") is None else (
             f"all {r['tokens']}" if r.get("kept_tokens") is None else f"{r['kept_tokens']:.0f} / {r['tokens']}")
         status = r["status"] + (f": {r['error']}" if r.get("error") else "")
-        lines.append(f"| {r['name']} | " + " | ".join(_pct(r.get(k)) for k in ("AP", "AP50", "AP75", "AP_s", "AP_m",
-                                                                                   "AP_l"))
+        lines.append(f"| {r['name']} | " + " | ".join(_ap(r.get(k)) for k in ("AP", "AP50", "AP75", "AP_s", "AP_m",
+                                                                                  "AP_l"))
                      + f" | {_num(r.get('gflops'))} | {_num(r.get('encoder_gflops'))} | {kept}"
                      f" | {_num(r.get('cpu_fps'))} | {_num(r.get('train_seconds'), 4)} | {status} |")
     return ("\n".join(lines) + "\n" + selection_markdown(records) + paired_markdown(records)
@@ -122,8 +122,8 @@ def paired_markdown(records: list[dict]) -> str:
             diffs = paired_differences(records, t, ref)
             if diffs:
                 mean, std = _mean_std(diffs)
-                lines.append(f"| {t} − {ref} | {len(diffs)} | {100 * mean:+.1f} ± {100 * std:.1f} | "
-                             + " ".join(f"{100 * d:+.1f}" for d in diffs) + " |")
+                lines.append(f"| {t} − {ref} | {len(diffs)} | {mean:+.1f} ± {std:.1f} | "
+                             + " ".join(f"{d:+.1f}" for d in diffs) + " |")
     if not lines:
         return ""
     return ("\nPaired AP differences (the same seed, in AP points; ± is the std of the differences):\n\n"
@@ -277,7 +277,7 @@ def plot_selection(records: list[dict], path: str, title: str = "") -> None:
         _legend(ax)
     ax = axes[0][2]
     for t in targets:
-        runs = [([e["iteration"] for e in r["evals"]], [100 * (e["AP"] if e["AP"] is not None else float("nan"))
+        runs = [([e["iteration"] for e in r["evals"]], [(e["AP"] if e["AP"] is not None else float("nan"))
                                                         for e in r["evals"]]) for r in done if r["target"] == t]
         _band(ax, runs, t, colors[t])
     ax.set(xlabel="iteration", ylabel="AP (%)", title="val AP during training (mean, min–max over seeds)")
@@ -286,7 +286,7 @@ def plot_selection(records: list[dict], path: str, title: str = "") -> None:
     for ax, key, name in ((axes[1][0], "dam_coverage", "val DAM coverage"),
                           (axes[1][1], "object_coverage", "val object coverage")):
         for t in targets:
-            pts = [(r["selection"].get(key), 100 * r["AP"]) for r in done if r["target"] == t
+            pts = [(r["selection"].get(key), r["AP"]) for r in done if r["target"] == t
                    and r.get("selection") and r["selection"].get(key) is not None and r.get("AP") is not None]
             if pts:
                 ax.scatter(*zip(*pts), label=t, color=colors[t], marker=marker(t), s=36)
@@ -345,8 +345,8 @@ def plot_pareto(records: list[dict], path: str, title: str = "") -> None:
             if not pts:
                 continue
             x = [r["gflops"][0] + dodge.get(target, 0.0) for r in pts]
-            y = [100 * r[metric][0] for r in pts]
-            err = [100 * r[metric][1] for r in pts]
+            y = [r[metric][0] for r in pts]
+            err = [r[metric][1] for r in pts]
             if target == "dense":
                 ax.axhline(y[0], color="black", lw=1, ls="--", label=f"dense ({x[0]:.3g} GFLOPs)")
                 ax.axhspan(y[0] - err[0], y[0] + err[0], color="black", alpha=0.08)

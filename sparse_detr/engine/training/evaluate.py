@@ -7,7 +7,8 @@ predictions from all ranks, named metrics instead of a 12-vector, a per-class AP
 (pycocotools' ``loadRes`` crashes on an empty list), and pycocotools' prints captured instead of spilling into the
 log of every rank.
 
-Metric convention: -1.0 means "no ground truth for this area range / class" (COCOeval's own convention).
+Metric convention (engine/metrics.py): percent (COCOeval's fractions × 100), -1.0 where there is no ground truth for
+that area range / class (COCOeval's own sentinel); the dict says so under "ap_unit".
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from sparse_detr.data.coco import LabelMap
 from sparse_detr.data.collate import batch_image_sizes
 from sparse_detr.engine.atomic import write_atomic
 from sparse_detr.engine.dist import all_gather_object, is_main_process
+from sparse_detr.engine.metrics import AP_UNIT, AP_UNIT_KEY, METRIC_NAMES, percent
 from sparse_detr.models.instruments import InstrumentMeter, format_instruments, selection_instruments
 
-# The order of COCOeval.stats for iouType="bbox".
-METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+__all__ = ["METRIC_NAMES", "CocoEvaluator", "evaluate", "load_coco_gt", "format_metrics", "format_per_class_table"]
 
 
 def load_coco_gt(ann_file: str) -> COCO:
@@ -115,7 +116,7 @@ class CocoEvaluator:
         write_atomic(path, lambda f: json.dump(results, f))
 
     def summarize(self) -> dict[str, Any]:
-        """Run COCOeval; returns the 12 named numbers (fractions in [0,1] or -1) and ``per_class`` {name: AP}."""
+        """Run COCOeval; returns the 12 named numbers (percent, or -1), ``per_class`` {name: AP} and the unit."""
         results = self.to_coco_results()
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):
@@ -129,8 +130,9 @@ class CocoEvaluator:
             coco_eval.summarize()
         self.summary_text = buffer.getvalue()
         self.coco_eval = coco_eval
-        metrics: dict[str, Any] = {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
+        metrics: dict[str, Any] = {name: percent(float(v)) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
         metrics["per_class"] = self._per_class_ap(coco_eval)
+        metrics[AP_UNIT_KEY] = AP_UNIT
         self.metrics = metrics
         return metrics
 
@@ -140,7 +142,8 @@ class CocoEvaluator:
         table = {}
         for k, category_id in enumerate(coco_eval.params.catIds):
             p = precision[:, :, k, 0, -1]
-            table[self.coco_gt.cats[category_id]["name"]] = float(p[p > -1].mean()) if (p > -1).any() else -1.0
+            ap = percent(float(p[p > -1].mean())) if (p > -1).any() else -1.0
+            table[self.coco_gt.cats[category_id]["name"]] = ap
         return table
 
     def format_per_class_table(self, columns: int = 3) -> str:
@@ -151,13 +154,13 @@ class CocoEvaluator:
         return format_per_class_table(per_class, columns)
 
 
-def _percent(value: float) -> str:
-    return "  n/a" if value < 0 else f"{100 * value:5.1f}"
+def _shown(value: float) -> str:
+    return "  n/a" if value < 0 else f"{value:5.1f}"
 
 
 def format_per_class_table(per_class: dict[str, float], columns: int = 3) -> str:
-    """``{name: AP}`` (fractions, -1 = no ground truth) as an aligned text table in %, ``columns`` classes a row."""
-    cells = [(name, _percent(ap)) for name, ap in per_class.items()]
+    """``{name: AP}`` (percent, -1 = no ground truth) as an aligned text table, ``columns`` classes a row."""
+    cells = [(name, _shown(ap)) for name, ap in per_class.items()]
     width = max([len("category")] + [len(name) for name, _ in cells])
     header = " | ".join([f"{'category':<{width}}    AP"] * min(columns, max(len(cells), 1)))
     lines = [header, "-" * len(header)]
@@ -167,8 +170,8 @@ def format_per_class_table(per_class: dict[str, float], columns: int = 3) -> str
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-    """The 12 COCO numbers (in %, -1 shown as n/a) of ``summarize()``, then its per-class AP table if any."""
-    lines = ["  ".join(f"{m:>5}" for m in METRIC_NAMES), "  ".join(_percent(metrics[m]) for m in METRIC_NAMES)]
+    """The 12 COCO numbers (percent, -1 shown as n/a) of ``summarize()``, then its per-class AP table if any."""
+    lines = ["  ".join(f"{m:>5}" for m in METRIC_NAMES), "  ".join(_shown(metrics[m]) for m in METRIC_NAMES)]
     if metrics.get("per_class"):
         lines += ["", format_per_class_table(metrics["per_class"])]
     if metrics.get("selection"):

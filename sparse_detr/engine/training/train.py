@@ -47,6 +47,7 @@ from sparse_detr.engine.training.output_dir import lock_output_dir, remove_stale
 from sparse_detr.engine.training.evaluate import evaluate, load_coco_gt
 from sparse_detr.engine.training.finetune import format_init_report, init_from_checkpoint
 from sparse_detr.engine.inference.loading import checkpoint_weights, load_weights
+from sparse_detr.engine.metrics import AP_UNIT, AP_UNIT_KEY, metrics_in_percent
 from sparse_detr.engine.logging import (JsonlLog, MeterGroup, TensorboardLog, format_eta, peak_memory_mb,
                                         release_free_memory, resident_memory_mb, setup_text_logger)
 from sparse_detr.engine.inference.visualize import visualize_image
@@ -268,7 +269,8 @@ class Trainer:
                 self._evaluate_and_save(epoch)
             release_free_memory()  # the heap fragmentation of varying image sizes, not a leak (logging.py)
             self.jsonl.write("epoch", **{**averages, "epoch": epoch + 1, "iteration": p.iteration,
-                                         "best_ap": p.best_ap, "time": time.perf_counter() - start,
+                                         "best_ap": p.best_ap, AP_UNIT_KEY: AP_UNIT,
+                                         "time": time.perf_counter() - start,
                                          "resident_mb": resident_memory_mb()})
         self.log.info("%s", self.closing_summary(time.perf_counter() - fit_start))
         return p.metrics
@@ -276,12 +278,13 @@ class Trainer:
     def closing_summary(self, seconds: float) -> str:
         """What the run reached and where it is (AP in %, as in every log line), and what to run next."""
         p, out = self.progress, self.train_cfg.output_dir
-        evals = [e for e in self.jsonl.read("eval") if isinstance(e.get("AP"), (int, float))]
+        # A log continued across the change of unit holds fractions in its older records.
+        evals = [metrics_in_percent(e) for e in self.jsonl.read("eval") if isinstance(e.get("AP"), (int, float))]
         lines = [f"training done in {format_eta(seconds)}"]
         if evals:
             best = max(evals, key=lambda e: e["AP"])
-            lines[0] += (f": best AP {100 * best['AP']:.1f} (AP50 {100 * best.get('AP50', 0.0):.1f}) after epoch "
-                         f"{best['epoch']}, final AP {100 * evals[-1]['AP']:.1f} after epoch {evals[-1]['epoch']}")
+            lines[0] += (f": best AP {best['AP']:.1f} (AP50 {best.get('AP50', 0.0):.1f}) after epoch "
+                         f"{best['epoch']}, final AP {evals[-1]['AP']:.1f} after epoch {evals[-1]['epoch']}")
         best_ckpt = os.path.join(out, BEST if p.best_ap >= 0 else LAST)
         images = getattr(self.val_loader.dataset, "img_folder", None) or "VAL_IMAGES"  # the val split's folder
         lines += [f"  outputs in {out}: {os.path.basename(best_ckpt)}, {LAST}, log.txt, log.jsonl, tensorboard/",
@@ -495,7 +498,7 @@ class Trainer:
                                           self.label_map, self.coco_gt)
         metrics = dist.all_gather_object(metrics)[0]  # only rank 0 computed them
         self.log.info("epoch %d evaluation: %s", epoch + 1, "  ".join(
-            f"{k} {100 * v:.1f}" for k, v in metrics.items() if isinstance(v, float)))
+            f"{k} {v:.1f}" for k, v in metrics.items() if isinstance(v, float)))
         if metrics.get("selection"):
             self.log.info("%s", format_instruments(metrics["selection"]))
         self.jsonl.write("eval", epoch=epoch + 1, iteration=self.progress.iteration, **metrics)
