@@ -506,6 +506,22 @@ def test_auto_thread_count_follows_the_free_cores():
     assert resolve_num_threads(6, environ={"OMP_NUM_THREADS": "3"}, cores=2, load=9.0) == 6  # explicit wins
 
 
+def test_busy_cores_is_the_busy_share_of_cpu_time_between_two_readings(tmp_path):
+    from sparse_detr.engine.training.builders import _cpu_jiffies, busy_cores
+
+    stat = tmp_path / "stat"
+    readings = iter([(1000, 4000), (1150, 4200)])  # 150 busy of 200 jiffies on 2 CPUs: 1.5 cores busy
+    assert busy_cores(0.0, read=lambda: next(readings), cpus=2) == pytest.approx(1.5)
+    assert busy_cores(0.0, read=lambda: None, cpus=2) is None  # no /proc/stat: the caller falls back
+    # user nice system idle iowait irq softirq steal guest guest_nice: busy excludes idle and iowait, and guest
+    # (already inside user) is not counted twice.
+    stat.write_text("cpu  100 5 20 300 7 1 2 3 50 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+    assert _cpu_jiffies(str(stat)) == (100 + 5 + 20 + 1 + 2 + 3, 100 + 5 + 20 + 300 + 7 + 1 + 2 + 3)
+    assert _cpu_jiffies(str(tmp_path / "missing")) is None
+    if _cpu_jiffies() is not None:  # Linux: a real measurement lies between 0 and the machine's cores
+        assert 0.0 <= busy_cores(0.05) <= (os.cpu_count() or 1) + 1e-9
+
+
 @pytest.mark.parametrize("selection", ["dense", "random"])
 def test_every_run_logs_the_selection_instruments(data_root, tmp_path, selection):
     """Dense and random runs too: the instruments at every log step (not in between) and in the evaluation."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 import warnings
 from typing import Any, Optional
 
@@ -186,10 +187,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _cpu_jiffies(path: str = "/proc/stat") -> Optional[tuple[int, int]]:
+    """(busy, total) CPU time of the whole machine in jiffies, or None without a Linux /proc/stat."""
+    try:
+        with open(path, encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 5 or fields[0] != "cpu":
+        return None
+    values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal (guest is in user)
+    return sum(values) - values[3] - values[4], sum(values)
+
+
+def busy_cores(interval: float = 0.25, read=_cpu_jiffies, cpus: Optional[int] = None) -> Optional[float]:
+    """How many cores other processes keep busy now: the machine's busy CPU time over `interval` seconds (this
+    process sleeps meanwhile), in cores. None where it cannot be measured."""
+    first = read()
+    time.sleep(interval)
+    second = read()
+    if first is None or second is None or second[1] <= first[1]:
+        return None
+    return (cpus or os.cpu_count() or 1) * (second[0] - first[0]) / (second[1] - first[1])
+
+
 def resolve_num_threads(setting: "int | str", environ=os.environ, cores: Optional[int] = None,
                         load: Optional[float] = None) -> int:
     """`train.num_threads` as a number. auto: OMP_NUM_THREADS when set; else the cores this process may use,
-    minus the 1-minute load average (other processes' runnable threads), shared by the processes of this node
+    minus the cores other processes keep busy now (`busy_cores`; the 1-minute load average where it cannot be
+    measured, which still counts a job for a minute after it ended), shared by the processes of this node
     (torchrun's LOCAL_WORLD_SIZE), at least 1.
 
     Why: an OpenMP team larger than the free cores makes every parallel region wait for descheduled threads; on
@@ -200,6 +226,8 @@ def resolve_num_threads(setting: "int | str", environ=os.environ, cores: Optiona
         return int(environ["OMP_NUM_THREADS"])
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load is None:
+        load = busy_cores()
     if load is None:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     local = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1") or 1))
