@@ -4,6 +4,7 @@ schema (checked against the config it came from), and the reports."""
 import json
 import math
 import os
+import statistics
 
 import pytest
 import yaml
@@ -288,3 +289,26 @@ def test_rank_correlations_against_scipy_and_by_hand():
     assert rank_correlations(mono, ("dam_coverage",))[0]["rho"] == pytest.approx(1.0)
     md = correlation_markdown(records)
     assert f"| dam_coverage | 6 | {spearmanr(aps, cover).statistic:+.2f} |" in md and "| fg_precision | 6 | – |" in md
+
+
+def test_convergence_compares_the_last_third_against_the_seed_spread():
+    from sparse_detr.engine.studies.sweep_report import convergence, convergence_markdown
+
+    def run(target, seed, aps):  # evaluations every 450 iterations; the last is the record's AP
+        return {"target": target, "rho": 0.1, "seed": seed, "status": "done", "AP": aps[-1],
+                "evals": [{"iteration": 450 * (i + 1), "AP": ap} for i, ap in enumerate(aps)]}
+
+    # 8 evaluations to 3600: the last third starts at 2400, so 2700, 3150 and 3600 count, 2250 does not.
+    records = [run("dense", 0, [5, 10, 15, 20, 25, 30.0, 30.5, 31.0]),
+               run("dense", 1, [5, 10, 15, 20, 20, 34.0, 33.0, 33.5]),
+               run("os", 0, [1, 2, 3, 4, 5, 20.0, 22.0, 24.0]), run("os", 1, [1, 2, 3, 4, 5, 21.0, 23.0, 25.0]),
+               run("random", 0, [1, 2, 3, 4, 5, 6, 7, 8])]
+    rows = {r["target"]: r for r in convergence(records)}
+    dense, os_, random = rows["dense"], rows["os"], rows["random"]
+    assert dense["from_iteration"] == 2700 and dense["moves"] == pytest.approx([1.0, 1.0])
+    assert dense["spread"] == pytest.approx(statistics.stdev([31.0, 33.5])) and dense["converged"] is True
+    assert os_["moves"] == pytest.approx([4.0, 4.0]) and os_["converged"] is False  # spread 0.7
+    assert random["spread"] is None and random["converged"] is None  # one seed: no spread to compare with
+    md = convergence_markdown(records)
+    assert "| dense | 0.1 | 2 | 2700 | 1.0 1.0 | 1.0 | 1.8 | yes |" in md
+    assert "| os | 0.1 | 2 | 2700 | 4.0 4.0 | 4.0 | 0.7 | no |" in md

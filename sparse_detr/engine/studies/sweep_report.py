@@ -1,6 +1,7 @@
 """Tables and the Pareto plot of the ablation runner's records (`sparse_detr.engine.studies.sweep`).
 
-`summarize` groups the runs of one (target, ρ) over seeds (mean and sample standard deviation); `results_markdown`
+`summarize` groups the runs of one (target, ρ) over seeds (mean and sample standard deviation); `convergence`
+compares the AP movement over the last third of training with the seed spread; `results_markdown`
 renders the summary and the per-run table (AP in percent, as in the records: engine/metrics.py); `plot_pareto` draws AP and AP50 against GFLOPs, one
 marker per target with error bars over seeds and the dense baseline as a horizontal reference line.
 """
@@ -14,7 +15,8 @@ from sparse_detr.config import ModelConfig
 from sparse_detr.models.selection import SELECTORS
 
 __all__ = ["summarize", "results_markdown", "plot_pareto", "selection_markdown", "plot_selection",
-           "paired_differences", "paired_markdown", "rank_correlations", "correlation_markdown"]
+           "paired_differences", "paired_markdown", "rank_correlations", "correlation_markdown", "convergence",
+           "convergence_markdown"]
 
 MARKER_CYCLE = "os^DXv<>ph"  # by registration order of the criteria (selection.SELECTORS); "P" for other labels
 
@@ -91,7 +93,7 @@ def results_markdown(records: list[dict], command: str = "") -> str:
                      + f" | {_num(r.get('gflops'))} | {_num(r.get('encoder_gflops'))} | {kept}"
                      f" | {_num(r.get('cpu_fps'))} | {_num(r.get('train_seconds'), 4)} | {status} |")
     return ("\n".join(lines) + "\n" + selection_markdown(records) + paired_markdown(records)
-            + correlation_markdown(records))
+            + correlation_markdown(records) + convergence_markdown(records))
 
 
 def paired_differences(records: list[dict], a: str, b: str, key: str = "AP") -> list[float]:
@@ -200,6 +202,51 @@ def correlation_markdown(records: list[dict]) -> str:
     for r in rows:
         rho = "–" if r["rho"] is None else f"{r['rho']:+.2f}"
         lines.append(f"| {r['key']} | {r['n']} | {rho} |")
+    return "\n".join(lines) + "\n"
+
+
+def convergence(records: list[dict], last: float = 1 / 3) -> list[dict]:
+    """Has the schedule converged? Per (target, ρ) over its finished runs: how much each run's AP moved over the
+    last third of training (max − min of its evaluations at iterations ≥ (1 − last) × its final iteration), against
+    the seed spread of the final AP (sample std). A schedule is long enough when the mean movement is below the
+    spread: {target, rho, n, from_iteration, moves (per seed), move (mean), spread, converged}."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("status") == "done" and r.get("evals") and r.get("AP") is not None:
+            groups.setdefault((r["target"], r["rho"]), []).append(r)
+    rows = []
+    for (target, rho), runs in groups.items():
+        moves, start = [], None
+        for r in sorted(runs, key=lambda r: r["seed"]):
+            end = max(e["iteration"] for e in r["evals"])
+            tail = [e for e in r["evals"] if e["iteration"] >= (1 - last) * end and e["AP"] is not None]
+            if tail:
+                start = min(e["iteration"] for e in tail)
+                moves.append(max(e["AP"] for e in tail) - min(e["AP"] for e in tail))
+        if not moves:
+            continue
+        spread = _mean_std([r["AP"] for r in runs])[1] if len(runs) > 1 else None
+        move = statistics.fmean(moves)
+        rows.append({"target": target, "rho": rho, "n": len(runs), "from_iteration": start, "moves": moves,
+                     "move": move, "spread": spread, "converged": None if spread is None else move < spread})
+    return rows
+
+
+def convergence_markdown(records: list[dict]) -> str:
+    """The table of ``convergence`` (empty without evaluations during training)."""
+    rows = convergence(records)
+    if not rows:
+        return ""
+    lines = ["", "Schedule convergence: the AP range (max − min, AP points) of each run's evaluations over the last "
+             "third of training, against the seed spread (std) of the final AP; converged when the mean range is "
+             "below the spread:", "",
+             "| target | ρ | n | evaluations from | range per seed | mean range | seed spread | converged |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        spread = "–" if r["spread"] is None else f"{r['spread']:.1f}"
+        verdict = "–" if r["converged"] is None else ("yes" if r["converged"] else "no")
+        lines.append(f"| {r['target']} | {r['rho']:g} | {r['n']} | {r['from_iteration']} | "
+                     + " ".join(f"{m:.1f}" for m in r["moves"]) + f" | {r['move']:.1f} | {spread} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
