@@ -309,6 +309,9 @@ def test_convergence_compares_the_last_third_against_the_seed_spread():
     assert dense["spread"] == pytest.approx(statistics.stdev([31.0, 33.5])) and dense["converged"] is True
     assert os_["moves"] == pytest.approx([4.0, 4.0]) and os_["converged"] is False  # spread 0.7
     assert random["spread"] is None and random["converged"] is None  # one seed: no spread to compare with
+    # A boundary evaluation counts: to 2700 the last third starts at 1800 (in floats, (1 - 1/3) * 2700 > 1800).
+    short = [run("dense", s, [5, 10, 15, 21.0 + s, 30.0, 35.0]) for s in (0, 1)]
+    assert [r["from_iteration"] for r in convergence(short)] == [1800]
     md = convergence_markdown(records)
     assert "| dense | 0.1 | 2 | 2700 | 1.0 1.0 | 1.0 | 1.8 | yes |" in md
     assert "| os | 0.1 | 2 | 2700 | 4.0 4.0 | 4.0 | 0.7 | no |" in md

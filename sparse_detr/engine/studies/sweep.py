@@ -11,8 +11,8 @@ date after every run. The sweep is safe to interrupt and rerun with the same com
 * a failed run is reported (its error goes into the results) and retried on the next invocation.
 
 One record per run (`RECORD_KEYS`): target, rho, seed, the COCO metrics in percent (None where COCO has no object
-of that size; `ap_unit`, engine/metrics.py; records written before hold fractions and are converted by `load_record`), GFLOPs (fvcore convention, 1 multiply-add = 1 FLOP) of the whole model and of its
-encoder at the benchmark input, CPU images/s at batch 1, training seconds (sum of the iteration times of the
+of that size; `ap_unit`, engine/metrics.py; older records hold fractions and `load_record` converts them), GFLOPs
+(fvcore convention, 1 multiply-add = 1 FLOP) of the whole model and of its encoder at the benchmark input, CPU images/s at batch 1, training seconds (sum of the iteration times of the
 final trajectory), the config path and the overrides that reproduce the run.
 
 Target `dense` is the dense baseline: model.rho=0 with the encoder aux loss off (it scores kept tokens only);
@@ -46,8 +46,8 @@ __all__ = ["RunSpec", "SweepOptions", "RECORD_KEYS", "METRICS", "plan_runs", "ru
            "run_status", "run_pretrain", "backbone_path", "train_seconds", "load_record", "ConfigChangedError"]
 
 METRICS = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "AP_s": "APs", "AP_m": "APm", "AP_l": "APl"}  # ours: COCO's
-RECORD_KEYS = ("name", "target", "rho", "seed", "status", *METRICS, AP_UNIT_KEY, "gflops", "encoder_gflops", "benchmark_hw",
-               "tokens", "kept_tokens", "params", "cpu_fps", "fps_threads", "train_seconds", "iterations",
+RECORD_KEYS = ("name", "target", "rho", "seed", "status", *METRICS, AP_UNIT_KEY, "gflops", "encoder_gflops",
+               "benchmark_hw", "tokens", "kept_tokens", "params", "cpu_fps", "fps_threads", "train_seconds", "iterations",
                "config", "overrides", "output_dir", "criterion", "selection", "curves", "evals", "device", "commit")
 CURVE_KEYS = ("dam_coverage", "dam_oracle", "dam_random", "object_coverage", "fg_precision")  # per log step
 RESULT = "result.json"  # a run's record; its presence marks the run finished

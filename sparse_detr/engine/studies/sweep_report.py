@@ -1,9 +1,10 @@
 """Tables and the Pareto plot of the ablation runner's records (`sparse_detr.engine.studies.sweep`).
 
 `summarize` groups the runs of one (target, ρ) over seeds (mean and sample standard deviation); `convergence`
-compares the AP movement over the last third of training with the seed spread; `results_markdown`
-renders the summary and the per-run table (AP in percent, as in the records: engine/metrics.py); `plot_pareto` draws AP and AP50 against GFLOPs, one
-marker per target with error bars over seeds and the dense baseline as a horizontal reference line.
+compares the AP movement over the last third of training with the seed spread; `results_markdown` renders the
+summary and the per-run table (AP in percent, as in the records: engine/metrics.py); `plot_pareto` draws AP and
+AP50 against GFLOPs, one marker per target with error bars over seeds and the dense baseline as a horizontal
+reference line.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def convergence(records: list[dict], last: float = 1 / 3) -> list[dict]:
         moves, start = [], None
         for r in sorted(runs, key=lambda r: r["seed"]):
             end = max(e["iteration"] for e in r["evals"])
-            tail = [e for e in r["evals"] if e["iteration"] >= (1 - last) * end and e["AP"] is not None]
+            tail = [e for e in r["evals"] if e["iteration"] >= (1 - last) * end - 1e-6 and e["AP"] is not None]
             if tail:
                 start = min(e["iteration"] for e in tail)
                 moves.append(max(e["AP"] for e in tail) - min(e["AP"] for e in tail))
