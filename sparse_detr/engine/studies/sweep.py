@@ -47,8 +47,8 @@ __all__ = ["RunSpec", "SweepOptions", "RECORD_KEYS", "METRICS", "plan_runs", "ru
 
 METRICS = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "AP_s": "APs", "AP_m": "APm", "AP_l": "APl"}  # ours: COCO's
 RECORD_KEYS = ("name", "target", "rho", "seed", "status", *METRICS, AP_UNIT_KEY, "gflops", "encoder_gflops",
-               "benchmark_hw", "tokens", "kept_tokens", "params", "cpu_fps", "fps_threads", "train_seconds", "iterations",
-               "config", "overrides", "output_dir", "criterion", "selection", "curves", "evals", "device", "commit")
+               "benchmark_hw", "tokens", "kept_tokens", "params", "cpu_fps", "fps_threads", "train_seconds",
+               "iterations", "config", "overrides", "output_dir", "criterion", "selection", "curves", "evals", "device", "commit")
 CURVE_KEYS = ("dam_coverage", "dam_oracle", "dam_random", "object_coverage", "fg_precision")  # per log step
 RESULT = "result.json"  # a run's record; its presence marks the run finished
 DENSE = "dense"
