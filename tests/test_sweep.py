@@ -231,6 +231,15 @@ def test_pretrain_stage_is_shared_skipped_and_starts_every_run(base, tmp_path, m
     # Rerun: neither the pretraining nor a run trains again.
     monkeypatch.setattr(train_mod, "run", lambda *a, **k: pytest.fail("trained again"))
     assert [r["status"] for r in sweep.run_sweep(runs, opts, log=lambda m: None)] == ["done"]
+    # Lengthened into a new folder: the pretraining comes along (not trained again), the run continues.
+    trained.clear()
+    monkeypatch.setattr(train_mod, "run", lambda cfg, **kw: trained.append(cfg.train.output_dir) or real_run(cfg, **kw))
+    longer = _opts(str(frozen), tmp_path / "long", pretrain=str(tmp_path / "pre.yaml"), lengthen=opts.out,
+                   overrides=("train.epochs=2",))
+    (record,) = sweep.run_sweep(runs, longer, log=lambda m: None)
+    assert trained == [os.path.join(longer.out, runs[0].name)] and record["iterations"] == 6
+    copied = torch.load(sweep.backbone_path(longer), weights_only=True)
+    assert copied.keys() == backbone.keys() and all(torch.equal(copied[k], v) for k, v in backbone.items())
     # A changed pretraining config is refused, not reused.
     pre["loss"] = {"cls_loss_coef": 3.0}
     (tmp_path / "pre.yaml").write_text(yaml.safe_dump(pre))
@@ -315,3 +324,36 @@ def test_convergence_compares_the_last_third_against_the_seed_spread():
     md = convergence_markdown(records)
     assert "| dense | 0.1 | 2 | 2700 | 1.0 1.0 | 1.0 | 1.8 | yes |" in md
     assert "| os | 0.1 | 2 | 2700 | 4.0 4.0 | 4.0 | 0.7 | no |" in md
+
+
+def test_a_finished_sweep_is_lengthened_into_a_new_folder(base, tmp_path, monkeypatch):
+    """--lengthen: each finished run continues from its last checkpoint to the new train.epochs in the new folder;
+    the shorter sweep's files stay byte for byte; a run whose config differs in anything else is refused before
+    anything is written."""
+    runs = sweep.plan_runs(["dam"], [0.3], [0], dense=True)
+    short = _opts(base, tmp_path)
+    sweep.run_sweep(runs, short, log=lambda m: None)
+    before = {os.path.join(d, f): open(os.path.join(d, f), "rb").read()
+              for d, _, files in os.walk(short.out) for f in files}
+
+    # Anything but train.epochs differs: refused, nothing written.
+    other = sweep.SweepOptions(**{**short.__dict__, "out": str(tmp_path / "other"), "lengthen": short.out,
+                                  "overrides": ("train.epochs=2", "loss.cls_loss_coef=3.0")})
+    with pytest.raises(sweep.ConfigChangedError, match="loss.cls_loss_coef"):
+        sweep.run_sweep(runs, other, log=lambda m: None)
+    assert not os.path.exists(other.out)
+
+    trained = []
+    real_run = train_mod.run
+    monkeypatch.setattr(train_mod, "run", lambda cfg, **kw: trained.append(kw.get("resume")) or real_run(cfg, **kw))
+    longer = sweep.SweepOptions(**{**short.__dict__, "out": str(tmp_path / "longer"), "lengthen": short.out,
+                                   "overrides": ("train.epochs=2",)})
+    records = sweep.run_sweep(runs, longer, log=lambda m: None)
+    assert trained == ["auto", "auto"] and [r["status"] for r in records] == ["done", "done"]
+    for r in records:  # iterations 1-3 are the shorter run's, 4-6 were trained here
+        assert r["iterations"] == 6 and [e["iteration"] for e in r["evals"]] == [3, 6]
+        assert _iterations(r["output_dir"]) == list(range(1, 7))
+        assert "resumed from" in open(os.path.join(r["output_dir"], "log.txt")).read()
+    after = {os.path.join(d, f): open(os.path.join(d, f), "rb").read()
+             for d, _, files in os.walk(short.out) for f in files}
+    assert after == before

@@ -12,6 +12,12 @@ std over seeds, and every run) and OUT/results.png AP and AP50 against GFLOPs.
         --dense --rho 0.1 --targets dam@0.1,0.2,0.3,0.5 os foreground salience random --seeds 0 1 --train \
         --jobs 2 --out docs/ablation
 
+    # the selection study lengthened from 18 to 24 epochs: each finished run of docs/ablation_long continues from
+    # its last checkpoint in docs/ablation_3600 (the same as training 24 epochs from scratch)
+    python tools/sweep.py --base configs/ablation_long.yaml --pretrain configs/ablation_pretrain.yaml --dense \
+        --rho 0.1 --targets dam random os salience --seeds 0 1 2 --train --jobs 2 --out docs/ablation_3600 \
+        --lengthen docs/ablation_long train.epochs=24
+
     # the cost of ρ on COCO-sized inputs only (no training): GFLOPs / FPS at 800x1333
     python tools/sweep.py --base configs/sparse_detr_r50_rho0.1.yaml --rho 0.1 0.2 0.3 0.4 0.5 --dense \
         --out outputs/sweep_cost
@@ -51,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="benchmark input (default: data.val_size x data.max_size of the config)")
     p.add_argument("--pretrain", default=None, metavar="CONFIG",
                    help="train CONFIG once into OUT/pretrain and start every run from its backbone (with --train)")
+    p.add_argument("--lengthen", default=None, metavar="FOLDER",
+                   help="a finished sweep's --out: each of its runs continues in --out to this sweep's train.epochs "
+                        "(from its last checkpoint; only train.epochs may differ), instead of training from scratch")
     p.add_argument("--bench-runs", type=int, default=5, help="timed batch-1 forwards per run (median)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
     args = p.parse_intermixed_args(argv)
@@ -72,7 +81,8 @@ def main(argv=None) -> list:
     command = "python tools/sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
     opts = SweepOptions(base=args.base, out=args.out, overrides=tuple(args.overrides), train=args.train,
                         jobs=args.jobs, bench_hw=tuple(args.bench_size) if args.bench_size else None,
-                        bench_runs=args.bench_runs, pretrain=args.pretrain, command=command)
+                        bench_runs=args.bench_runs, pretrain=args.pretrain, command=command,
+                        lengthen=args.lengthen)
     try:
         records = run_sweep(runs, opts, log=lambda m: print(m, flush=True))
     except (ConfigError, ConfigChangedError) as e:  # before anything trains (or reuses a run)

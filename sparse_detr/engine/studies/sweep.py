@@ -43,7 +43,8 @@ from sparse_detr.engine.metrics import AP_UNIT, AP_UNIT_KEY, is_percent, metrics
 from sparse_detr.progress import format_duration
 
 __all__ = ["RunSpec", "SweepOptions", "RECORD_KEYS", "METRICS", "plan_runs", "run_one", "run_sweep",
-           "run_status", "run_pretrain", "backbone_path", "train_seconds", "load_record", "ConfigChangedError"]
+           "run_status", "run_pretrain", "backbone_path", "train_seconds", "load_record", "lengthen_from",
+           "ConfigChangedError"]
 
 METRICS = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "AP_s": "APs", "AP_m": "APm", "AP_l": "APl"}  # ours: COCO's
 RECORD_KEYS = ("name", "target", "rho", "seed", "status", *METRICS, AP_UNIT_KEY, "gflops", "encoder_gflops",
@@ -92,6 +93,7 @@ class SweepOptions:
     bench_runs: int = 5  # timed batch-1 forwards (median)
     pretrain: Optional[str] = None  # config of a shared backbone pretraining stage (train only); None: none
     command: str = ""  # shown in results.md
+    lengthen: Optional[str] = None  # a finished sweep's folder: its runs continue here on the longer schedule
     extra: dict = field(default_factory=dict)  # test hooks: e.g. {"bench_images": 1}
 
 
@@ -177,6 +179,66 @@ def _folder_status(folder: str, planned_config) -> tuple[str, Optional[dict]]:
     if os.path.isfile(os.path.join(folder, "checkpoint_last.pth")):
         return "resume", None
     return "new", None
+
+
+# What may differ between a run and the shorter run it continues (`SweepOptions.lengthen`): the total epochs, and
+# the backbone file that only initialised the shorter run (a copy of the same pretraining, under the new folder).
+LENGTHENED = ("train.epochs", "model.pretrained_backbone")
+
+
+def lengthen_from(runs: Sequence[RunSpec], opts: SweepOptions) -> list[str]:
+    """Seed OUT/<run> with the finished run of the same name in `opts.lengthen` (and OUT/pretrain with its
+    pretraining) so that the sweep resumes each up to this sweep's `train.epochs`; returns the runs seeded.
+
+    Only run folders that do not exist yet are seeded, and only from finished runs whose resolved config differs
+    from the planned one in `LENGTHENED` alone, with no more epochs than planned: any other difference raises
+    ConfigChangedError before anything is written. Checkpoints are hard links (the trainer replaces them by atomic
+    rename, never in place, so the shorter run's files stay as they are), logs and TensorBoard events copies (they
+    are appended to); `result.json` stays behind. With the lr drops where they were, the continued run equals the
+    longer run from scratch (tests/test_train.py)."""
+    if not opts.lengthen or not opts.train:
+        return []
+    seeds = []
+    for spec in runs:
+        source, folder = os.path.join(opts.lengthen, spec.name), os.path.join(opts.out, spec.name)
+        if os.path.exists(folder) or not os.path.isfile(os.path.join(source, RESULT)):
+            continue
+        saved = load_record(os.path.join(source, RESULT)).get("resolved_config", {})
+        planned = to_dict(load_config(opts.base, run_overrides(spec, opts)))
+        changed = [k for k in _config_diff(saved, planned) if k not in LENGTHENED]
+        if changed:
+            raise ConfigChangedError(f"{source} cannot be lengthened into {folder}: it differs at {', '.join(changed)}"
+                                     f" (only {', '.join(LENGTHENED)} may)")
+        if saved.get("train", {}).get("epochs", 0) > planned["train"]["epochs"]:
+            raise ConfigChangedError(f"{source} cannot be lengthened into {folder}: it has {saved['train']['epochs']} "
+                                     f"epochs, more than the {planned['train']['epochs']} planned")
+        seeds.append((spec.name, source, folder))
+    pretrain = os.path.join(opts.lengthen, PRETRAIN)
+    if seeds and opts.pretrain and not os.path.exists(os.path.join(opts.out, PRETRAIN)) \
+            and os.path.isfile(os.path.join(pretrain, RESULT)):
+        _seed_folder(pretrain, os.path.join(opts.out, PRETRAIN), keep_result=True)
+    for _, source, folder in seeds:
+        _seed_folder(source, folder)
+    return [name for name, _, _ in seeds]
+
+
+def _seed_folder(source: str, folder: str, keep_result: bool = False) -> None:
+    import shutil
+
+    os.makedirs(folder)
+    for name in sorted(os.listdir(source)):
+        src, dst = os.path.join(source, name), os.path.join(folder, name)
+        if name == ".lock" or (name == RESULT and not keep_result):
+            continue
+        if os.path.isdir(src):
+            shutil.copytree(src, dst)
+        elif name.endswith((".pth", ".pt")):
+            try:
+                os.link(src, dst)
+            except OSError:  # another file system
+                shutil.copy2(src, dst)
+        else:
+            shutil.copy2(src, dst)
 
 
 def run_status(spec: RunSpec, opts: SweepOptions) -> tuple[str, Optional[dict]]:
@@ -394,6 +456,9 @@ def run_sweep(runs: Sequence[RunSpec], opts: SweepOptions, log: Callable[[str], 
         load_config(opts.pretrain, pretrain_overrides(opts))
     records: dict[str, dict] = {}
     todo = []
+    lengthened = lengthen_from(runs, opts)
+    if lengthened:
+        log(f"sweep: {len(lengthened)} finished run(s) of {opts.lengthen} continue here to the longer schedule")
     for spec in runs:
         status, record = run_status(spec, opts) if opts.train else ("new", None)
         if status == "done":
