@@ -186,3 +186,18 @@ def test_real_model_groups_and_scaled_lrs():
         seen[expected] += 1
     assert seen["linear_proj"] == 2 * len(proj_modules) and all(seen.values()), seen  # weight + bias each
     assert any("reference_points" in n for n, _ in model.named_parameters())
+
+
+def test_optimizer_state_is_aligned_by_name_and_refused_when_the_parameters_differ():
+    from sparse_detr.engine.training.optim import align_optimizer_state
+
+    state = {"state": {0: {"m": 0}, 1: {"m": 1}, 2: {"m": 2}},
+             "param_groups": [{"name": "default", "params": [0, 1]}, {"name": "backbone", "params": [2]}]}
+    # Saved as [a, b], now [b, a]: the saved ids are listed in the current order, the moments stay with their ids.
+    out = align_optimizer_state(state, [["a", "b"], ["c"]], [["b", "a"], ["c"]])
+    assert [g["params"] for g in out["param_groups"]] == [[1, 0], [2]] and out["state"] is state["state"]
+    assert out["param_groups"][0]["name"] == "default"
+    with pytest.raises(ValueError, match="'default'.*not in it: \\['x'\\]"):
+        align_optimizer_state(state, [["a", "b"], ["c"]], [["a", "x"], ["c"]])
+    with pytest.raises(ValueError, match="parameter groups"):
+        align_optimizer_state(state, [["a", "b"]], [["a", "b"]])

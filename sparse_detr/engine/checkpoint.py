@@ -5,6 +5,7 @@ A checkpoint holds everything a run needs to continue at the exact iteration:
     format_version  int, FORMAT_VERSION
     model           state_dict of the unwrapped model
     optimizer       optimizer.state_dict()
+    optimizer_param_names  per group, the checkpoint names of its parameters in the optimizer's order
     lr_scheduler    {"last_epoch", "step_count"} (milestones come from the config, see optim.scheduler_state)
     scaler          GradScaler state or None (bf16 needs no scaler)
     ema             state_dict of the EMA model, or None
@@ -23,7 +24,9 @@ SIGKILL at any moment leaves either the previous checkpoint or the new one, neve
 
 Format history, upgraded on load (`_upgrade`): 2 — `model.backbone: swin_t` is the official detection Swin-T
 (models/swin.py); a format-1 `swin_t` checkpoint holds torchvision's swin_t, now called `swin_t_torchvision`.
-3 — `best_ap` and `metrics` in percent (engine/metrics.py); older ones hold COCO fractions.
+3 — `best_ap` and `metrics` in percent (engine/metrics.py); older ones hold COCO fractions. The optimizer's
+parameters are named (`optimizer_param_names`), so a resume maps the moments by name (training/optim.py); older
+checkpoints are mapped by the order they were written in (training/train.py `Trainer._aligned_optimizer_state`).
 Files without a version (official releases) have their official Swin-T backbone keys renamed to ours.
 """
 from __future__ import annotations

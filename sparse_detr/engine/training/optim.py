@@ -7,6 +7,9 @@
 * Optional square-root lr scaling with the global batch: `lr * sqrt(global_batch / base_batch)`.
 * A step schedule in epochs (MultiStepLR, stepped once per epoch): lr ×`factor` at each epoch in `drop_epochs`.
 * EMA of the weights through `torch.optim.swa_utils.AveragedModel`.
+* Checkpoints name the optimizer's parameters (`optimizer_param_names`), and a resume hands each parameter the
+  moments saved under its name (`align_optimizer_state`): the order of `named_parameters` follows the module tree,
+  which may change between versions, the official names do not.
 
 Only plain arguments come in; `builders.py` maps the config onto them.
 """
@@ -21,7 +24,8 @@ from torch.optim.lr_scheduler import MultiStepLR
 
 __all__ = [
     "BACKBONE_KEYS", "LINEAR_PROJ_KEYS", "scaled_lr", "param_groups", "build_optimizer", "build_lr_scheduler",
-    "scheduler_state", "restore_scheduler", "build_ema",
+    "scheduler_state", "restore_scheduler", "build_ema", "parameter_names", "optimizer_param_names",
+    "state_dict_order_names", "align_optimizer_state", "shapes_fit",
 ]
 
 # Substrings that select a group, as in the official flags `--lr_backbone_names` / `--lr_linear_proj_names`.
@@ -70,6 +74,64 @@ def build_optimizer(model: nn.Module, lr: float, lr_backbone: float, lr_linear_p
     if not any(g["params"] for g in groups):
         raise ValueError("the model has no trainable parameters")
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+def parameter_names(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> its checkpoint name: the smallest of its state-dict keys (the official keys; a head shared
+    by the decoder and the top level has several). Independent of the module tree's order."""
+    names: dict[int, str] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if isinstance(value, nn.Parameter):
+            names[id(value)] = min(names.get(id(value), key), key)
+    return names
+
+
+def optimizer_param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[list[str]]:
+    """The checkpoint names of every group's parameters, in the optimizer's order (saved with its state)."""
+    names = parameter_names(model)
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
+def state_dict_order_names(model_state: dict, groups: list[list[str]]) -> list[list[str]]:
+    """The optimizer order of a checkpoint that does not name its parameters (before format 3), when it took them
+    as the model's state dict lists them (the detector before it was composed of parts): each tensor at its first
+    key (shared tensors are found by their storage), named as `parameter_names` names it, kept where `groups`
+    (the current optimizer's names) has it."""
+    first: dict[tuple, str] = {}
+    for key, t in model_state.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        first[ident] = min(first.get(ident, key), key)
+    members = [set(g) for g in groups]
+    return [[n for n in first.values() if n in m] for m in members]
+
+
+def align_optimizer_state(state: dict, saved: list[list[str]], current: list[list[str]]) -> dict:
+    """`state` (optimizer.state_dict() of a checkpoint whose group g held the parameters named `saved[g]`, in that
+    order) reordered so that `optimizer.load_state_dict` gives every current parameter (`current[g]`) the moments
+    saved under its name: the parameter order may change with the module tree, the names do not."""
+    if len(saved) != len(current) or len(state["param_groups"]) != len(current):
+        raise ValueError(f"the checkpoint's optimizer has {len(state['param_groups'])} parameter groups, this one "
+                         f"{len(current)}")
+    groups = []
+    for group, names, now in zip(state["param_groups"], saved, current):
+        if len(names) != len(group["params"]) or sorted(names) != sorted(now):
+            missing, extra = sorted(set(now) - set(names)), sorted(set(names) - set(now))
+            raise ValueError(f"optimizer group {group.get('name', len(groups))!r}: the checkpoint holds other "
+                             f"parameters (not in it: {missing[:3]}; only in it: {extra[:3]}, "
+                             f"{len(names)} named for {len(group['params'])} saved)")
+        by_name = dict(zip(names, group["params"]))
+        groups.append({**group, "params": [by_name[n] for n in now]})
+    return {"state": state["state"], "param_groups": groups}
+
+
+def shapes_fit(state: dict, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every saved moment, mapped by position as `load_state_dict` maps it, has its parameter's shape."""
+    ids = [i for g in state["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if len(ids) != len(params):
+        return False
+    return all(v.shape == p.shape for i, p in zip(ids, params)
+               for v in state["state"].get(i, {}).values() if isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, drop_epochs: list[int], factor: float) -> MultiStepLR:

@@ -40,9 +40,9 @@ from sparse_detr.config import Config, TrainConfig, save_config, to_dict
 from sparse_detr.data import LabelMap, batch_image_sizes
 from sparse_detr.engine.training import builders
 from sparse_detr.engine import dist
-from sparse_detr.engine.checkpoint import (BEST, LAST, check_config_compatible, check_resumable, check_resume_config,
-                                           find_last_checkpoint, get_rng_state, load_checkpoint, save_checkpoint,
-                                           set_rng_state)
+from sparse_detr.engine.checkpoint import (BEST, LAST, CheckpointError, check_config_compatible, check_resumable,
+                                           check_resume_config, find_last_checkpoint, get_rng_state, load_checkpoint,
+                                           save_checkpoint, set_rng_state)
 from sparse_detr.engine.training.output_dir import lock_output_dir, remove_stale_temp_files, truncate_jsonl
 from sparse_detr.engine.training.evaluate import evaluate, load_coco_gt
 from sparse_detr.engine.training.finetune import format_init_report, init_from_checkpoint
@@ -51,7 +51,8 @@ from sparse_detr.engine.metrics import AP_UNIT, AP_UNIT_KEY, metrics_in_percent
 from sparse_detr.engine.logging import (JsonlLog, MeterGroup, TensorboardLog, format_eta, peak_memory_mb,
                                         release_free_memory, resident_memory_mb, setup_text_logger)
 from sparse_detr.engine.inference.visualize import visualize_image
-from sparse_detr.engine.training.optim import restore_scheduler, scheduler_state
+from sparse_detr.engine.training.optim import (align_optimizer_state, optimizer_param_names, restore_scheduler,
+                                               scheduler_state, shapes_fit, state_dict_order_names)
 from sparse_detr.box_ops import box_cxcywh_to_xyxy
 from sparse_detr.errors import UserError
 from sparse_detr.models.criterion import check_finite, weighted_total
@@ -189,6 +190,7 @@ class Trainer:
         p = self.progress
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "optimizer_param_names": optimizer_param_names(self.optimizer, self.model),
             "lr_scheduler": scheduler_state(self.scheduler), "scaler": None,  # bf16 autocast needs no GradScaler
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "iteration": p.iteration,
@@ -219,11 +221,33 @@ class Trainer:
             self.log.warning("%s was trained with another label map (%r) than this dataset's (%r); labels may not "
                              "match", source, LabelMap.from_dict(ckpt["label_map"]), self.label_map)
 
+    def _aligned_optimizer_state(self, ckpt: dict, source: str) -> dict:
+        """The checkpoint's optimizer state in this optimizer's parameter order (optim.align_optimizer_state). A
+        checkpoint without parameter names (before format 3) took them in the model state dict's order (the
+        detector before it was composed of parts) or in this order (after): the one whose moments all have their
+        parameters' shapes is taken."""
+        state, current = ckpt["optimizer"], optimizer_param_names(self.optimizer, self.model)
+        if ckpt.get("optimizer_param_names") is not None:
+            try:
+                return align_optimizer_state(state, ckpt["optimizer_param_names"], current)
+            except ValueError as e:
+                raise CheckpointError(f"{source}: its optimizer state does not fit this model: {e}") from e
+        candidates = [state]
+        try:
+            candidates.insert(0, align_optimizer_state(state, state_dict_order_names(ckpt["model"], current), current))
+        except ValueError:
+            pass
+        for candidate in candidates:
+            if shapes_fit(candidate, self.optimizer):
+                return candidate
+        raise CheckpointError(f"{source}: its optimizer state does not fit this model's parameters (shapes differ in "
+                              f"every known order); start from its weights with --checkpoint instead of --resume")
+
     def restore(self, ckpt: dict, source: str) -> None:
         """Everything, to continue at the saved iteration (`--resume`)."""
         self.load_weights(ckpt, source)
         fresh = [dict(g) for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.optimizer.load_state_dict(self._aligned_optimizer_state(ckpt, source))
         for group, new in zip(self.optimizer.param_groups, fresh):
             # The config decides the hyper-parameters (lr scaled for this world size, weight decay); the
             # checkpoint only decides the state (moments) and, through restore_scheduler, the schedule position.
