@@ -314,16 +314,18 @@ def test_convergence_compares_the_last_third_against_the_seed_spread():
                run("random", 0, [1, 2, 3, 4, 5, 6, 7, 8])]
     rows = {r["target"]: r for r in convergence(records)}
     dense, os_, random = rows["dense"], rows["os"], rows["random"]
-    assert dense["from_iteration"] == 2700 and dense["moves"] == pytest.approx([1.0, 1.0])
+    # Least squares by hand: seed 0 rises 1.0 over 2700..3600; seed 1 (34, 33, 33.5) falls 0.5; ranges 1.0, 1.0.
+    assert dense["from_iteration"] == 2700 and dense["trends"] == pytest.approx([1.0, -0.5])
+    assert dense["ranges"] == pytest.approx([1.0, 1.0]) and dense["trend"] == pytest.approx(0.25)
     assert dense["spread"] == pytest.approx(statistics.stdev([31.0, 33.5])) and dense["converged"] is True
-    assert os_["moves"] == pytest.approx([4.0, 4.0]) and os_["converged"] is False  # spread 0.7
+    assert os_["trends"] == pytest.approx([4.0, 4.0]) and os_["converged"] is False  # spread 0.7
     assert random["spread"] is None and random["converged"] is None  # one seed: no spread to compare with
     # A boundary evaluation counts: to 2700 the last third starts at 1800 (in floats, (1 - 1/3) * 2700 > 1800).
     short = [run("dense", s, [5, 10, 15, 21.0 + s, 30.0, 35.0]) for s in (0, 1)]
     assert [r["from_iteration"] for r in convergence(short)] == [1800]
     md = convergence_markdown(records)
-    assert "| dense | 0.1 | 2 | 2700 | 1.0 1.0 | 1.0 | 1.8 | yes |" in md
-    assert "| os | 0.1 | 2 | 2700 | 4.0 4.0 | 4.0 | 0.7 | no |" in md
+    assert "| dense | 0.1 | 2 | 2700 | +1.0 -0.5 | +0.2 | 1.0 | 1.8 | yes |" in md
+    assert "| os | 0.1 | 2 | 2700 | +4.0 +4.0 | +4.0 | 4.0 | 0.7 | no |" in md
 
 
 def test_a_finished_sweep_is_lengthened_into_a_new_folder(base, tmp_path, monkeypatch):

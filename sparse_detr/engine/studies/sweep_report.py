@@ -1,7 +1,7 @@
 """Tables and the Pareto plot of the ablation runner's records (`sparse_detr.engine.studies.sweep`).
 
 `summarize` groups the runs of one (target, ρ) over seeds (mean and sample standard deviation); `convergence`
-compares the AP movement over the last third of training with the seed spread; `results_markdown` renders the
+compares the AP trend over the last third of training with the seed spread; `results_markdown` renders the
 summary and the per-run table (AP in percent, as in the records: engine/metrics.py); `plot_pareto` draws AP and
 AP50 against GFLOPs, one marker per target with error bars over seeds and the dense baseline as a horizontal
 reference line.
@@ -206,30 +206,42 @@ def correlation_markdown(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _trend(points: list[tuple[float, float]]) -> float:
+    """The least-squares line through (iteration, AP) points, as its rise from the first to the last iteration."""
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return 0.0 if sxx == 0 else sum((x - mx) * (y - my) for x, y in points) / sxx * (max(xs) - min(xs))
+
+
 def convergence(records: list[dict], last: float = 1 / 3) -> list[dict]:
-    """Has the schedule converged? Per (target, ρ) over its finished runs: how much each run's AP moved over the
-    last third of training (max − min of its evaluations at iterations ≥ (1 − last) × its final iteration), against
-    the seed spread of the final AP (sample std). A schedule is long enough when the mean movement is below the
-    spread: {target, rho, n, from_iteration, moves (per seed), move (mean), spread, converged}."""
+    """Has the schedule converged? Per (target, ρ) over its finished runs, each run's evaluations over the last third
+    of training (iterations ≥ (1 − last) × its final iteration): their trend (the least-squares line's rise over
+    that span: how far AP still moves) and range (max − min, which includes the evaluation noise), against the seed
+    spread of the final AP (sample std). Converged: the mean trend moves AP less than the spread.
+    {target, rho, n, from_iteration, trends, trend, ranges, range, spread, converged}."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         if r.get("status") == "done" and r.get("evals") and r.get("AP") is not None:
             groups.setdefault((r["target"], r["rho"]), []).append(r)
     rows = []
     for (target, rho), runs in groups.items():
-        moves, start = [], None
+        trends, ranges, start = [], [], None
         for r in sorted(runs, key=lambda r: r["seed"]):
             end = max(e["iteration"] for e in r["evals"])
-            tail = [e for e in r["evals"] if e["iteration"] >= (1 - last) * end - 1e-6 and e["AP"] is not None]
+            tail = [(e["iteration"], e["AP"]) for e in r["evals"]
+                    if e["iteration"] >= (1 - last) * end - 1e-6 and e["AP"] is not None]
             if tail:
-                start = min(e["iteration"] for e in tail)
-                moves.append(max(e["AP"] for e in tail) - min(e["AP"] for e in tail))
-        if not moves:
+                start = min(x for x, _ in tail)
+                trends.append(_trend(tail))
+                ranges.append(max(y for _, y in tail) - min(y for _, y in tail))
+        if not trends:
             continue
         spread = _mean_std([r["AP"] for r in runs])[1] if len(runs) > 1 else None
-        move = statistics.fmean(moves)
-        rows.append({"target": target, "rho": rho, "n": len(runs), "from_iteration": start, "moves": moves,
-                     "move": move, "spread": spread, "converged": None if spread is None else move < spread})
+        trend = statistics.fmean(trends)
+        rows.append({"target": target, "rho": rho, "n": len(runs), "from_iteration": start, "trends": trends,
+                     "trend": trend, "ranges": ranges, "range": statistics.fmean(ranges), "spread": spread,
+                     "converged": None if spread is None else abs(trend) < spread})
     return rows
 
 
@@ -238,16 +250,17 @@ def convergence_markdown(records: list[dict]) -> str:
     rows = convergence(records)
     if not rows:
         return ""
-    lines = ["", "Schedule convergence: the AP range (max − min, AP points) of each run's evaluations over the last "
-             "third of training, against the seed spread (std) of the final AP; converged when the mean range is "
-             "below the spread:", "",
-             "| target | ρ | n | evaluations from | range per seed | mean range | seed spread | converged |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["", "Schedule convergence over the last third of training (AP points): the trend of each run's "
+             "evaluations (least-squares rise over that span) and their range (max − min, evaluation noise "
+             "included), against the seed spread (std) of the final AP; converged when |mean trend| < spread:", "",
+             "| target | ρ | n | evaluations from | trend per seed | mean trend | mean range | seed spread "
+             "| converged |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         spread = "–" if r["spread"] is None else f"{r['spread']:.1f}"
         verdict = "–" if r["converged"] is None else ("yes" if r["converged"] else "no")
         lines.append(f"| {r['target']} | {r['rho']:g} | {r['n']} | {r['from_iteration']} | "
-                     + " ".join(f"{m:.1f}" for m in r["moves"]) + f" | {r['move']:.1f} | {spread} | {verdict} |")
+                     + " ".join(f"{t:+.1f}" for t in r["trends"])
+                     + f" | {r['trend']:+.1f} | {r['range']:.1f} | {spread} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
