@@ -1,4 +1,6 @@
 """Optimiser parameter groups, lr scaling, the epoch step schedule and its restore, the EMA update."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -201,3 +203,50 @@ def test_optimizer_state_is_aligned_by_name_and_refused_when_the_parameters_diff
         align_optimizer_state(state, [["a", "b"], ["c"]], [["a", "x"], ["c"]])
     with pytest.raises(ValueError, match="parameter groups"):
         align_optimizer_state(state, [["a", "b"]], [["a", "b"]])
+
+
+PARAM_ORDER = Path(__file__).parent / "data" / "param_order.json"
+ORDER_VARIANTS = {  # name in param_order.json: (config, overrides)
+    "r50_plain": ("configs/deformable_detr_r50.yaml", []),
+    "r50_refine": ("configs/deformable_detr_r50_refine.yaml", []),
+    "r50_two_stage": ("configs/deformable_detr_r50_two_stage.yaml", []),
+    "r50_efficient": ("configs/efficient_detr_r50.yaml", []),
+    "r50_sparse_dam": ("configs/sparse_detr_r50_rho0.1.yaml", []),
+    "r50_sparse_os": ("configs/sparse_detr_r50_rho0.1_os.yaml", []),
+    "swin_sparse_dam": ("configs/sparse_detr_swin_t_rho0.1.yaml", []),
+    "demo": ("configs/demo_synthetic.yaml", []),
+    "tiny_salience": ("configs/ablation_long.yaml", ["model.rho=0.1", "model.scorer_target=salience"]),
+    "tiny_foreground": ("configs/ablation_long.yaml", ["model.rho=0.1", "model.scorer_target=foreground"]),
+    "tiny_random": ("configs/ablation_long.yaml", ["model.rho=0.1", "model.scorer_target=random"]),
+    "tiny_dense": ("configs/ablation_long.yaml", ["model.rho=0.0", "model.use_enc_aux_loss=false"]),
+}
+
+
+def test_parameter_order_is_the_one_before_the_detector_was_composed():
+    """The optimizer's groups, and gradient clipping, take the parameters in the order recorded from the detector
+    before it was composed of parts: AdamW's state and the clipping's summation follow it, so runs and checkpoints
+    of earlier versions continue bit for bit (a resumed 125f765 run matched for 100 iterations)."""
+    import hashlib
+    import json
+
+    from sparse_detr.config import load_config
+    from sparse_detr.engine.training import builders
+    from sparse_detr.engine.training.optim import optimizer_param_names, ordered_parameters, parameter_names
+
+    expected = json.loads(PARAM_ORDER.read_text())
+    for name, (config, overrides) in ORDER_VARIANTS.items():
+        cfg = load_config(config, overrides + ["model.pretrained_backbone=null"])
+        model, _, _ = builders.build_model_and_criterion(cfg, torch.device("cpu"))
+        optimizer, _, _ = builders.build_optimization(cfg, model, 1)
+        groups = optimizer_param_names(optimizer, model)
+        if name in expected["lists"]:
+            assert groups == expected["lists"][name], name
+        else:
+            got = [[len(g), hashlib.sha256("\n".join(g).encode()).hexdigest()] for g in groups]
+            assert got == expected["sha256"][name], name
+        # Clipping iterates over all of them in the same relative order as the groups do.
+        names = parameter_names(model)
+        order = [names[id(p)] for p in ordered_parameters(model)]
+        for group in groups:
+            members = set(group)
+            assert [n for n in order if n in members] == group, name

@@ -25,7 +25,7 @@ from torch.optim.lr_scheduler import MultiStepLR
 __all__ = [
     "BACKBONE_KEYS", "LINEAR_PROJ_KEYS", "scaled_lr", "param_groups", "build_optimizer", "build_lr_scheduler",
     "scheduler_state", "restore_scheduler", "build_ema", "parameter_names", "optimizer_param_names",
-    "state_dict_order_names", "align_optimizer_state", "shapes_fit",
+    "state_dict_order_names", "align_optimizer_state", "shapes_fit", "LEGACY_ORDER", "ordered_parameters",
 ]
 
 # Substrings that select a group, as in the official flags `--lr_backbone_names` / `--lr_linear_proj_names`.
@@ -46,6 +46,41 @@ def _matches(name: str, keys: Iterable[str]) -> bool:
     return any(k in name for k in keys)
 
 
+# The order of the detector's parameters before it was composed of parts, by official key prefix (then by layer or
+# head index, then module order). Gradient clipping sums the squared norms in this order and AdamW keeps its state
+# in it, so keeping it makes a run continue the trajectories of earlier versions bit for bit
+# (tests/data/param_order.json records that order for 12 detector variants).
+LEGACY_ORDER = ("backbone.", "input_proj.", "transformer.level_embed", "transformer.encoder.layers.",
+                "transformer.encoder.class_embed.", "transformer.encoder.bbox_embed.", "transformer.decoder.layers.",
+                "transformer.decoder.class_embed.", "transformer.decoder.bbox_embed.", "transformer.enc_output.",
+                "transformer.enc_output_norm.", "transformer.pos_trans.", "transformer.pos_trans_norm.",
+                "transformer.reference_points.", "transformer.", "query_embed.", "class_embed.", "bbox_embed.")
+
+
+def _key_rank(key: str) -> tuple[int, int]:
+    for i, prefix in enumerate(LEGACY_ORDER):
+        if key.startswith(prefix) or key + "." == prefix:
+            head = key[len(prefix):].split(".")[0]
+            return i, int(head) if head.isdigit() else -1
+    return len(LEGACY_ORDER), -1
+
+
+def legacy_rank(model: nn.Module) -> dict[int, tuple[int, int]]:
+    """id(parameter) -> its place in `LEGACY_ORDER` (the first of its state-dict keys there)."""
+    ranks: dict[int, tuple[int, int]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if isinstance(value, nn.Parameter):
+            ranks[id(value)] = min(ranks.get(id(value), (len(LEGACY_ORDER) + 1, 0)), _key_rank(key))
+    return ranks
+
+
+def ordered_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters in `LEGACY_ORDER` (what gradient clipping iterates over)."""
+    ranks = legacy_rank(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return sorted(trainable, key=lambda p: ranks.get(id(p), (len(LEGACY_ORDER) + 1, 0)))
+
+
 def param_groups(model: nn.Module, lr: float, lr_backbone: float, lr_linear_proj_mult: float,
                  weight_decay: float) -> list[dict]:
     """The three named AdamW groups. Frozen parameters (requires_grad False) are left out.
@@ -64,6 +99,8 @@ def param_groups(model: nn.Module, lr: float, lr_backbone: float, lr_linear_proj
             groups["linear_proj"].append(p)
         else:
             groups["default"].append(p)
+    ranks = legacy_rank(model)
+    groups = {k: sorted(v, key=lambda p: ranks.get(id(p), (len(LEGACY_ORDER) + 1, 0))) for k, v in groups.items()}
     lrs = {"default": lr, "backbone": lr_backbone, "linear_proj": lr * lr_linear_proj_mult}
     return [{"name": k, "params": v, "lr": lrs[k], "weight_decay": weight_decay} for k, v in groups.items()]
 

@@ -51,8 +51,9 @@ from sparse_detr.engine.metrics import AP_UNIT, AP_UNIT_KEY, metrics_in_percent
 from sparse_detr.engine.logging import (JsonlLog, MeterGroup, TensorboardLog, format_eta, peak_memory_mb,
                                         release_free_memory, resident_memory_mb, setup_text_logger)
 from sparse_detr.engine.inference.visualize import visualize_image
-from sparse_detr.engine.training.optim import (align_optimizer_state, optimizer_param_names, restore_scheduler,
-                                               scheduler_state, shapes_fit, state_dict_order_names)
+from sparse_detr.engine.training.optim import (align_optimizer_state, optimizer_param_names, ordered_parameters,
+                                               parameter_names, restore_scheduler, scheduler_state, shapes_fit,
+                                               state_dict_order_names)
 from sparse_detr.box_ops import box_cxcywh_to_xyxy
 from sparse_detr.errors import UserError
 from sparse_detr.models.criterion import check_finite, weighted_total
@@ -167,7 +168,7 @@ class Trainer:
         # find_unused_parameters only where the model says a step leaves parameters unused (builders.py);
         # tests/test_gradients.py checks that every shipped config family trains every parameter.
         self.net = builders.wrap_distributed(model, self.device, info.distributed)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = ordered_parameters(model)  # the clipping's summation order: optim.LEGACY_ORDER
         # The batch size of the loader, or of its batch sampler (data.group_by_aspect_ratio).
         self.batch_size = train_loader.batch_size or train_loader.batch_sampler.batch_size
         full = train_sampler.samples_per_epoch // self.batch_size
@@ -223,20 +224,25 @@ class Trainer:
 
     def _aligned_optimizer_state(self, ckpt: dict, source: str) -> dict:
         """The checkpoint's optimizer state in this optimizer's parameter order (optim.align_optimizer_state). A
-        checkpoint without parameter names (before format 3) took them in the model state dict's order (the
-        detector before it was composed of parts) or in this order (after): the one whose moments all have their
-        parameters' shapes is taken."""
+        checkpoint without parameter names (before format 3) holds them in this order (optim.LEGACY_ORDER), in its
+        state dict's order, or (written by the composed detector before format 3) in module-tree order: the first
+        whose moments all have their parameters' shapes is taken."""
         state, current = ckpt["optimizer"], optimizer_param_names(self.optimizer, self.model)
         if ckpt.get("optimizer_param_names") is not None:
             try:
                 return align_optimizer_state(state, ckpt["optimizer_param_names"], current)
             except ValueError as e:
                 raise CheckpointError(f"{source}: its optimizer state does not fit this model: {e}") from e
+        names = parameter_names(self.model)
+        tree_order = [names[id(p)] for p in self.model.parameters()]  # format 2 written by the composed detector
+        orders = [state_dict_order_names(ckpt["model"], current), [[n for n in tree_order if n in set(g)]
+                                                                    for g in current]]
         candidates = [state]
-        try:
-            candidates.insert(0, align_optimizer_state(state, state_dict_order_names(ckpt["model"], current), current))
-        except ValueError:
-            pass
+        for saved in orders:
+            try:
+                candidates.append(align_optimizer_state(state, saved, current))
+            except ValueError:
+                pass
         for candidate in candidates:
             if shapes_fit(candidate, self.optimizer):
                 return candidate
