@@ -200,7 +200,7 @@ def _cpu_jiffies(path: str = "/proc/stat") -> Optional[tuple[int, int]]:
     return sum(values) - values[3] - values[4], sum(values)
 
 
-def busy_cores(interval: float = 0.25, read=_cpu_jiffies, cpus: Optional[int] = None) -> Optional[float]:
+def busy_cores(interval: float = 0.1, read=_cpu_jiffies, cpus: Optional[int] = None) -> Optional[float]:
     """How many cores other processes keep busy now: the machine's busy CPU time over `interval` seconds (this
     process sleeps meanwhile), in cores. None where it cannot be measured."""
     first = read()
