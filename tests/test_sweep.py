@@ -344,6 +344,14 @@ def test_a_finished_sweep_is_lengthened_into_a_new_folder(base, tmp_path, monkey
     with pytest.raises(sweep.ConfigChangedError, match="loss.cls_loss_coef"):
         sweep.run_sweep(runs, other, log=lambda m: None)
     assert not os.path.exists(other.out)
+    # A record without its checkpoints (as committed to a repository) is not seeded: that run trains anew.
+    bare = tmp_path / "bare"
+    os.makedirs(bare / runs[0].name)
+    with open(os.path.join(short.out, runs[0].name, "result.json")) as f:
+        (bare / runs[0].name / "result.json").write_text(f.read())
+    assert sweep.lengthen_from(runs, sweep.SweepOptions(**{**short.__dict__, "out": str(tmp_path / "b"),
+                                                           "lengthen": str(bare)})) == []
+    assert not os.path.exists(tmp_path / "b")
 
     trained = []
     real_run = train_mod.run

@@ -190,7 +190,8 @@ def lengthen_from(runs: Sequence[RunSpec], opts: SweepOptions) -> list[str]:
     """Seed OUT/<run> with the finished run of the same name in `opts.lengthen` (and OUT/pretrain with its
     pretraining) so that the sweep resumes each up to this sweep's `train.epochs`; returns the runs seeded.
 
-    Only run folders that do not exist yet are seeded, and only from finished runs whose resolved config differs
+    Only run folders that do not exist yet are seeded, and only from finished runs that still have their last
+    checkpoint (a committed record alone is trained anew) and whose resolved config differs
     from the planned one in `LENGTHENED` alone, with no more epochs than planned: any other difference raises
     ConfigChangedError before anything is written. Checkpoints are hard links (the trainer replaces them by atomic
     rename, never in place, so the shorter run's files stay as they are), logs and TensorBoard events copies (they
@@ -201,8 +202,9 @@ def lengthen_from(runs: Sequence[RunSpec], opts: SweepOptions) -> list[str]:
     seeds = []
     for spec in runs:
         source, folder = os.path.join(opts.lengthen, spec.name), os.path.join(opts.out, spec.name)
-        if os.path.exists(folder) or not os.path.isfile(os.path.join(source, RESULT)):
-            continue
+        if os.path.exists(folder) or not os.path.isfile(os.path.join(source, RESULT)) \
+                or not os.path.isfile(os.path.join(source, "checkpoint_last.pth")):
+            continue  # nothing to continue from (e.g. a committed record without its checkpoints): trained anew
         saved = load_record(os.path.join(source, RESULT)).get("resolved_config", {})
         planned = to_dict(load_config(opts.base, run_overrides(spec, opts)))
         changed = [k for k in _config_diff(saved, planned) if k not in LENGTHENED]
