@@ -367,3 +367,77 @@ def test_a_finished_sweep_is_lengthened_into_a_new_folder(base, tmp_path, monkey
     after = {os.path.join(d, f): open(os.path.join(d, f), "rb").read()
              for d, _, files in os.walk(short.out) for f in files}
     assert after == before
+
+
+_STOP_SCRIPT = '''
+import os, signal, sys, time
+from sparse_detr.engine.cli import run_tool
+from sparse_detr.engine.studies import sweep
+
+OUT = sys.argv[1]
+
+
+def fake_run_one(spec, opts):  # a training run as the trainer does it: SIGTERM -> finish the step, save, stop
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    open(os.path.join(OUT, spec.name + ".started"), "w").write(str(os.getpid()))
+    while not stop:
+        time.sleep(0.02)
+    open(os.path.join(OUT, spec.name + ".saved"), "w").write("")
+    raise KeyboardInterrupt("stopped by SIGTERM")
+
+
+sweep.run_one = fake_run_one  # module level: the spawned workers run it too
+if __name__ == "__main__":
+    specs = [sweep.RunSpec("dam", 0.1, s) for s in range(4)]
+    opts = sweep.SweepOptions(base="unused.yaml", out=OUT, train=True, jobs=2)
+    finished = lambda record: open(os.path.join(OUT, record["name"] + ".record"), "w").write(record["status"])
+    sys.exit(run_tool(lambda argv: sweep._run_parallel([(s, "new") for s in specs], opts, finished, print), []))
+'''
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
+def test_sigterm_to_a_parallel_sweep_stops_and_saves_every_worker(tmp_path):
+    """Killing the sweep must not leave its workers training: each running run gets SIGTERM (the trainer saves and
+    stops), no queued run starts, and the sweep exits 143 once they are gone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "stop_sweep.py"
+    script.write_text(_STOP_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], cwd=str(tmp_path), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*.started"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = sorted(out.glob("*.started"))
+    assert len(started) == 2, proc.communicate(timeout=30)[0] if proc.poll() is not None else "workers did not start"
+    workers = [int(p.read_text()) for p in started]
+    proc.send_signal(signal.SIGTERM)
+    try:
+        output = proc.communicate(timeout=60)[0]
+    finally:  # a failing sweep must not leave its workers running past the test
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 143, output
+    assert "rerun the same command to resume" in output
+    assert sorted(p.stem for p in out.glob("*.saved")) == sorted(p.stem for p in started)  # both saved
+    assert len(list(out.glob("*.started"))) == 2  # the two queued runs never started
+    assert not list(out.glob("*.record"))  # an interrupted run is not recorded as finished or failed
+    time.sleep(0.2)
+    assert not [pid for pid in workers if _alive(pid)]

@@ -8,7 +8,9 @@ date after every run. The sweep is safe to interrupt and rerun with the same com
   resolved config it was made with must equal the one planned now, else the sweep stops and says which keys
   differ (it never reuses or overwrites a run made with another config);
 * a half-finished run (checkpoints but no `result.json`) continues through the engine's `resume="auto"`;
-* a failed run is reported (its error goes into the results) and retried on the next invocation.
+* a failed run is reported (its error goes into the results) and retried on the next invocation;
+* SIGTERM (or SIGINT) to the sweep reaches its worker processes too: each training run saves a checkpoint at its
+  current iteration and stops (`STOP_GRACE_SECONDS`, then killed), so no orphan keeps training after the sweep.
 
 One record per run (`RECORD_KEYS`): target, rho, seed, the COCO metrics in percent (None where COCO has no object
 of that size; `ap_unit`, engine/metrics.py; older records hold fractions and `load_record` converts them), GFLOPs
@@ -26,10 +28,13 @@ backbone network is extracted to `OUT/pretrain/backbone.pt`, and every run start
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -44,7 +49,7 @@ from sparse_detr.progress import format_duration
 
 __all__ = ["RunSpec", "SweepOptions", "RECORD_KEYS", "METRICS", "plan_runs", "run_one", "run_sweep",
            "run_status", "run_pretrain", "backbone_path", "train_seconds", "load_record", "lengthen_from",
-           "ConfigChangedError"]
+           "ConfigChangedError", "SweepInterrupted"]
 
 METRICS = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "AP_s": "APs", "AP_m": "APm", "AP_l": "APl"}  # ours: COCO's
 RECORD_KEYS = ("name", "target", "rho", "seed", "status", *METRICS, AP_UNIT_KEY, "gflops", "encoder_gflops",
@@ -55,6 +60,13 @@ RESULT = "result.json"  # a run's record; its presence marks the run finished
 DENSE = "dense"
 PRETRAIN = "pretrain"  # OUT/pretrain: the shared backbone pretraining stage
 BACKBONE = "backbone.pt"  # its extracted backbone network, in OUT/pretrain
+STOP_GRACE_SECONDS = 120.0  # after SIGTERM, a worker's time to finish its step (or evaluation) and save
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT stopped a parallel sweep after its workers saved; the same command resumes it."""
+
+    exit_code = 143
 
 
 class ConfigChangedError(RuntimeError):
@@ -407,7 +419,13 @@ def _worker(spec: RunSpec, opts: SweepOptions) -> dict:
         with open(os.path.join(folder, "console.txt"), "a", encoding="utf-8") as log:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
-    return _guarded(spec, opts)
+    try:
+        return _guarded(spec, opts)
+    except KeyboardInterrupt:  # SIGTERM / SIGINT: the run saved its checkpoint; this worker takes no further run
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(143)
 
 
 def _guarded(spec: RunSpec, opts: SweepOptions) -> dict:
@@ -515,8 +533,9 @@ def _run_parallel(todo, opts: SweepOptions, finished: Callable[[dict], None], lo
     # fresh interpreter per worker (no forked torch thread pools).
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    pool = ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
-        with ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with _signals_raise(SweepInterrupted):
             pending = {}
             for spec, status in todo:
                 pending[pool.submit(_worker, spec, opts)] = spec
@@ -532,7 +551,52 @@ def _run_parallel(todo, opts: SweepOptions, finished: Callable[[dict], None], lo
                                   "status": "failed", "error": f"worker process: {type(e).__name__}: {e}",
                                   "config": opts.base, "overrides": run_overrides(spec, opts), "_wall": math.nan}
                     finished(record)
+    except BaseException as e:
+        pool.shutdown(wait=False, cancel_futures=True)
+        stopped = _stop_workers(STOP_GRACE_SECONDS)
+        if isinstance(e, KeyboardInterrupt):
+            log(f"sweep: stopped ({stopped} worker process(es) stopped, each run saved where it was); rerun the "
+                "same command to resume")
+        raise
+    else:
+        pool.shutdown()
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _signals_raise(error: type):
+    """SIGTERM and SIGINT raise `error` in the main thread while the block runs (elsewhere: nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise error(f"stopped by {signal.Signals(signum).name}; rerun the same command to resume")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _stop_workers(grace: float) -> int:
+    """SIGTERM every live worker process (a training run saves its checkpoint and stops), wait up to `grace`
+    seconds in all, then SIGKILL what is left (checkpoints are atomic: at most the unsaved steps are lost)."""
+    import multiprocessing
+
+    workers = multiprocessing.active_children()
+    for p in workers:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in workers:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in workers:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return len(workers)

@@ -65,20 +65,26 @@ def _key_rank(key: str) -> tuple[int, int]:
     return len(LEGACY_ORDER), -1
 
 
+_UNRANKED = (len(LEGACY_ORDER) + 1, 0)  # a parameter outside the state dict: after every ranked one
+
+
 def legacy_rank(model: nn.Module) -> dict[int, tuple[int, int]]:
     """id(parameter) -> its place in `LEGACY_ORDER` (the first of its state-dict keys there)."""
     ranks: dict[int, tuple[int, int]] = {}
     for key, value in model.state_dict(keep_vars=True).items():
         if isinstance(value, nn.Parameter):
-            ranks[id(value)] = min(ranks.get(id(value), (len(LEGACY_ORDER) + 1, 0)), _key_rank(key))
+            ranks[id(value)] = min(ranks.get(id(value), _UNRANKED), _key_rank(key))
     return ranks
+
+
+def in_legacy_order(params: Iterable[nn.Parameter], ranks: dict[int, tuple[int, int]]) -> list[nn.Parameter]:
+    """`params` sorted by `legacy_rank` (stable: equal ranks keep their order)."""
+    return sorted(params, key=lambda p: ranks.get(id(p), _UNRANKED))
 
 
 def ordered_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable parameters in `LEGACY_ORDER` (what gradient clipping iterates over)."""
-    ranks = legacy_rank(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return sorted(trainable, key=lambda p: ranks.get(id(p), (len(LEGACY_ORDER) + 1, 0)))
+    return in_legacy_order((p for p in model.parameters() if p.requires_grad), legacy_rank(model))
 
 
 def param_groups(model: nn.Module, lr: float, lr_backbone: float, lr_linear_proj_mult: float,
@@ -100,7 +106,7 @@ def param_groups(model: nn.Module, lr: float, lr_backbone: float, lr_linear_proj
         else:
             groups["default"].append(p)
     ranks = legacy_rank(model)
-    groups = {k: sorted(v, key=lambda p: ranks.get(id(p), (len(LEGACY_ORDER) + 1, 0))) for k, v in groups.items()}
+    groups = {k: in_legacy_order(v, ranks) for k, v in groups.items()}
     lrs = {"default": lr, "backbone": lr_backbone, "linear_proj": lr * lr_linear_proj_mult}
     return [{"name": k, "params": v, "lr": lrs[k], "weight_decay": weight_decay} for k, v in groups.items()]
 
