@@ -328,6 +328,38 @@ def test_convergence_compares_the_last_third_against_the_seed_spread():
     assert "| os | 0.1 | 2 | 2700 | +4.0 +4.0 | +4.0 | 4.0 | 0.7 | no |" in md
 
 
+def test_saturation_fit_recovers_a_known_curve_and_projects_the_converged_schedule():
+    import numpy as np
+
+    from sparse_detr.engine.studies.sweep_report import converged_schedule, convergence, saturation_fit
+
+    plateau, gap, tau, t0 = 40.0, 6.0, 2000.0, 2700.0
+    curve = lambda t: plateau - gap * math.exp(-(t - t0) / tau)  # noqa: E731
+    iters = [2700 + 450 * i for i in range(7)]
+    noise = np.random.default_rng(0).normal(0, 0.05, (3, len(iters)))
+    points = [(t, curve(t) + noise[s, i]) for s in range(3) for i, t in enumerate(iters)]
+    fit = saturation_fit(points)
+    assert fit["plateau"] == pytest.approx(plateau, abs=0.3) and fit["tau"] == pytest.approx(tau, rel=0.1)
+    assert fit["gap"] == pytest.approx(gap, rel=0.1) and fit["plateau_se"] < 0.5
+    # The projection against a brute-force scan of the exact curve: the first T (step 1) whose last-third rise is
+    # under the spread, scanning down from far out.
+    exact = {"plateau": plateau, "gap": gap, "tau": tau, "t0": t0}
+    for spread in (0.3, 1.0):
+        rise = lambda T: curve(T) - curve(2 * T / 3)  # noqa: E731
+        T = 200000
+        while rise(T - 1) < spread:
+            T -= 1
+        assert converged_schedule(exact, spread) == pytest.approx(T, abs=1.0)
+    assert converged_schedule(dict(exact, gap=-1.0), 0.3) is None  # a falling curve: nothing to project
+    assert saturation_fit(points[:3]) is None  # 3 iterations: too few for 3 parameters
+
+    runs = [{"target": "dense", "rho": 0.1, "seed": s, "status": "done", "AP": points[7 * s + 6][1],
+             "evals": [{"iteration": 450 * (i + 1), "AP": 10.0 + i} for i in range(5)]
+             + [{"iteration": t, "AP": ap} for t, ap in points[7 * s:7 * s + 7]]} for s in range(3)]
+    row = convergence(runs)[0]  # the second half (from 2700 of 5400) is fitted, the early evaluations are not
+    assert row["fit"]["plateau"] == pytest.approx(fit["plateau"]) and row["projected"] is not None
+
+
 def test_a_finished_sweep_is_lengthened_into_a_new_folder(base, tmp_path, monkeypatch):
     """--lengthen: each finished run continues from its last checkpoint to the new train.epochs in the new folder;
     the shorter sweep's files stay byte for byte; a run whose config differs in anything else is refused before

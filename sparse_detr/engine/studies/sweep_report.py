@@ -1,7 +1,8 @@
 """Tables and the Pareto plot of the ablation runner's records (`sparse_detr.engine.studies.sweep`).
 
 `summarize` groups the runs of one (target, ρ) over seeds (mean and sample standard deviation); `convergence`
-compares the AP trend over the last third of training with the seed spread; `results_markdown` renders the
+compares the AP trend over the last third of training with the seed spread and extrapolates, by a saturating fit
+(`saturation_fit`), the schedule at which it would be converged; `results_markdown` renders the
 summary and the per-run table (AP in percent, as in the records: engine/metrics.py); `plot_pareto` draws AP and
 AP50 against GFLOPs, one marker per target with error bars over seeds and the dense baseline as a horizontal
 reference line.
@@ -9,6 +10,7 @@ reference line.
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Optional
 
@@ -17,7 +19,7 @@ from sparse_detr.models.selection import SELECTORS
 
 __all__ = ["summarize", "results_markdown", "plot_pareto", "selection_markdown", "plot_selection",
            "paired_differences", "paired_markdown", "rank_correlations", "correlation_markdown", "convergence",
-           "convergence_markdown"]
+           "convergence_markdown", "saturation_fit", "converged_schedule"]
 
 MARKER_CYCLE = "os^DXv<>ph"  # by registration order of the criteria (selection.SELECTORS); "P" for other labels
 
@@ -214,12 +216,14 @@ def _trend(points: list[tuple[float, float]]) -> float:
     return 0.0 if sxx == 0 else sum((x - mx) * (y - my) for x, y in points) / sxx * (max(xs) - min(xs))
 
 
-def convergence(records: list[dict], last: float = 1 / 3) -> list[dict]:
+def convergence(records: list[dict], last: float = 1 / 3, fit_from: float = 0.5) -> list[dict]:
     """Has the schedule converged? Per (target, ρ) over its finished runs, each run's evaluations over the last third
     of training (iterations ≥ (1 − last) × its final iteration): their trend (the least-squares line's rise over
     that span: how far AP still moves) and range (max − min, which includes the evaluation noise), against the seed
-    spread of the final AP (sample std). Converged: the mean trend moves AP less than the spread.
-    {target, rho, n, from_iteration, trends, trend, ranges, range, spread, converged}."""
+    spread of the final AP (sample std). Converged: the mean trend moves AP less than the spread. `fit`: the
+    saturating fit of the evaluations from `fit_from` × the final iteration on (after the usual lr drop), and
+    `projected`: the schedule at which that fit would be converged (an extrapolation: model-dependent).
+    {target, rho, n, from_iteration, trends, trend, ranges, range, spread, converged, fit, projected}."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         if r.get("status") == "done" and r.get("evals") and r.get("AP") is not None:
@@ -239,10 +243,63 @@ def convergence(records: list[dict], last: float = 1 / 3) -> list[dict]:
             continue
         spread = _mean_std([r["AP"] for r in runs])[1] if len(runs) > 1 else None
         trend = statistics.fmean(trends)
+        late = [(e["iteration"], e["AP"]) for r in runs for e in r["evals"]
+                if e["AP"] is not None and e["iteration"] >= fit_from * max(x["iteration"] for x in r["evals"])]
+        fit = saturation_fit(late)
         rows.append({"target": target, "rho": rho, "n": len(runs), "from_iteration": start, "trends": trends,
                      "trend": trend, "ranges": ranges, "range": statistics.fmean(ranges), "spread": spread,
-                     "converged": None if spread is None else abs(trend) < spread})
+                     "converged": None if spread is None else abs(trend) < spread, "fit": fit,
+                     "projected": None if fit is None or spread is None else converged_schedule(fit, spread, last)})
     return rows
+
+
+def saturation_fit(points: list[tuple[float, float]]) -> Optional[dict]:
+    """Least-squares fit of AP(t) = plateau − gap·exp(−t / tau) to (iteration, AP) points (all seeds pooled): the
+    usual shape of a curve at a constant learning rate. None with fewer than 4 distinct iterations or when the fit
+    does not converge. {plateau, gap, tau, plateau_se}."""
+    import numpy as np
+    from scipy.optimize import curve_fit
+
+    if len({x for x, _ in points}) < 4:
+        return None
+    t, y = np.array([x for x, _ in points], float), np.array([v for _, v in points], float)
+    t0, scale = t.min(), max(t.max() - t.min(), 1.0)
+
+    def model(x, plateau, gap, tau):
+        return plateau - gap * np.exp(-(x - t0) / (tau * scale))
+
+    try:
+        (plateau, gap, tau), cov = curve_fit(model, t, y, p0=(y.max(), max(y.max() - y.min(), 1e-3), 0.5),
+                                             bounds=([-np.inf, -np.inf, 1e-3], [np.inf, np.inf, 1e3]))
+    except (RuntimeError, ValueError):
+        return None
+    se = float(np.sqrt(cov[0, 0])) if np.isfinite(cov[0, 0]) else math.inf
+    return {"plateau": float(plateau), "gap": float(gap), "tau": float(tau * scale), "t0": float(t0),
+            "plateau_se": se}
+
+
+def converged_schedule(fit: dict, spread: float, last: float = 1 / 3) -> Optional[float]:
+    """The schedule T from which on the fitted curve rises less than `spread` across its last `last` fraction,
+    rise(T) = gap·(exp(−((1 − last)T − t0)/tau) − exp(−(T − t0)/tau)). rise grows up to its peak at
+    max(t0 / (1 − last), tau·ln(1 / (1 − last)) / last), then decays: bisection on that side. None for a
+    non-rising fit (gap ≤ 0) or beyond 1000 tau."""
+    gap, tau, t0 = fit["gap"], fit["tau"], fit["t0"]
+    if gap <= 0:
+        return None
+
+    def rise(T: float) -> float:
+        return gap * (math.exp(-max((1 - last) * T - t0, 0.0) / tau) - math.exp(-(T - t0) / tau))
+
+    lo = max(t0 / (1 - last), tau * math.log(1 / (1 - last)) / last)
+    hi = t0 + 1000 * tau
+    if rise(lo) < spread:
+        return lo
+    if rise(hi) >= spread:
+        return None
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rise(mid) >= spread else (lo, mid)
+    return hi
 
 
 def convergence_markdown(records: list[dict]) -> str:
@@ -252,15 +309,23 @@ def convergence_markdown(records: list[dict]) -> str:
         return ""
     lines = ["", "Schedule convergence over the last third of training (AP points): the trend of each run's "
              "evaluations (least-squares rise over that span) and their range (max − min, evaluation noise "
-             "included), against the seed spread (std) of the final AP; converged when |mean trend| < spread:", "",
+             "included), against the seed spread (std) of the final AP; converged when |mean trend| < spread. "
+             "Extrapolated: AP = plateau − gap·exp(−t/τ) fitted to the evaluations of the second half (seeds "
+             "pooled; plateau ± its standard error), and the schedule from which that curve would rise less than "
+             "the spread over the last third (a model-dependent estimate, not a measurement):", "",
              "| target | ρ | n | evaluations from | trend per seed | mean trend | mean range | seed spread "
-             "| converged |", "|---|---|---|---|---|---|---|---|---|"]
+             "| converged | fitted plateau | τ | converged from (fit) |", "|" + "---|" * 12]
     for r in rows:
         spread = "–" if r["spread"] is None else f"{r['spread']:.1f}"
         verdict = "–" if r["converged"] is None else ("yes" if r["converged"] else "no")
+        fit = r["fit"]
+        plateau, tau = ("–", "–") if fit is None else (f"{fit['plateau']:.1f} ± {fit['plateau_se']:.1f}",
+                                                       f"{fit['tau']:.0f}")
+        projected = "–" if r["projected"] is None else f"{r['projected']:.0f}"
         lines.append(f"| {r['target']} | {r['rho']:g} | {r['n']} | {r['from_iteration']} | "
                      + " ".join(f"{t:+.1f}" for t in r["trends"])
-                     + f" | {r['trend']:+.1f} | {r['range']:.1f} | {spread} | {verdict} |")
+                     + f" | {r['trend']:+.1f} | {r['range']:.1f} | {spread} | {verdict} | {plateau} | {tau} "
+                     f"| {projected} |")
     return "\n".join(lines) + "\n"
 
 
