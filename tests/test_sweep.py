@@ -473,3 +473,31 @@ def test_sigterm_to_a_parallel_sweep_stops_and_saves_every_worker(tmp_path):
     assert not list(out.glob("*.record"))  # an interrupted run is not recorded as finished or failed
     time.sleep(0.2)
     assert not [pid for pid in workers if _alive(pid)]
+
+
+def test_selection_plot_draws_each_fitted_curve(tmp_path, monkeypatch):
+    import matplotlib.figure
+    import numpy as np
+
+    from sparse_detr.engine.studies.sweep_report import convergence, plot_selection
+
+    iters = [450 * (i + 1) for i in range(12)]
+    curves = {"iteration": [20, 40], **{k: [0.3, 0.32] for k in sweep.CURVE_KEYS}}
+    records = [{"target": t, "rho": 0.1, "seed": s, "status": "done", "AP": top - 1, "curves": curves,
+                "selection": {"dam_coverage": 0.3, "object_coverage": 0.9},
+                "evals": [{"iteration": i, "AP": top - 12 * math.exp(-i / 1500) + 0.2 * s} for i in iters]}
+               for t, top in (("dense", 40.0), ("dam", 25.0)) for s in (0, 1)]
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    plot_selection(records, str(tmp_path / "sel.png"))
+    ap_axes = saved[0].axes[2]
+    dashed = [line for line in ap_axes.get_lines() if line.get_linestyle() == "--"]
+    fits = {r["target"]: r["fit"] for r in convergence(records)}
+    assert len(dashed) == 2  # one per target, drawn from the fit over the second half (2700 .. 5400)
+    for line, target in zip(dashed, ("dense", "dam")):
+        x, y = line.get_xdata(), line.get_ydata()
+        assert x[0] == pytest.approx(2700) and x[-1] == pytest.approx(5400)
+        fit = fits[target]
+        assert y[-1] == pytest.approx(fit["plateau"] - fit["gap"] * np.exp(-(5400 - fit["t0"]) / fit["tau"]))
+        assert y[-1] == pytest.approx(({"dense": 40.0, "dam": 25.0}[target] + 0.1 - 12 * math.exp(-5400 / 1500)),
+                                      abs=0.05)

@@ -378,6 +378,7 @@ def plot_selection(records: list[dict], path: str, title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     done = [r for r in records if r.get("status") == "done" and r.get("curves")]
     targets = list(dict.fromkeys(r["target"] for r in done))
@@ -406,7 +407,15 @@ def plot_selection(records: list[dict], path: str, title: str = "") -> None:
         runs = [([e["iteration"] for e in r["evals"]], [(e["AP"] if e["AP"] is not None else float("nan"))
                                                         for e in r["evals"]]) for r in done if r["target"] == t]
         _band(ax, runs, t, colors[t])
-    ax.set(xlabel="iteration", ylabel="AP (%)", title="val AP during training (mean, min–max over seeds)")
+    for row in convergence(done):  # the saturating fit of the second half, dashed over the span it was fitted to
+        fit = row["fit"]
+        if fit is not None and row["target"] in colors:
+            end = max(e["iteration"] for r in done if r["target"] == row["target"] for e in r["evals"])
+            xs = np.linspace(fit["t0"], end, 50)
+            ax.plot(xs, fit["plateau"] - fit["gap"] * np.exp(-(xs - fit["t0"]) / fit["tau"]), ls="--", lw=0.9,
+                    color=colors[row["target"]])
+    ax.set(xlabel="iteration", ylabel="AP (%)",
+           title="val AP (mean, min–max over seeds; dashed: fit)")
     ax.grid(alpha=0.3)
     _legend(ax)
     for ax, key, name in ((axes[1][0], "dam_coverage", "val DAM coverage"),
