@@ -26,7 +26,7 @@ Format history, upgraded on load (`_upgrade`): 2 — `model.backbone: swin_t` is
 (models/swin.py); a format-1 `swin_t` checkpoint holds torchvision's swin_t, now called `swin_t_torchvision`.
 3 — `best_ap` and `metrics` in percent (engine/metrics.py); older ones hold COCO fractions. The optimizer's
 parameters are named (`optimizer_param_names`), so a resume maps the moments by name (training/optim.py); older
-checkpoints are mapped by the order they were written in (training/train.py `Trainer._aligned_optimizer_state`).
+checkpoints are mapped by the order they were written in (training/optim.py `checkpoint_optimizer_state`).
 Files without a version (official releases) have their official Swin-T backbone keys renamed to ours.
 """
 from __future__ import annotations

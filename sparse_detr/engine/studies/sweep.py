@@ -28,13 +28,11 @@ backbone network is extracted to `OUT/pretrain/backbone.pt`, and every run start
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -44,6 +42,7 @@ from typing import Callable, Optional, Sequence
 from sparse_detr.config import load_config, to_dict
 from sparse_detr.engine.atomic import write_atomic
 from sparse_detr.engine.logging import read_jsonl
+from sparse_detr.engine.signals import signal_handlers
 from sparse_detr.engine.metrics import AP_UNIT, AP_UNIT_KEY, is_percent, metrics_in_percent, percent
 from sparse_detr.progress import format_duration
 
@@ -67,6 +66,10 @@ class SweepInterrupted(KeyboardInterrupt):
     """SIGTERM or SIGINT stopped a parallel sweep after its workers saved; the same command resumes it."""
 
     exit_code = 143
+
+
+def _raise_interrupted(signum, frame):
+    raise SweepInterrupted(f"stopped by {signal.Signals(signum).name}; rerun the same command to resume")
 
 
 class ConfigChangedError(RuntimeError):
@@ -535,7 +538,7 @@ def _run_parallel(todo, opts: SweepOptions, finished: Callable[[dict], None], lo
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     pool = ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
-        with _signals_raise(SweepInterrupted):
+        with signal_handlers(_raise_interrupted, (signal.SIGTERM, signal.SIGINT)):
             pending = {}
             for spec, status in todo:
                 pending[pool.submit(_worker, spec, opts)] = spec
@@ -564,24 +567,6 @@ def _run_parallel(todo, opts: SweepOptions, finished: Callable[[dict], None], lo
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     sys.stdout.flush()
-
-
-@contextlib.contextmanager
-def _signals_raise(error: type):
-    """SIGTERM and SIGINT raise `error` in the main thread while the block runs (elsewhere: nothing changes)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise error(f"stopped by {signal.Signals(signum).name}; rerun the same command to resume")
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _stop_workers(grace: float) -> int:

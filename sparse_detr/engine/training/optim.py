@@ -22,10 +22,13 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import MultiStepLR
 
+from sparse_detr.engine.checkpoint import CheckpointError
+
 __all__ = [
     "BACKBONE_KEYS", "LINEAR_PROJ_KEYS", "scaled_lr", "param_groups", "build_optimizer", "build_lr_scheduler",
     "scheduler_state", "restore_scheduler", "build_ema", "parameter_names", "optimizer_param_names",
-    "state_dict_order_names", "align_optimizer_state", "shapes_fit", "LEGACY_ORDER", "ordered_parameters",
+    "state_dict_order_names", "align_optimizer_state", "checkpoint_optimizer_state", "shapes_fit", "LEGACY_ORDER",
+    "ordered_parameters",
 ]
 
 # Substrings that select a group, as in the official flags `--lr_backbone_names` / `--lr_linear_proj_names`.
@@ -175,6 +178,34 @@ def shapes_fit(state: dict, optimizer: torch.optim.Optimizer) -> bool:
         return False
     return all(v.shape == p.shape for i, p in zip(ids, params)
                for v in state["state"].get(i, {}).values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def checkpoint_optimizer_state(ckpt: dict, optimizer: torch.optim.Optimizer, model: nn.Module, source: str) -> dict:
+    """The checkpoint's optimizer state in `optimizer`'s parameter order (`align_optimizer_state`). A checkpoint
+    without parameter names (before format 3) holds them in `LEGACY_ORDER`, in its state dict's order, or (written
+    by the composed detector before format 3) in module-tree order: the first whose moments all have their
+    parameters' shapes is taken. CheckpointError naming `source` when none fits."""
+    state, current = ckpt["optimizer"], optimizer_param_names(optimizer, model)
+    if ckpt.get("optimizer_param_names") is not None:
+        try:
+            return align_optimizer_state(state, ckpt["optimizer_param_names"], current)
+        except ValueError as e:
+            raise CheckpointError(f"{source}: its optimizer state does not fit this model: {e}") from e
+    names = parameter_names(model)
+    tree_order = [names[id(p)] for p in model.parameters()]
+    orders = [state_dict_order_names(ckpt["model"], current), [[n for n in tree_order if n in set(g)]
+                                                                for g in current]]
+    candidates = [state]
+    for saved in orders:
+        try:
+            candidates.append(align_optimizer_state(state, saved, current))
+        except ValueError:
+            pass
+    for candidate in candidates:
+        if shapes_fit(candidate, optimizer):
+            return candidate
+    raise CheckpointError(f"{source}: its optimizer state does not fit this model's parameters (shapes differ in "
+                          f"every known order); start from its weights with --checkpoint instead of --resume")
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, drop_epochs: list[int], factor: float) -> MultiStepLR:

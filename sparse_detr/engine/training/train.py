@@ -27,7 +27,6 @@ import itertools
 import math
 import os
 import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -40,7 +39,8 @@ from sparse_detr.config import Config, TrainConfig, save_config, to_dict
 from sparse_detr.data import LabelMap, batch_image_sizes
 from sparse_detr.engine.training import builders
 from sparse_detr.engine import dist
-from sparse_detr.engine.checkpoint import (BEST, LAST, CheckpointError, check_config_compatible, check_resumable,
+from sparse_detr.engine.signals import signal_handlers
+from sparse_detr.engine.checkpoint import (BEST, LAST, check_config_compatible, check_resumable,
                                            check_resume_config, find_last_checkpoint, get_rng_state, load_checkpoint,
                                            save_checkpoint, set_rng_state)
 from sparse_detr.engine.training.output_dir import lock_output_dir, remove_stale_temp_files, truncate_jsonl
@@ -51,9 +51,8 @@ from sparse_detr.engine.metrics import AP_UNIT, AP_UNIT_KEY, metrics_in_percent
 from sparse_detr.engine.logging import (JsonlLog, MeterGroup, TensorboardLog, format_eta, peak_memory_mb,
                                         release_free_memory, resident_memory_mb, setup_text_logger)
 from sparse_detr.engine.inference.visualize import visualize_image
-from sparse_detr.engine.training.optim import (align_optimizer_state, optimizer_param_names, ordered_parameters,
-                                               parameter_names, restore_scheduler, scheduler_state, shapes_fit,
-                                               state_dict_order_names)
+from sparse_detr.engine.training.optim import (checkpoint_optimizer_state, optimizer_param_names, ordered_parameters,
+                                               restore_scheduler, scheduler_state)
 from sparse_detr.box_ops import box_cxcywh_to_xyxy
 from sparse_detr.errors import UserError
 from sparse_detr.models.criterion import check_finite, weighted_total
@@ -95,19 +94,6 @@ class StopRequest:
 
     def __call__(self, signum, frame) -> None:
         self.signal = signal.Signals(signum).name
-
-
-@contextlib.contextmanager
-def _sigterm_requests_stop(request: StopRequest):
-    """Route SIGTERM to ``request`` while training (main thread only: signal handlers live there)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, request)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def check_fresh_start(out_dir: str) -> None:
@@ -222,38 +208,11 @@ class Trainer:
             self.log.warning("%s was trained with another label map (%r) than this dataset's (%r); labels may not "
                              "match", source, LabelMap.from_dict(ckpt["label_map"]), self.label_map)
 
-    def _aligned_optimizer_state(self, ckpt: dict, source: str) -> dict:
-        """The checkpoint's optimizer state in this optimizer's parameter order (optim.align_optimizer_state). A
-        checkpoint without parameter names (before format 3) holds them in this order (optim.LEGACY_ORDER), in its
-        state dict's order, or (written by the composed detector before format 3) in module-tree order: the first
-        whose moments all have their parameters' shapes is taken."""
-        state, current = ckpt["optimizer"], optimizer_param_names(self.optimizer, self.model)
-        if ckpt.get("optimizer_param_names") is not None:
-            try:
-                return align_optimizer_state(state, ckpt["optimizer_param_names"], current)
-            except ValueError as e:
-                raise CheckpointError(f"{source}: its optimizer state does not fit this model: {e}") from e
-        names = parameter_names(self.model)
-        tree_order = [names[id(p)] for p in self.model.parameters()]  # format 2 written by the composed detector
-        orders = [state_dict_order_names(ckpt["model"], current), [[n for n in tree_order if n in set(g)]
-                                                                    for g in current]]
-        candidates = [state]
-        for saved in orders:
-            try:
-                candidates.append(align_optimizer_state(state, saved, current))
-            except ValueError:
-                pass
-        for candidate in candidates:
-            if shapes_fit(candidate, self.optimizer):
-                return candidate
-        raise CheckpointError(f"{source}: its optimizer state does not fit this model's parameters (shapes differ in "
-                              f"every known order); start from its weights with --checkpoint instead of --resume")
-
     def restore(self, ckpt: dict, source: str) -> None:
         """Everything, to continue at the saved iteration (`--resume`)."""
         self.load_weights(ckpt, source)
         fresh = [dict(g) for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(self._aligned_optimizer_state(ckpt, source))
+        self.optimizer.load_state_dict(checkpoint_optimizer_state(ckpt, self.optimizer, self.model, source))
         for group, new in zip(self.optimizer.param_groups, fresh):
             # The config decides the hyper-parameters (lr scaled for this world size, weight decay); the
             # checkpoint only decides the state (moments) and, through restore_scheduler, the schedule position.
@@ -631,7 +590,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, eval_only: bool = False,
             trainer.load_weights(ckpt, source=checkpoint)
         if eval_only:
             return trainer.evaluate(trainer.progress.epoch - 1)
-        with _sigterm_requests_stop(trainer.stop):
+        with signal_handlers(trainer.stop, (signal.SIGTERM,)):
             return trainer.fit()
     except TrainingInterrupted:  # a stop request: its checkpoint and message are made already
         raise
