@@ -437,9 +437,10 @@ def _alive(pid):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
-def test_sigterm_to_a_parallel_sweep_stops_and_saves_every_worker(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_stopped_parallel_sweep_stops_and_saves_every_worker(tmp_path, signame):
     """Killing the sweep must not leave its workers training: each running run gets SIGTERM (the trainer saves and
-    stops), no queued run starts, and the sweep exits 143 once they are gone."""
+    stops), no queued run starts, and the sweep exits 128 + the signal's number once they are gone."""
     import signal
     import subprocess
     import sys
@@ -459,14 +460,15 @@ def test_sigterm_to_a_parallel_sweep_stops_and_saves_every_worker(tmp_path):
     started = sorted(out.glob("*.started"))
     assert len(started) == 2, proc.communicate(timeout=30)[0] if proc.poll() is not None else "workers did not start"
     workers = [int(p.read_text()) for p in started]
-    proc.send_signal(signal.SIGTERM)
+    signum = getattr(signal, signame)
+    proc.send_signal(signum)
     try:
         output = proc.communicate(timeout=60)[0]
     finally:  # a failing sweep must not leave its workers running past the test
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
-    assert proc.returncode == 143, output
+    assert proc.returncode == 128 + signum, output
     assert "rerun the same command to resume" in output
     assert sorted(p.stem for p in out.glob("*.saved")) == sorted(p.stem for p in started)  # both saved
     assert len(list(out.glob("*.started"))) == 2  # the two queued runs never started

@@ -69,7 +69,9 @@ class SweepInterrupted(KeyboardInterrupt):
 
 
 def _raise_interrupted(signum, frame):
-    raise SweepInterrupted(f"stopped by {signal.Signals(signum).name}; rerun the same command to resume")
+    error = SweepInterrupted(f"stopped by {signal.Signals(signum).name}; rerun the same command to resume")
+    error.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+    raise error
 
 
 class ConfigChangedError(RuntimeError):
