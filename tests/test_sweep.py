@@ -437,7 +437,7 @@ def _alive(pid):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signame", ["SIGTERM"])  # SIGINT takes the same path (exit 130); 3.5 s more
 def test_a_stopped_parallel_sweep_stops_and_saves_every_worker(tmp_path, signame):
     """Killing the sweep must not leave its workers training: each running run gets SIGTERM (the trainer saves and
     stops), no queued run starts, and the sweep exits 128 + the signal's number once they are gone."""
