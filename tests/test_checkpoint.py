@@ -241,13 +241,14 @@ def test_config_check_agrees_with_the_real_state_dict_layout():
 
     def layout(model_cfg):
         cfg = config_from_dict({"model": model_cfg})
-        return {k: tuple(v.shape) for k, v in build_detector(cfg.model).state_dict().items()}, to_dict(cfg)
+        with torch.device("meta"):  # shapes only: no memory, no weight init (34 R50 detectors in ~1/4 the time)
+            state = build_detector(cfg.model).state_dict()
+        return {k: tuple(v.shape) for k, v in state.items()}, to_dict(cfg)
 
     bases = {id(_SPARSE): layout(_SPARSE), id(_PLAIN): layout(_PLAIN)}
     wrong = []
     for base, change in _VARIATIONS:
         base_layout, base_cfg = bases[id(base)]
-        torch.manual_seed(0)
         new_layout, new_cfg = layout({**base, **change})
         try:
             check_config_compatible(base_cfg, new_cfg)

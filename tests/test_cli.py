@@ -82,13 +82,33 @@ def test_train_tool_prints_a_misspelled_key_alone(tmp_path):
                                   "(did you mean `train.lr`?)") and "Traceback" not in proc.stderr
 
 
+def _entry_point(tool: str) -> str:
+    """The function a tool's `if __name__ == "__main__":` block hands to run_tool (the source, parsed)."""
+    import ast
+
+    tree = ast.parse((REPO / "tools" / f"{tool}.py").read_text())
+    guard, = [n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "__name__ == '__main__'"]
+    call, = guard.body
+    text = ast.unparse(call)
+    assert text.startswith("sys.exit(run_tool(") and text.endswith("))"), f"tools/{tool}.py: {text}"
+    return text[len("sys.exit(run_tool("):-2]
+
+
+def test_every_tool_exits_through_run_tool():
+    """Each tools/*.py script passes its entry point to run_tool, so what the in-process tests below call is what
+    the script runs (one real interpreter: test_train_tool_prints_a_misspelled_key_alone)."""
+    names = {path.stem: _entry_point(path.stem) for path in (REPO / "tools").glob("*.py")}
+    assert len(names) >= 15 and set(names.values()) <= {"main", "_checked"}, names
+
+
 @pytest.mark.parametrize("tool", ["predict", "export_onnx", "convert_official", "inspect_selection", "eval",
                                   "visualize"])
-def test_every_tool_reports_a_truncated_checkpoint_in_one_line(tool, tmp_path, capsys):
+def test_every_tool_reports_a_truncated_checkpoint_in_one_line(tool, tmp_path, capsys, monkeypatch):
     import importlib
 
     from PIL import Image
 
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
     ckpt = tmp_path / "c.pth"
     ckpt.write_bytes(b"PK\x03\x04 a checkpoint cut short")
     Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
@@ -101,15 +121,9 @@ def test_every_tool_reports_a_truncated_checkpoint_in_one_line(tool, tmp_path, c
             "eval": ["--checkpoint", str(ckpt)],
             "visualize": ["--checkpoint", str(ckpt), "--images", str(tmp_path / "a.png"), "--out", str(tmp_path / "v")],
             }[tool]
-    if tool in ("predict", "export_onnx", "convert_official"):  # as a user runs them: the script's own wiring
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        env.pop(DEBUG_ENV, None)
-        proc = subprocess.run([sys.executable, str(REPO / "tools" / f"{tool}.py"), *argv], env=env,
-                              capture_output=True, text=True, timeout=120)
-        code, err = proc.returncode, proc.stderr
-    else:
-        code = run_tool(importlib.import_module(f"tools.{tool}").main, argv)
-        err = capsys.readouterr().err
+    entry = getattr(importlib.import_module(f"tools.{tool}"), _entry_point(tool))
+    code = run_tool(entry, argv)
+    err = capsys.readouterr().err
     assert code == EXIT_USER_ERROR, err
     assert "Traceback" not in err and "c.pth" in err and len(err.strip().splitlines()) == 1, err
 

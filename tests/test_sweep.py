@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from sparse_detr.config import load_config, to_dict
-from sparse_detr.engine.studies import sweep
+from sparse_detr.engine.studies import sweep, sweep_report
 from sparse_detr.engine.training import train as train_mod
 from sparse_detr.engine.studies.sweep_report import summarize
 
@@ -111,10 +111,19 @@ def test_skip_resume_retry_and_schema(base, tmp_path, monkeypatch):
     assert {k: v for k, v in second[0].items() if k != "resolved_config"} == \
         {k: v for k, v in first[0].items() if k != "resolved_config"}
 
-    # 3. Everything finished: nothing trains.
+    # 3. Everything finished: nothing trains, and the plots of the unchanged records are not redrawn.
     monkeypatch.setattr(train_mod, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    drawn = []
+    for name in ("plot_pareto", "plot_selection"):
+        real_plot = getattr(sweep_report, name)
+        monkeypatch.setattr(sweep_report, name, lambda *a, _real=real_plot, _n=name, **k: drawn.append(_n) or
+                            _real(*a, **k))
     third = sweep.run_sweep(runs, opts, log=lambda m: None)
     assert [r["status"] for r in third] == ["done", "done"]
+    assert drawn == []
+    os.remove(os.path.join(opts.out, "results_selection.png"))
+    sweep.write_results(third, opts)
+    assert drawn == ["plot_selection"]  # a missing plot is drawn again
 
     # A finished record written before AP was in percent (COCO fractions, no "ap_unit") is reused in percent.
     old = {k: v for k, v in third[1].items() if k != "ap_unit"}
@@ -126,6 +135,7 @@ def test_skip_resume_retry_and_schema(base, tmp_path, monkeypatch):
     assert reread["evals"][-1]["AP"] == 12.5 and reread["selection"] == third[1]["selection"]
     assert json.load(open(os.path.join(opts.out, "results.json")))[1]["AP"] == 12.5
     assert "| dam_rho0.3_seed0 | 12.5 | 50.0 |" in open(os.path.join(opts.out, "results.md")).read()
+    assert sorted(drawn[1:]) == ["plot_pareto", "plot_selection"]  # changed records: both plots drawn again
 
     # 4. A finished run is never reused for another config.
     with pytest.raises(sweep.ConfigChangedError, match="loss.cls_loss_coef"):
@@ -404,7 +414,7 @@ def test_a_finished_sweep_is_lengthened_into_a_new_folder(base, tmp_path, monkey
 _STOP_SCRIPT = '''
 import os, signal, sys, time
 from sparse_detr.engine.cli import run_tool
-from sparse_detr.engine.studies import sweep
+from sparse_detr.engine.studies import sweep, sweep_report
 
 OUT = sys.argv[1]
 

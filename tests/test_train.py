@@ -584,7 +584,7 @@ def test_sigterm_saves_the_exact_step_and_resume_continues(data_root, tmp_path):
     import time
 
     out = tmp_path / "run"
-    cfg = _write(tmp_path / "c.yaml", _config(data_root, out, epochs=3, eval_every_epochs=0,
+    cfg = _write(tmp_path / "c.yaml", _config(data_root, out, epochs=2, eval_every_epochs=0,
                                               checkpoint_every_iters=0))
     proc = subprocess.Popen([sys.executable, TRAIN, "--config", cfg], env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -597,11 +597,10 @@ def test_sigterm_saves_the_exact_step_and_resume_continues(data_root, tmp_path):
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM" in err and "--resume auto" in err
     done = max(_iters(out))
-    assert 2 <= done < 18  # mid-run (3 epochs x 6 iterations), not at an epoch's checkpoint
+    assert 2 <= done < 12  # mid-run (2 epochs x 6 iterations)
     assert load_checkpoint(str(out / "checkpoint_last.pth"))["iteration"] == done
-    _check(subprocess.run([sys.executable, TRAIN, "--config", cfg, "--resume", "auto"], env=_env(),
-                          capture_output=True, text=True, timeout=300))
-    assert sorted(_iters(out)) == list(range(1, 19))
+    train_mod.run(load_config(cfg), resume="auto")  # in this process: one interpreter less
+    assert sorted(_iters(out)) == list(range(1, 13))
     assert "resumed from" in (out / "log.txt").read_text()
 
 

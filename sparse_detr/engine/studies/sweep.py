@@ -446,18 +446,34 @@ def _guarded(spec: RunSpec, opts: SweepOptions) -> dict:
 
 
 def write_results(records: list[dict], opts: SweepOptions) -> None:
-    """results.json (records in plan order, without the resolved configs), results.md and results.png."""
+    """results.json (records in plan order, without the resolved configs), results.md and the plots (results.png,
+    results_selection.png). The plots are drawn only when the records changed or a plot is missing: a rerun of a
+    finished sweep, or the start of a resumed one, does not redraw them."""
     from sparse_detr.engine.studies.sweep_report import plot_pareto, plot_selection, results_markdown
 
     os.makedirs(opts.out, exist_ok=True)
     slim = [{k: v for k, v in r.items() if k not in ("resolved_config", "_wall")} for r in records]
-    _write_json(os.path.join(opts.out, "results.json"), slim)
+    json_path = os.path.join(opts.out, "results.json")
+    plots = {name: draw for name, draw, wanted in (
+        ("results.png", plot_pareto, any(r.get("gflops") is not None for r in slim)),
+        ("results_selection.png", plot_selection, any(r.get("curves") for r in slim))) if wanted}
+    unchanged = os.path.isfile(json_path) and _read_json(json_path) == json.loads(json.dumps(slim))
+    _write_json(json_path, slim)
     with open(os.path.join(opts.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(results_markdown(slim, opts.command))
-    if any(r.get("gflops") is not None for r in slim):
-        plot_pareto(slim, os.path.join(opts.out, "results.png"), title=_data_title(opts))
-    if any(r.get("curves") for r in slim):
-        plot_selection(slim, os.path.join(opts.out, "results_selection.png"), title=_data_title(opts))
+    for name, draw in plots.items():
+        path = os.path.join(opts.out, name)
+        if not (unchanged and os.path.isfile(path)):
+            draw(slim, path, title=_data_title(opts))
+
+
+def _read_json(path: str):
+    """The JSON in `path`, or None when it cannot be read (a file from an older version, cut short, ...)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def _data_title(opts: SweepOptions) -> str:
