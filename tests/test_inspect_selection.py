@@ -20,7 +20,7 @@ import inspect_selection as tool  # noqa: E402
 SYNTH = dict(num_train=4, num_val=3, min_size=96, max_size=128, seed=3)
 MODEL = dict(num_classes=6, hidden_dim=32, nheads=2, num_feature_levels=2, enc_layers=2, dec_layers=2,
              dim_feedforward=64, num_queries=10, with_box_refine=True, two_stage=True, eff_query_init=True,
-             eff_specific_head=True, rho=0.2, use_enc_aux_loss=True, train_backbone=False)
+             eff_specific_head=True, rho=0.2, use_enc_aux_loss=True, train_backbone=False, backbone="tiny_cnn")
 
 
 @pytest.fixture(scope="module")

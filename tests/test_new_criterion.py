@@ -52,8 +52,9 @@ def test_a_criterion_defined_in_a_test_file_trains_evaluates_reports_and_draws(r
     synth = dict(num_train=4, num_val=2, min_size=96, max_size=96, seed=0)
     ensure_synthetic(root, **synth)
     cfg = {"model": {"num_classes": 6, "hidden_dim": 32, "nheads": 2, "enc_layers": 2, "dec_layers": 2,
-                     "dim_feedforward": 64, "num_queries": 10, "train_backbone": False, "rho": 0.2,
-                     "use_enc_aux_loss": True, "two_stage": True, "with_box_refine": True, "scorer_target": NAME},
+                     "dim_feedforward": 64, "num_queries": 10, "train_backbone": False, "backbone": "tiny_cnn",
+                     "rho": 0.2, "use_enc_aux_loss": True, "two_stage": True, "with_box_refine": True,
+                     "scorer_target": NAME},
            "data": {"dataset": "synthetic", "root": root, "synthetic": synth, "train_scales": [96], "max_size": 96,
                     "val_size": 96, "crop": False, "num_workers": 0},
            "train": {"output_dir": str(tmp_path / "run"), "epochs": 1, "batch_size": 2, "max_iters_per_epoch": 2,
