@@ -367,7 +367,38 @@ def test_saturation_fit_recovers_a_known_curve_and_projects_the_converged_schedu
              "evals": [{"iteration": 450 * (i + 1), "AP": 10.0 + i} for i in range(5)]
              + [{"iteration": t, "AP": ap} for t, ap in points[7 * s:7 * s + 7]]} for s in range(3)]
     row = convergence(runs)[0]  # the second half (from 2700 of 5400) is fitted, the early evaluations are not
-    assert row["fit"]["plateau"] == pytest.approx(fit["plateau"]) and row["projected"] is not None
+    assert row["fit"]["plateau"] == pytest.approx(fit["plateau"]) and row["better_fit"] == "saturating"
+    assert row["projected"] == pytest.approx(converged_schedule(row["fit"], row["spread"]))
+
+
+def test_a_logarithmic_curve_is_told_apart_and_gets_no_projected_schedule():
+    """AP = a + b·ln t never converges: its rise over the last third of any schedule is b·ln 1.5. On such points
+    the log fit recovers a and b, the criterion prefers it, and no converged schedule is projected."""
+    import numpy as np
+
+    from sparse_detr.engine.studies.sweep_report import better_fit, convergence, log_fit, saturation_fit
+
+    a, b = 10.0, 3.0
+    curve = lambda t: a + b * math.log(t)  # noqa: E731
+    iters = [4500 + 450 * i for i in range(18)]  # 4500 .. 12150: the second half of 8100 .. 12150 and more
+    noise = np.random.default_rng(1).normal(0, 0.05, (3, len(iters)))
+    points = [(t, curve(t) + noise[s, i]) for s in range(3) for i, t in enumerate(iters)]
+    fit = log_fit(points)
+    assert fit["a"] == pytest.approx(a, abs=0.3) and fit["b"] == pytest.approx(b, abs=0.05)
+    assert better_fit(saturation_fit(points), fit) in ("log", "either")
+    assert log_fit(points[:2]) is None  # 2 iterations: too few
+    runs = [{"target": "dense", "rho": 0.1, "seed": s, "status": "done", "AP": points[18 * s + 17][1],
+             "evals": [{"iteration": t, "AP": ap} for t, ap in points[18 * s:18 * s + 18]]} for s in range(3)]
+    row = convergence(runs)[0]
+    assert row["projected"] is None and row["better_fit"] in ("log", "either")
+    for T in (12150.0, 1e6):  # the same rise over the last third, however long the schedule
+        assert row["log_rise"] == pytest.approx(row["log_fit"]["b"] * (math.log(T) - math.log(2 * T / 3)))
+        assert curve(T) - curve(2 * T / 3) == pytest.approx(b * math.log(1.5))
+    # Exact points of each kind: each curve is told apart from the other.
+    exact_sat = [(t, 40.0 - 6.0 * math.exp(-(t - 4500) / 1500)) for t in iters]
+    exact_log = [(t, curve(t)) for t in iters]
+    assert better_fit(saturation_fit(exact_sat), log_fit(exact_sat)) == "saturating"
+    assert better_fit(saturation_fit(exact_log), log_fit(exact_log)) in ("log", "either")
 
 
 def test_a_finished_sweep_is_lengthened_into_a_new_folder(base, tmp_path, monkeypatch):

@@ -2,10 +2,10 @@
 
 `summarize` groups the runs of one (target, ρ) over seeds (mean and sample standard deviation); `convergence`
 compares the AP trend over the last third of training with the seed spread and extrapolates, by a saturating fit
-(`saturation_fit`), the schedule at which it would be converged; `results_markdown` renders the
-summary and the per-run table (AP in percent, as in the records: engine/metrics.py); `plot_pareto` draws AP and
-AP50 against GFLOPs, one marker per target with error bars over seeds and the dense baseline as a horizontal
-reference line.
+(`saturation_fit`) checked against logarithmic growth (`log_fit`, `better_fit`), the schedule at which it would be
+converged; `results_markdown` renders the summary and the per-run table (AP in percent, as in the records:
+engine/metrics.py); `plot_pareto` draws AP and AP50 against GFLOPs, one marker per target with error bars over seeds
+and the dense baseline as a horizontal reference line.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from sparse_detr.models.selection import SELECTORS
 
 __all__ = ["summarize", "results_markdown", "plot_pareto", "selection_markdown", "plot_selection",
            "paired_differences", "paired_markdown", "rank_correlations", "correlation_markdown", "convergence",
-           "convergence_markdown", "saturation_fit", "converged_schedule"]
+           "convergence_markdown", "saturation_fit", "log_fit", "better_fit", "converged_schedule"]
 
 MARKER_CYCLE = "os^DXv<>ph"  # by registration order of the criteria (selection.SELECTORS); "P" for other labels
 
@@ -221,9 +221,12 @@ def convergence(records: list[dict], last: float = 1 / 3, fit_from: float = 0.5)
     of training (iterations ≥ (1 − last) × its final iteration): their trend (the least-squares line's rise over
     that span: how far AP still moves) and range (max − min, which includes the evaluation noise), against the seed
     spread of the final AP (sample std). Converged: the mean trend moves AP less than the spread. `fit`: the
-    saturating fit of the evaluations from `fit_from` × the final iteration on (after the usual lr drop), and
-    `projected`: the schedule at which that fit would be converged (an extrapolation: model-dependent).
-    {target, rho, n, from_iteration, trends, trend, ranges, range, spread, converged, fit, projected}."""
+    saturating fit of the evaluations from `fit_from` × the final iteration on (after the usual lr drop);
+    `log_fit` the logarithmic one of the same points and `log_rise` its rise over every last third; `better_fit`
+    which of the two the points support (Akaike); `projected`: the schedule at which the saturating fit would be
+    converged, only when the points prefer it (an extrapolation: model-dependent).
+    {target, rho, n, from_iteration, trends, trend, ranges, range, spread, converged, fit, log_fit, log_rise,
+    better_fit, projected}."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         if r.get("status") == "done" and r.get("evals") and r.get("AP") is not None:
@@ -245,11 +248,15 @@ def convergence(records: list[dict], last: float = 1 / 3, fit_from: float = 0.5)
         trend = statistics.fmean(trends)
         late = [(e["iteration"], e["AP"]) for r in runs for e in r["evals"]
                 if e["AP"] is not None and e["iteration"] >= fit_from * max(x["iteration"] for x in r["evals"])]
-        fit = saturation_fit(late)
+        fit, growth = saturation_fit(late), log_fit(late)
+        preferred = better_fit(fit, growth)
         rows.append({"target": target, "rho": rho, "n": len(runs), "from_iteration": start, "trends": trends,
                      "trend": trend, "ranges": ranges, "range": statistics.fmean(ranges), "spread": spread,
                      "converged": None if spread is None else abs(trend) < spread, "fit": fit,
-                     "projected": None if fit is None or spread is None else converged_schedule(fit, spread, last)})
+                     "log_fit": growth, "log_rise": None if growth is None else growth["b"] * math.log(1 / (1 - last)),
+                     "better_fit": preferred,
+                     "projected": None if fit is None or spread is None or preferred != "saturating"
+                     else converged_schedule(fit, spread, last)})
     return rows
 
 
@@ -274,8 +281,36 @@ def saturation_fit(points: list[tuple[float, float]]) -> Optional[dict]:
     except (RuntimeError, ValueError):
         return None
     se = float(np.sqrt(cov[0, 0])) if np.isfinite(cov[0, 0]) else math.inf
+    rss = float(((model(t, plateau, gap, tau) - y) ** 2).sum())
     return {"plateau": float(plateau), "gap": float(gap), "tau": float(tau * scale), "t0": float(t0),
-            "plateau_se": se}
+            "plateau_se": se, "rss": rss, "n": len(t)}
+
+
+def log_fit(points: list[tuple[float, float]]) -> Optional[dict]:
+    """Least-squares fit of AP(t) = a + b·ln t to (iteration, AP) points: growth that never saturates, under which
+    the rise over the last fraction `last` of any schedule is the same, b·ln(1 / (1 − last)). The alternative the
+    saturating fit is checked against. None with fewer than 3 distinct iterations. {a, b, rss, n}."""
+    import numpy as np
+
+    if len({x for x, _ in points}) < 3 or min(x for x, _ in points) <= 0:
+        return None
+    t, y = np.array([x for x, _ in points], float), np.array([v for _, v in points], float)
+    design = np.stack([np.ones_like(t), np.log(t)], axis=1)
+    (a, b), *_ = np.linalg.lstsq(design, y, rcond=None)
+    return {"a": float(a), "b": float(b), "rss": float(((design @ np.array([a, b]) - y) ** 2).sum()), "n": len(t)}
+
+
+def better_fit(saturating: Optional[dict], logarithmic: Optional[dict]) -> Optional[str]:
+    """Which curve the points support, by Akaike's criterion (n·ln(RSS/n) + 2k; k = 3 and 2 parameters): "saturating"
+    or "log" when its AIC is lower by more than 2, "either" otherwise (the data cannot tell: a projected plateau
+    is then not supported). None without both fits."""
+    if saturating is None or logarithmic is None:
+        return None
+    aic = {name: f["n"] * math.log(max(f["rss"], 1e-12) / f["n"]) + 2 * k
+           for name, f, k in (("saturating", saturating, 3), ("log", logarithmic, 2))}
+    if abs(aic["saturating"] - aic["log"]) <= 2:
+        return "either"
+    return min(aic, key=aic.get)
 
 
 def converged_schedule(fit: dict, spread: float, last: float = 1 / 3) -> Optional[float]:
@@ -312,9 +347,12 @@ def convergence_markdown(records: list[dict]) -> str:
              "included), against the seed spread (std) of the final AP; converged when |mean trend| < spread. "
              "Extrapolated: AP = plateau − gap·exp(−t/τ) fitted to the evaluations of the second half (seeds "
              "pooled; plateau ± its standard error), and the schedule from which that curve would rise less than "
-             "the spread over the last third (a model-dependent estimate, not a measurement):", "",
+             "the spread over the last third (a model-dependent estimate, not a measurement), shown only when "
+             "these points support it over AP = a + b·ln t (Akaike); under the logarithmic curve AP rises by the "
+             "same b·ln 1.5 over the last third of any schedule, and never converges:", "",
              "| target | ρ | n | evaluations from | trend per seed | mean trend | mean range | seed spread "
-             "| converged | fitted plateau | τ | converged from (fit) |", "|" + "---|" * 12]
+             "| converged | fitted plateau | τ | rise per last third if logarithmic | better fit "
+             "| converged from (fit) |", "|" + "---|" * 14]
     for r in rows:
         spread = "–" if r["spread"] is None else f"{r['spread']:.1f}"
         verdict = "–" if r["converged"] is None else ("yes" if r["converged"] else "no")
@@ -322,10 +360,11 @@ def convergence_markdown(records: list[dict]) -> str:
         plateau, tau = ("–", "–") if fit is None else (f"{fit['plateau']:.1f} ± {fit['plateau_se']:.1f}",
                                                        f"{fit['tau']:.0f}")
         projected = "–" if r["projected"] is None else f"{r['projected']:.0f}"
+        log_rise = "–" if r["log_rise"] is None else f"{r['log_rise']:+.1f}"
         lines.append(f"| {r['target']} | {r['rho']:g} | {r['n']} | {r['from_iteration']} | "
                      + " ".join(f"{t:+.1f}" for t in r["trends"])
                      + f" | {r['trend']:+.1f} | {r['range']:.1f} | {spread} | {verdict} | {plateau} | {tau} "
-                     f"| {projected} |")
+                     f"| {log_rise} | {r['better_fit'] or '–'} | {projected} |")
     return "\n".join(lines) + "\n"
 
 
