@@ -133,7 +133,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(data_root, tmp_
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     state = load_checkpoint(str(killed / "checkpoint_last.pth"))  # the last checkpoint is always loadable
-    assert state["epoch"] == 0 and 0 < state["step_in_epoch"] < 3, "not killed in the middle of an epoch"
+    assert 0 < state["step_in_epoch"] < 3, "not killed in the middle of an epoch"  # of epoch 0, or 1 when slow
 
     train_mod.run(load_config(cfg, [f"train.output_dir={killed}"]), resume="auto")
     a, b = _iters(full), _iters(killed)
