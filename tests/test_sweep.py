@@ -42,6 +42,22 @@ def _opts(base, tmp_path, **kw):
     return sweep.SweepOptions(base=base, out=str(tmp_path / "out"), bench_runs=1, extra={"bench_images": 1}, **kw)
 
 
+def _tables(md: str) -> list[list[list[str]]]:
+    """The markdown tables of `md` (runs of lines starting with "|"), each a list of rows of cells; asserts each is
+    well formed: a delimiter row of "---" cells second, and every row as many cells as the header."""
+    tables, block = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif block:
+            tables.append(block)
+            block = []
+    for table in tables:
+        assert len(table) >= 2 and set(table[1]) == {"---"}, table[:2]
+        assert {len(row) for row in table} == {len(table[0])}, table
+    return tables
+
+
 def _iterations(folder):
     its = []
     for line in open(os.path.join(folder, "log.jsonl")):
@@ -172,6 +188,7 @@ def test_skip_resume_retry_and_schema(base, tmp_path, monkeypatch):
     assert dam["encoder_gflops"] < dense["encoder_gflops"]
     md = open(os.path.join(opts.out, "results.md")).read()
     assert "dense_seed0" in md and "dam_rho0.3_seed0" in md
+    assert len(_tables(md)) == 6  # summary, runs, paired, instruments, correlations, convergence: well formed
     with Image.open(os.path.join(opts.out, "results.png")) as im:
         assert im.size[0] > 100 and im.size[1] > 100
 
@@ -334,6 +351,7 @@ def test_convergence_compares_the_last_third_against_the_seed_spread():
     short = [run("dense", s, [5, 10, 15, 21.0 + s, 30.0, 35.0]) for s in (0, 1)]
     assert [r["from_iteration"] for r in convergence(short)] == [1800]
     md = convergence_markdown(records)
+    assert len(_tables(md)) == 1
     assert "| dense | 0.1 | 2 | 2700 | +1.0 -0.5 | +0.2 | 1.0 | 1.8 | yes |" in md
     assert "| os | 0.1 | 2 | 2700 | +4.0 +4.0 | +4.0 | 4.0 | 0.7 | no |" in md
 

@@ -68,6 +68,12 @@ def _num(value: Optional[float], digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}g}"
 
 
+def _head(*columns: str) -> list[str]:
+    """A markdown table's header and delimiter lines (the same number of columns: a renderer drops a table whose
+    delimiter row does not match its header)."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def results_markdown(records: list[dict], command: str = "") -> str:
     if not records:
         return "# Ablation\n\nNo finished run yet.\n"
@@ -77,16 +83,16 @@ def results_markdown(records: list[dict], command: str = "") -> str:
         lines += [f"Command: `{command}`", ""]
     lines += [f"AP values in %, mean ± sample standard deviation over seeds. GFLOPs at a {hw[0]}×{hw[1]} input "
               "(fvcore convention, 1 multiply-add = 1 FLOP); FPS on the CPU at batch 1." if hw else "", "",
-              "| target | ρ | seeds | AP | AP50 | AP_s | AP_m | AP_l | GFLOPs | encoder GFLOPs | CPU FPS | train min |",
-              "|" + "---|" * 12]
+              *_head("target", "ρ", "seeds", "AP", "AP50", "AP_s", "AP_m", "AP_l", "GFLOPs", "encoder GFLOPs",
+                     "CPU FPS", "train min")]
     for row in summarize(records):
         lines.append(f"| {row['target']} | {row['rho']:g} | {' '.join(map(str, row['seeds']))} | "
                      + " | ".join(_pm(row[k]) for k in ("AP", "AP50", "AP_s", "AP_m", "AP_l"))
                      + f" | {_pm(row['gflops'], digits=3)} | {_pm(row['encoder_gflops'], digits=3)}"
                      f" | {_pm(row['cpu_fps'])} | {_pm(row['train_seconds'], 1 / 60)} |")
     lines += ["", "Every run:", "",
-              "| run | AP | AP50 | AP75 | AP_s | AP_m | AP_l | GFLOPs | encoder GFLOPs | kept / tokens | CPU FPS "
-              "| train s | status |", "|" + "---|" * 13]
+              *_head("run", "AP", "AP50", "AP75", "AP_s", "AP_m", "AP_l", "GFLOPs", "encoder GFLOPs", "kept / tokens",
+                     "CPU FPS", "train s", "status")]
     for r in records:
         kept = "–" if r.get("tokens") is None else (
             f"all {r['tokens']}" if r.get("kept_tokens") is None else f"{r['kept_tokens']:.0f} / {r['tokens']}")
@@ -350,9 +356,9 @@ def convergence_markdown(records: list[dict]) -> str:
              "the spread over the last third (a model-dependent estimate, not a measurement), shown only when "
              "these points support it over AP = a + b·ln t (Akaike); under the logarithmic curve AP rises by the "
              "same b·ln 1.5 over the last third of any schedule, and never converges:", "",
-             "| target | ρ | n | evaluations from | trend per seed | mean trend | mean range | seed spread "
-             "| converged | fitted plateau | τ | rise per last third if logarithmic | better fit "
-             "| converged from (fit) |", "|" + "---|" * 14]
+             *_head("target", "ρ", "n", "evaluations from", "trend per seed", "mean trend", "mean range",
+                    "seed spread", "converged", "fitted plateau", "τ", "rise per last third if logarithmic",
+                    "better fit", "converged from (fit)")]
     for r in rows:
         spread = "–" if r["spread"] is None else f"{r['spread']:.1f}"
         verdict = "–" if r["converged"] is None else ("yes" if r["converged"] else "no")
@@ -375,8 +381,8 @@ def selection_markdown(records: list[dict]) -> str:
         return ""
     lines = ["", "Selection instruments on the val split (%, mean ± std over seeds; DAM: the decoder attention map, "
              "aligned; a dense run's oracle and random at ρ = 0.1):", "",
-             "| target | ρ | n | DAM coverage | oracle | random | efficiency | 50% mass on | 90% mass on "
-             "| object coverage | oracle obj. | random obj. | fg precision |", "|" + "---|" * 14]
+             *_head("target", "ρ", "n", "DAM coverage", "oracle", "random", "efficiency", "50% mass on",
+                    "90% mass on", "object coverage", "oracle obj.", "random obj.", "fg precision")]
     for row in rows:
         lines.append(f"| {row['target']} | {row['rho']:g} | {row['n']} | "
                      + " | ".join(_pm(row[k], 100) for k in SELECTION_KEYS) + " |")
