@@ -13,7 +13,7 @@ from PIL import Image
 from sparse_detr.config import load_config, to_dict
 from sparse_detr.engine.studies import sweep, sweep_report
 from sparse_detr.engine.training import train as train_mod
-from sparse_detr.engine.studies.sweep_report import summarize
+from sparse_detr.engine.studies.sweep_report import results_markdown, summarize
 
 TINY = {
     "model": {"backbone": "tiny_cnn", "num_classes": 6, "hidden_dim": 32, "nheads": 2, "num_feature_levels": 2,
@@ -203,6 +203,10 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert mean == pytest.approx(0.5)
     assert std == pytest.approx(math.sqrt(((0.2 - 0.5) ** 2 + (0.4 - 0.5) ** 2 + (0.9 - 0.5) ** 2) / 2))
     assert row["gflops"] == (2.0, 0.0) and row["AP_l"] == (None, None)
+    for r, seconds in zip(recs, (10990.4, 551.26, 12.34, None)):
+        r.update(name=f"dam_seed{r['seed']}", config="c.yaml", train_seconds=seconds)
+    runs = _tables(results_markdown(recs))[1]  # the per-run table: train s in plain digits
+    assert [row[-2] for row in runs[2:]] == ["10990", "551", "12.3", "–"]
 
 
 def test_parallel_jobs_cost_only(base, tmp_path):

@@ -68,6 +68,11 @@ def _num(value: Optional[float], digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}g}"
 
 
+def _seconds(value: Optional[float]) -> str:
+    """Whole seconds from 100 on, one decimal below (not 1.099e+04 for a 3-hour run)."""
+    return "–" if value is None else f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
 def _head(*columns: str) -> list[str]:
     """A markdown table's header and delimiter lines (the same number of columns: a renderer drops a table whose
     delimiter row does not match its header)."""
@@ -100,7 +105,7 @@ def results_markdown(records: list[dict], command: str = "") -> str:
         lines.append(f"| {r['name']} | " + " | ".join(_ap(r.get(k)) for k in ("AP", "AP50", "AP75", "AP_s", "AP_m",
                                                                                   "AP_l"))
                      + f" | {_num(r.get('gflops'))} | {_num(r.get('encoder_gflops'))} | {kept}"
-                     f" | {_num(r.get('cpu_fps'))} | {_num(r.get('train_seconds'), 4)} | {status} |")
+                     f" | {_num(r.get('cpu_fps'))} | {_seconds(r.get('train_seconds'))} | {status} |")
     return ("\n".join(lines) + "\n" + selection_markdown(records) + paired_markdown(records)
             + correlation_markdown(records) + convergence_markdown(records))
 
