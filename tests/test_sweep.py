@@ -439,6 +439,11 @@ def test_a_finished_sweep_is_lengthened_into_a_new_folder(base, tmp_path, monkey
     with pytest.raises(sweep.ConfigChangedError, match="loss.cls_loss_coef"):
         sweep.run_sweep(runs, other, log=lambda m: None)
     assert not os.path.exists(other.out)
+    # An lr drop inside the epoch already trained would change the past: refused too.
+    moved = sweep.SweepOptions(**{**other.__dict__, "overrides": ("train.epochs=2", "train.lr_drop_epochs=[0]")})
+    with pytest.raises(sweep.ConfigChangedError, match="lr_drop_epochs"):
+        sweep.run_sweep(runs, moved, log=lambda m: None)
+    assert not os.path.exists(other.out)
     # A record without its checkpoints (as committed to a repository) is not seeded: that run trains anew.
     bare = tmp_path / "bare"
     os.makedirs(bare / runs[0].name)
@@ -451,14 +456,22 @@ def test_a_finished_sweep_is_lengthened_into_a_new_folder(base, tmp_path, monkey
     trained = []
     real_run = train_mod.run
     monkeypatch.setattr(train_mod, "run", lambda cfg, **kw: trained.append(kw.get("resume")) or real_run(cfg, **kw))
+    # Lengthened with an lr drop after the shorter run's last epoch: the added epoch trains at the lower lr.
     longer = sweep.SweepOptions(**{**short.__dict__, "out": str(tmp_path / "longer"), "lengthen": short.out,
-                                   "overrides": ("train.epochs=2",)})
+                                   "overrides": ("train.epochs=2", "train.lr_drop_epochs=[1]")})
     records = sweep.run_sweep(runs, longer, log=lambda m: None)
     assert trained == ["auto"] and [r["status"] for r in records] == ["done"]
     for r in records:  # iterations 1-3 are the shorter run's, 4-6 were trained here
         assert r["iterations"] == 6 and [e["iteration"] for e in r["evals"]] == [3, 6]
         assert _iterations(r["output_dir"]) == list(range(1, 7))
         assert "resumed from" in open(os.path.join(r["output_dir"], "log.txt")).read()
+        lrs = {}
+        for line in open(os.path.join(r["output_dir"], "log.jsonl")):
+            entry = json.loads(line)
+            if entry["type"] == "iter":
+                lrs[entry["iteration"]] = entry["lr"]
+        factor = load_config(r["config"], r["overrides"]).train.lr_drop_factor
+        assert [lrs[i] for i in (4, 5, 6)] == pytest.approx([lrs[1] * factor] * 3) and lrs[3] == lrs[1]
     after = {os.path.join(d, f): open(os.path.join(d, f), "rb").read()
              for d, _, files in os.walk(short.out) for f in files}
     assert after == before

@@ -59,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train CONFIG once into OUT/pretrain and start every run from its backbone (with --train)")
     p.add_argument("--lengthen", default=None, metavar="FOLDER",
                    help="a finished sweep's --out: each of its runs continues in --out to this sweep's train.epochs "
-                        "(from its last checkpoint; only train.epochs may differ), instead of training from scratch")
+                        "(from its last checkpoint; only train.epochs may differ, and lr drops after its end), "
+                        "instead of training from scratch")
     p.add_argument("--bench-runs", type=int, default=5, help="timed batch-1 forwards per run (median)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
     args = p.parse_intermixed_args(argv)

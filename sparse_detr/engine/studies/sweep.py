@@ -200,7 +200,17 @@ def _folder_status(folder: str, planned_config) -> tuple[str, Optional[dict]]:
 
 # What may differ between a run and the shorter run it continues (`SweepOptions.lengthen`): the total epochs, and
 # the backbone file that only initialised the shorter run (a copy of the same pretraining, under the new folder).
+# The lr drops may differ after the shorter run's last epoch (`_later_drops_only`): a drop added there ends the
+# longer schedule at a lower lr, and the continued run still equals that schedule run from scratch.
 LENGTHENED = ("train.epochs", "model.pretrained_backbone")
+
+
+def _later_drops_only(saved: dict, planned: dict) -> bool:
+    """True when the planned lr drops equal the saved run's among the epochs it trained (drops after epoch e lower
+    the lr of epochs e, e + 1, ...; the trained ones are 0 .. epochs − 1)."""
+    done = saved["train"]["epochs"]
+    return ([e for e in saved["train"]["lr_drop_epochs"] if e < done]
+            == [e for e in planned["train"]["lr_drop_epochs"] if e < done])
 
 
 def lengthen_from(runs: Sequence[RunSpec], opts: SweepOptions) -> list[str]:
@@ -208,12 +218,12 @@ def lengthen_from(runs: Sequence[RunSpec], opts: SweepOptions) -> list[str]:
     pretraining) so that the sweep resumes each up to this sweep's `train.epochs`; returns the runs seeded.
 
     Only run folders that do not exist yet are seeded, and only from finished runs that still have their last
-    checkpoint (a committed record alone is trained anew) and whose resolved config differs
-    from the planned one in `LENGTHENED` alone, with no more epochs than planned: any other difference raises
+    checkpoint (a committed record alone is trained anew) and whose resolved config differs from the planned one in
+    `LENGTHENED` alone (and lr drops after its end), with no more epochs than planned: any other difference raises
     ConfigChangedError before anything is written. Checkpoints are hard links (the trainer replaces them by atomic
     rename, never in place, so the shorter run's files stay as they are), logs and TensorBoard events copies (they
-    are appended to); `result.json` stays behind. With the lr drops where they were, the continued run equals the
-    longer run from scratch (tests/test_train.py)."""
+    are appended to); `result.json` stays behind. The continued run equals the longer schedule run from scratch
+    (tests/test_train.py; the lr schedule comes from the config at resume)."""
     if not opts.lengthen or not opts.train:
         return []
     seeds = []
@@ -224,10 +234,11 @@ def lengthen_from(runs: Sequence[RunSpec], opts: SweepOptions) -> list[str]:
             continue  # nothing to continue from (e.g. a committed record without its checkpoints): trained anew
         saved = load_record(os.path.join(source, RESULT)).get("resolved_config", {})
         planned = to_dict(load_config(opts.base, run_overrides(spec, opts)))
-        changed = [k for k in _config_diff(saved, planned) if k not in LENGTHENED]
+        changed = [k for k in _config_diff(saved, planned) if k not in LENGTHENED
+                   and not (k == "train.lr_drop_epochs" and _later_drops_only(saved, planned))]
         if changed:
             raise ConfigChangedError(f"{source} cannot be lengthened into {folder}: it differs at {', '.join(changed)}"
-                                     f" (only {', '.join(LENGTHENED)} may)")
+                                     f" (only {', '.join(LENGTHENED)} may, and lr drops after its last epoch)")
         if saved.get("train", {}).get("epochs", 0) > planned["train"]["epochs"]:
             raise ConfigChangedError(f"{source} cannot be lengthened into {folder}: it has {saved['train']['epochs']} "
                                      f"epochs, more than the {planned['train']['epochs']} planned")
