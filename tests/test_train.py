@@ -694,17 +694,22 @@ def test_a_finished_run_closes_with_a_summary_and_the_next_commands(data_root, t
 
 def test_a_finished_run_extended_to_more_epochs_equals_the_longer_run_from_scratch(data_root, tmp_path):
     """`--resume auto train.epochs=N+k` on a finished N-epoch run trains exactly what an (N+k)-epoch run trains
-    (nothing in the loop depends on the total epoch count): how a study's schedule is lengthened without retraining."""
-    # The lr drop after epoch 1 falls into the continued part.
+    (nothing in the loop depends on the total epoch count): how a study's schedule is lengthened without retraining.
+    The lr drop after epoch 1 falls into the continued part, and is added only there (the 1-epoch run was trained
+    with a drop it never reached): a drop after a run's end is read from the config at resume."""
     cfg = _write(tmp_path / "c.yaml", _config(data_root, tmp_path / "unused", epochs=1, max_iters_per_epoch=2,
-                                              eval_every_epochs=1, lr_drop_epochs=[1]))
+                                              eval_every_epochs=1, lr_drop_epochs=[5]))
     longer, extended = tmp_path / "longer", tmp_path / "extended"
-    train_mod.run(load_config(cfg, [f"train.output_dir={longer}", "train.epochs=2"]))
+    schedule = ["train.epochs=2", "train.lr_drop_epochs=[1]"]
+    train_mod.run(load_config(cfg, [f"train.output_dir={longer}", *schedule]))
     train_mod.run(load_config(cfg, [f"train.output_dir={extended}"]))
     assert load_checkpoint(str(extended / "checkpoint_last.pth"))["epoch"] == 1
-    train_mod.run(load_config(cfg, [f"train.output_dir={extended}", "train.epochs=2"]), resume="auto")
+    train_mod.run(load_config(cfg, [f"train.output_dir={extended}", *schedule]), resume="auto")
     a, b = _iters(longer), _iters(extended)
     assert sorted(a) == sorted(b) == list(range(1, 5)) and a == b
+    lr = {r["iteration"]: r["lr"] for r in map(json.loads, (extended / "log.jsonl").read_text().splitlines())
+          if r["type"] == "iter"}
+    assert lr[3] == lr[4] == pytest.approx(lr[1] * 0.1) and lr[2] == lr[1]  # the added drop took effect
     end_a, end_b = (load_checkpoint(str(d / "checkpoint_last.pth")) for d in (longer, extended))
     assert end_b["iteration"] == 4
     for name, tensor in end_a["model"].items():

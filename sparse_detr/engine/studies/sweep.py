@@ -201,7 +201,7 @@ def _folder_status(folder: str, planned_config) -> tuple[str, Optional[dict]]:
 # What may differ between a run and the shorter run it continues (`SweepOptions.lengthen`): the total epochs, and
 # the backbone file that only initialised the shorter run (a copy of the same pretraining, under the new folder).
 # The lr drops may differ after the shorter run's last epoch (`_later_drops_only`): a drop added there ends the
-# longer schedule at a lower lr, and the epochs already trained are those of that schedule.
+# longer schedule at a lower lr, and the continued run equals that schedule run from scratch.
 LENGTHENED = ("train.epochs", "model.pretrained_backbone")
 
 
@@ -222,9 +222,8 @@ def lengthen_from(runs: Sequence[RunSpec], opts: SweepOptions) -> list[str]:
     `LENGTHENED` alone (and lr drops after its end), with no more epochs than planned: any other difference raises
     ConfigChangedError before anything is written. Checkpoints are hard links (the trainer replaces them by atomic
     rename, never in place, so the shorter run's files stay as they are), logs and TensorBoard events copies (they
-    are appended to); `result.json` stays behind. The continued run equals the longer schedule run from scratch
-    (tests/test_train.py, with the drops unchanged; an added drop is read from the config at resume, as every
-    drop is: tests/test_sweep.py checks the lr after it)."""
+    are appended to); `result.json` stays behind. The continued run equals the longer schedule run from scratch,
+    an added drop included (tests/test_train.py: the lr drops are read from the config at resume)."""
     if not opts.lengthen or not opts.train:
         return []
     seeds = []
