@@ -6,8 +6,8 @@
   by SIGKILL, so a crashed run never leaves the folder locked. A run that ends removes the file (while it still
   holds the lock; a process that opened the old file meanwhile notices the replaced inode and takes a new one).
 * `remove_stale_temp_files(folder)` deletes the temporary files that `save_checkpoint` leaves behind when the
-  process is killed in the middle of a write (`.checkpoint_*.pth.<8 random characters>.tmp`, each up to a whole checkpoint).
-  Only names of that pattern are touched, and only while the lock is held, so no live write is removed.
+  process is killed in the middle of a write (`.checkpoint_*.pth.<8 random characters>.tmp`, each up to a whole
+  checkpoint). Only names of that pattern are touched, and only while the lock is held, so no live write is removed.
 * `truncate_jsonl(path, iteration)` keeps the records of `log.jsonl` up to the resumed checkpoint's global step:
   the resumed run then appends the iterations it recomputes once, as if it had never stopped (TensorBoard does the
   same with `SummaryWriter(purge_step=...)`, see logging.py).
