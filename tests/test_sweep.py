@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from sparse_detr.config import load_config, to_dict
-from sparse_detr.engine.studies import sweep, sweep_report
+from sparse_detr.engine.studies import sweep, sweep_records, sweep_report
 from sparse_detr.engine.training import train as train_mod
 from sparse_detr.engine.studies.sweep_report import results_markdown, summarize
 
@@ -93,7 +93,7 @@ def test_train_seconds_counts_the_final_trajectory_once(tmp_path):
              {"type": "checkpoint"}, {"type": "iter", "iteration": 2, "time": 4.0},  # redone after a resume
              {"type": "iter", "iteration": 3, "time": 8.0}]
     log.write_text("\n".join(map(json.dumps, lines)) + '\n{"type": "it')  # the last line cut by a kill
-    assert sweep.train_seconds(str(log)) == (13.0, 3)
+    assert sweep_records.train_seconds(str(log)) == (13.0, 3)
 
 
 def test_skip_resume_retry_and_schema(base, tmp_path, monkeypatch):
@@ -161,9 +161,9 @@ def test_skip_resume_retry_and_schema(base, tmp_path, monkeypatch):
     records = json.load(open(os.path.join(opts.out, "results.json")))
     assert [r["name"] for r in records] == ["dense_seed0", "dam_rho0.3_seed0"]
     for spec, r in zip(runs, records):
-        assert set(sweep.RECORD_KEYS) <= set(r) and "resolved_config" not in r
+        assert set(sweep_records.RECORD_KEYS) <= set(r) and "resolved_config" not in r
         assert (r["target"], r["rho"], r["seed"], r["status"]) == (spec.target, spec.rho, spec.seed, "done")
-        for key in sweep.METRICS:
+        for key in sweep_records.METRICS:
             assert r[key] is None or 0.0 <= r[key] <= 100.0, (key, r[key])
         assert r["ap_unit"] == "percent"
         assert r["AP50"] is not None  # the val split has objects
@@ -560,7 +560,7 @@ def test_selection_plot_draws_each_fitted_curve(tmp_path, monkeypatch):
     from sparse_detr.engine.studies.sweep_report import convergence, plot_selection
 
     iters = [450 * (i + 1) for i in range(12)]
-    curves = {"iteration": [20, 40], **{k: [0.3, 0.32] for k in sweep.CURVE_KEYS}}
+    curves = {"iteration": [20, 40], **{k: [0.3, 0.32] for k in sweep_records.CURVE_KEYS}}
     records = [{"target": t, "rho": 0.1, "seed": s, "status": "done", "AP": top - 1, "curves": curves,
                 "selection": {"dam_coverage": 0.3, "object_coverage": 0.9},
                 "evals": [{"iteration": i, "AP": top - 12 * math.exp(-i / 1500) + 0.2 * s} for i in iters]}

@@ -3,8 +3,8 @@
 Every run gets its own folder OUT/<target>_rho<ρ>_seed<s> (the dense baseline: OUT/dense_seed<s>). Rerunning the
 same command skips finished runs and continues half-finished ones (`--resume auto`), so an interrupted sweep is
 resumed by starting it again; a finished run made with another config is an error, never silently reused.
-OUT/results.json holds one record per run (see sparse_detr/engine/studies/sweep.py), OUT/results.md the tables (mean ±
-std over seeds, and every run) and OUT/results.png AP and AP50 against GFLOPs.
+OUT/results.json holds one record per run (see sparse_detr/engine/studies/sweep_records.py), OUT/results.md the
+tables (mean ± std over seeds, and every run) and OUT/results.png AP and AP50 against GFLOPs.
 
     # the synthetic ablation of docs/ablation.md (18 runs from one pretrained backbone): dense, DAM at 4 ρ, the
     # other criteria at ρ = 0.1
