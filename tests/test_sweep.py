@@ -11,9 +11,10 @@ import yaml
 from PIL import Image
 
 from sparse_detr.config import load_config, to_dict
-from sparse_detr.engine.studies import sweep, sweep_records, sweep_report
+from sparse_detr.engine.studies import sweep, sweep_plots, sweep_records
 from sparse_detr.engine.training import train as train_mod
-from sparse_detr.engine.studies.sweep_report import results_markdown, summarize
+from sparse_detr.engine.studies.sweep_report import results_markdown
+from sparse_detr.engine.studies.sweep_stats import summarize
 
 TINY = {
     "model": {"backbone": "tiny_cnn", "num_classes": 6, "hidden_dim": 32, "nheads": 2, "num_feature_levels": 2,
@@ -131,8 +132,8 @@ def test_skip_resume_retry_and_schema(base, tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
     drawn = []
     for name in ("plot_pareto", "plot_selection"):
-        real_plot = getattr(sweep_report, name)
-        monkeypatch.setattr(sweep_report, name, lambda *a, _real=real_plot, _n=name, **k: drawn.append(_n) or
+        real_plot = getattr(sweep_plots, name)
+        monkeypatch.setattr(sweep_plots, name, lambda *a, _real=real_plot, _n=name, **k: drawn.append(_n) or
                             _real(*a, **k))
     third = sweep.run_sweep(runs, opts, log=lambda m: None)
     assert [r["status"] for r in third] == ["done", "done"]
@@ -282,7 +283,8 @@ def test_pretrain_stage_is_shared_skipped_and_starts_every_run(base, tmp_path, m
 
 
 def test_paired_differences_pair_runs_by_seed():
-    from sparse_detr.engine.studies.sweep_report import paired_differences, paired_markdown
+    from sparse_detr.engine.studies.sweep_report import paired_markdown
+    from sparse_detr.engine.studies.sweep_stats import paired_differences
 
     def rec(target, seed, ap, cov=None):
         return {"target": target, "rho": 0.1, "seed": seed, "status": "done", "AP": ap,
@@ -294,7 +296,8 @@ def test_paired_differences_pair_runs_by_seed():
     assert paired_differences(records, "random", "dam") == pytest.approx([1.0])
     assert paired_differences(records, "random", "dam", "dam_coverage") == pytest.approx([-0.3])
     md = paired_markdown(records)
-    assert "| dam − dense | 2 | -6.0 ± 1.4 | -5.0 -7.0 |" in md and "| random − dam | 1 | +1.0 ± 0.0 | +1.0 |" in md
+    assert "| dam − dense | 2 | -6.0 ± 1.4 | -5.0 -7.0 |" in md
+    assert "| random − dam | 1 | +1.0 ± 0.0 | +1.0 |" in md
 
 
 def test_an_unknown_criterion_stops_the_sweep_before_anything_trains(tmp_path):
@@ -310,7 +313,8 @@ def test_an_unknown_criterion_stops_the_sweep_before_anything_trains(tmp_path):
 def test_rank_correlations_against_scipy_and_by_hand():
     from scipy.stats import spearmanr
 
-    from sparse_detr.engine.studies.sweep_report import correlation_markdown, rank_correlations
+    from sparse_detr.engine.studies.sweep_report import correlation_markdown
+    from sparse_detr.engine.studies.sweep_stats import rank_correlations
 
     aps = [0.20, 0.25, 0.18, 0.30, 0.25, 0.10]
     cover = [0.3, 0.5, 0.3, 0.9, 0.4, 0.1]  # ties in both columns
@@ -332,7 +336,8 @@ def test_rank_correlations_against_scipy_and_by_hand():
 
 
 def test_convergence_compares_the_last_third_against_the_seed_spread():
-    from sparse_detr.engine.studies.sweep_report import convergence, convergence_markdown
+    from sparse_detr.engine.studies.sweep_report import convergence_markdown
+    from sparse_detr.engine.studies.sweep_stats import convergence
 
     def run(target, seed, aps):  # evaluations every 450 iterations; the last is the record's AP
         return {"target": target, "rho": 0.1, "seed": seed, "status": "done", "AP": aps[-1],
@@ -363,7 +368,7 @@ def test_convergence_compares_the_last_third_against_the_seed_spread():
 def test_saturation_fit_recovers_a_known_curve_and_projects_the_converged_schedule():
     import numpy as np
 
-    from sparse_detr.engine.studies.sweep_report import converged_schedule, convergence, saturation_fit
+    from sparse_detr.engine.studies.sweep_stats import converged_schedule, convergence, saturation_fit
 
     plateau, gap, tau, t0 = 40.0, 6.0, 2000.0, 2700.0
     curve = lambda t: plateau - gap * math.exp(-(t - t0) / tau)  # noqa: E731
@@ -398,7 +403,7 @@ def test_a_logarithmic_curve_is_told_apart_and_gets_no_projected_schedule():
     the log fit recovers a and b, the criterion prefers it, and no converged schedule is projected."""
     import numpy as np
 
-    from sparse_detr.engine.studies.sweep_report import better_fit, convergence, log_fit, saturation_fit
+    from sparse_detr.engine.studies.sweep_stats import better_fit, convergence, log_fit, saturation_fit
 
     a, b = 10.0, 3.0
     curve = lambda t: a + b * math.log(t)  # noqa: E731
@@ -480,7 +485,7 @@ def test_a_finished_sweep_is_lengthened_into_a_new_folder(base, tmp_path, monkey
 _STOP_SCRIPT = '''
 import os, signal, sys, time
 from sparse_detr.engine.cli import run_tool
-from sparse_detr.engine.studies import sweep, sweep_report
+from sparse_detr.engine.studies import sweep
 
 OUT = sys.argv[1]
 
@@ -557,7 +562,8 @@ def test_selection_plot_draws_each_fitted_curve(tmp_path, monkeypatch):
     import matplotlib.figure
     import numpy as np
 
-    from sparse_detr.engine.studies.sweep_report import convergence, plot_selection
+    from sparse_detr.engine.studies.sweep_plots import plot_selection
+    from sparse_detr.engine.studies.sweep_stats import convergence
 
     iters = [450 * (i + 1) for i in range(12)]
     curves = {"iteration": [20, 40], **{k: [0.3, 0.32] for k in sweep_records.CURVE_KEYS}}

@@ -177,7 +177,8 @@ def write_results(records: list[dict], opts: SweepOptions) -> None:
     """results.json (records in plan order, without the resolved configs), results.md and the plots (results.png,
     results_selection.png). The plots are drawn only when the records changed or a plot is missing: a rerun of a
     finished sweep, or the start of a resumed one, does not redraw them."""
-    from sparse_detr.engine.studies.sweep_report import plot_pareto, plot_selection, results_markdown
+    from sparse_detr.engine.studies.sweep_plots import plot_pareto, plot_selection
+    from sparse_detr.engine.studies.sweep_report import results_markdown
 
     os.makedirs(opts.out, exist_ok=True)
     slim = [{k: v for k, v in r.items() if k not in ("resolved_config", "_wall")} for r in records]
