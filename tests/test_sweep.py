@@ -5,6 +5,7 @@ import json
 import math
 import os
 import statistics
+import warnings
 
 import pytest
 import yaml
@@ -377,7 +378,9 @@ def test_saturation_fit_recovers_a_known_curve_and_projects_the_converged_schedu
     points = [(t, curve(t) + noise[s, i]) for s in range(3) for i, t in enumerate(iters)]
     fit = saturation_fit(points)
     assert fit["plateau"] == pytest.approx(plateau, abs=0.3) and fit["tau"] == pytest.approx(tau, rel=0.1)
-    assert fit["gap"] == pytest.approx(gap, rel=0.1) and fit["plateau_se"] < 0.5
+    assert fit["gap"] == pytest.approx(gap, rel=0.1) and fit["plateau_se"] < 0.5 and fit["located"]
+    line = saturation_fit([(t, 20.0 + 0.001 * t) for t in iters])  # no bend: any plateau far off fits as well
+    assert line is not None and not line["located"] and line["tau"] > 2 * (iters[-1] - iters[0])
     # The projection against a brute-force scan of the exact curve: the first T (step 1) whose last-third rise is
     # under the spread, scanning down from far out.
     exact = {"plateau": plateau, "gap": gap, "tau": tau, "t0": t0}
@@ -403,6 +406,7 @@ def test_a_logarithmic_curve_is_told_apart_and_gets_no_projected_schedule():
     the log fit recovers a and b, the criterion prefers it, and no converged schedule is projected."""
     import numpy as np
 
+    from sparse_detr.engine.studies.sweep_report import convergence_markdown
     from sparse_detr.engine.studies.sweep_stats import better_fit, convergence, log_fit, saturation_fit
 
     a, b = 10.0, 3.0
@@ -418,6 +422,13 @@ def test_a_logarithmic_curve_is_told_apart_and_gets_no_projected_schedule():
              "evals": [{"iteration": t, "AP": ap} for t, ap in points[18 * s:18 * s + 18]]} for s in range(3)]
     row = convergence(runs)[0]
     assert row["projected"] is None and row["better_fit"] in ("log", "either")
+    # A straight line (one seed): the saturating fit has no bend to locate a plateau with, and the table says so
+    # instead of printing the plateau at which the optimiser happened to stop.
+    straight = [{"target": "dam", "rho": 0.1, "seed": 0, "status": "done", "AP": 26.0,
+                 "evals": [{"iteration": t, "AP": 20.0 + 0.0005 * t} for t in iters]}]
+    (row,) = convergence(straight)
+    assert not row["fit"]["located"] and row["projected"] is None
+    assert f"| not located | {row['fit']['tau']:.0f} |" in convergence_markdown(straight)
     for T in (12150.0, 1e6):  # the same rise over the last third, however long the schedule
         assert row["log_rise"] == pytest.approx(row["log_fit"]["b"] * (math.log(T) - math.log(2 * T / 3)))
         assert curve(T) - curve(2 * T / 3) == pytest.approx(b * math.log(1.5))
@@ -571,9 +582,23 @@ def test_selection_plot_draws_each_fitted_curve(tmp_path, monkeypatch):
                 "selection": {"dam_coverage": 0.3, "object_coverage": 0.9},
                 "evals": [{"iteration": i, "AP": top - 12 * math.exp(-i / 1500) + 0.2 * s} for i in iters]}
                for t, top in (("dense", 40.0), ("dam", 25.0)) for s in (0, 1)]
+    # A dense run measures no kept set: its coverage curves are None at every step (as in its log); a sparse run's
+    # object coverage is None at a step whose batch has no box, here at one step of both seeds (the moving mean
+    # spans the gap, the raw points of the unsmoothed AP-coverage panel leave it out).
+    steps = list(range(20, 420, 20))
+    records[0]["curves"] = records[1]["curves"] = {"iteration": steps, "dam_oracle": [0.5] * 20,
+                                                   "dam_coverage": [None] * 20, "object_coverage": [None] * 20}
+    records[2]["curves"] = records[3]["curves"] = {"iteration": steps, "dam_coverage": [0.3] * 20,
+                                                   "object_coverage": [0.9] * 5 + [None] * 6 + [0.8] * 9}
     saved = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
-    plot_selection(records, str(tmp_path / "sel.png"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice" from the unmeasured curves
+        plot_selection(records, str(tmp_path / "sel.png"))
+    coverage, objects = ([line.get_label() for line in saved[0].axes[i].get_lines()] for i in (0, 1))
+    assert coverage == ["dense: DAM oracle at ρ=0.1 (n=2)", "dam (n=2)"] and objects == ["dam (n=2)"]
+    x, y = saved[0].axes[1].get_lines()[0].get_data()  # windows of 5 steps, those with a measured point only
+    assert list(x) == steps[4:9] + steps[11:] and list(y) == pytest.approx([0.9] * 5 + [0.8] * 9)
     ap_axes = saved[0].axes[2]
     dashed = [line for line in ap_axes.get_lines() if line.get_linestyle() == "--"]
     fits = {r["target"]: r["fit"] for r in convergence(records)}

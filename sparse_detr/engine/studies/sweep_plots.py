@@ -33,11 +33,17 @@ def _band(ax, runs: list[tuple[list, list]], label: str, color=None, smooth: int
     common = sorted(set.intersection(*(set(x) for x, _ in runs))) if runs else []
     if not common:
         return
-    ys = np.array([[dict(zip(x, y))[i] for i in common] for x, y in runs], dtype=float)
-    if smooth > 1 and ys.shape[1] >= smooth:
-        kernel = np.ones(smooth) / smooth
-        ys = np.array([np.convolve(row, kernel, mode="valid") for row in ys])
+    ys = np.array([[dict(zip(x, y))[i] for i in common] for x, y in runs], dtype=float)  # None (not measured): NaN
+    if smooth > 1 and ys.shape[1] >= smooth:  # the mean of the measured points in each window
+        kernel, finite = np.ones(smooth), ~np.isnan(ys)
+        total = np.array([np.convolve(row, kernel, mode="valid") for row in np.where(finite, ys, 0.0)])
+        count = np.array([np.convolve(row, kernel, mode="valid") for row in finite.astype(float)])
+        ys = np.where(count > 0, total / np.maximum(count, 1.0), np.nan)
         common = common[smooth - 1:]
+    measured = ~np.isnan(ys).all(0)  # iterations where no seed has a value are left out
+    if not measured.any():
+        return
+    ys, common = ys[:, measured], [i for i, m in zip(common, measured) if m]
     line, = ax.plot(common, np.nanmean(ys, 0), label=f"{label} (n={len(runs)})", color=color, lw=1.3)
     if len(runs) > 1:
         ax.fill_between(common, np.nanmin(ys, 0), np.nanmax(ys, 0), color=line.get_color(), alpha=0.15)

@@ -122,8 +122,9 @@ def convergence_markdown(records: list[dict]) -> str:
              "evaluations (least-squares rise over that span) and their range (max − min, evaluation noise "
              "included), against the seed spread (std) of the final AP; converged when |mean trend| < spread. "
              "Extrapolated: AP = plateau − gap·exp(−t/τ) fitted to the evaluations of the second half (seeds "
-             "pooled; plateau ± its standard error), and the schedule from which that curve would rise less than "
-             "the spread over the last third (a model-dependent estimate, not a measurement), shown only when "
+             "pooled; plateau ± its standard error, 'not located' when τ exceeds twice the span of those points, "
+             "which are then nearly straight), and the schedule from which that curve would rise less than the "
+             "spread over the last third (a model-dependent estimate, not a measurement), shown only when "
              "these points support it over AP = a + b·ln t (Akaike); under the logarithmic curve AP rises by the "
              "same b·ln 1.5 over the last third of any schedule, and never converges:", "",
              *_head("target", "ρ", "n", "evaluations from", "trend per seed", "mean trend", "mean range",
@@ -133,8 +134,12 @@ def convergence_markdown(records: list[dict]) -> str:
         spread = "–" if r["spread"] is None else f"{r['spread']:.1f}"
         verdict = "–" if r["converged"] is None else ("yes" if r["converged"] else "no")
         fit = r["fit"]
-        plateau, tau = ("–", "–") if fit is None else (f"{fit['plateau']:.1f} ± {fit['plateau_se']:.1f}",
-                                                       f"{fit['tau']:.0f}")
+        if fit is None:
+            plateau, tau = "–", "–"
+        elif not fit["located"]:  # nearly straight points: the plateau would be the fit's guess, not theirs
+            plateau, tau = "not located", f"{fit['tau']:.0f}"
+        else:
+            plateau, tau = f"{fit['plateau']:.1f} ± {fit['plateau_se']:.1f}", f"{fit['tau']:.0f}"
         projected = "–" if r["projected"] is None else f"{r['projected']:.0f}"
         log_rise = "–" if r["log_rise"] is None else f"{r['log_rise']:+.1f}"
         lines.append(f"| {r['target']} | {r['rho']:g} | {r['n']} | {r['from_iteration']} | "

@@ -126,7 +126,7 @@ def convergence(records: list[dict], last: float = 1 / 3, fit_from: float = 0.5)
     saturating fit of the evaluations from `fit_from` × the final iteration on (after the usual lr drop);
     `log_fit` the logarithmic one of the same points and `log_rise` its rise over every last third; `better_fit`
     which of the two the points support (Akaike); `projected`: the schedule at which the saturating fit would be
-    converged, only when the points prefer it (an extrapolation: model-dependent).
+    converged, only when the points prefer it and locate its plateau (an extrapolation: model-dependent).
     {target, rho, n, from_iteration, trends, trend, ranges, range, spread, converged, fit, log_fit, log_rise,
     better_fit, projected}."""
     groups: dict[tuple, list[dict]] = {}
@@ -157,15 +157,22 @@ def convergence(records: list[dict], last: float = 1 / 3, fit_from: float = 0.5)
                      "converged": None if spread is None else abs(trend) < spread, "fit": fit,
                      "log_fit": growth, "log_rise": None if growth is None else growth["b"] * math.log(1 / (1 - last)),
                      "better_fit": preferred,
-                     "projected": None if fit is None or spread is None or preferred != "saturating"
+                     "projected": None if fit is None or not fit["located"] or spread is None
+                     or preferred != "saturating"
                      else converged_schedule(fit, spread, last)})
     return rows
+
+
+LOCATED_SPANS = 2.0  # the largest τ, in spans of the fitted points, at which a fitted plateau is reported
 
 
 def saturation_fit(points: list[tuple[float, float]]) -> Optional[dict]:
     """Least-squares fit of AP(t) = plateau − gap·exp(−t / tau) to (iteration, AP) points (all seeds pooled): the
     usual shape of a curve at a constant learning rate. None with fewer than 4 distinct iterations or when the fit
-    does not converge. {plateau, gap, tau, plateau_se}."""
+    does not converge. `located` is False when τ exceeds `LOCATED_SPANS` spans of the points: they then cover
+    less than 1 − e^(−1/2) ≈ 40% of the fitted approach, are nearly straight, and the plateau is an extrapolation
+    the points do not pin down (on a straight line the optimiser stops anywhere along a ridge of equal fits).
+    {plateau, gap, tau, t0, plateau_se, rss, n, located}."""
     import numpy as np
     from scipy.optimize import curve_fit
 
@@ -185,7 +192,7 @@ def saturation_fit(points: list[tuple[float, float]]) -> Optional[dict]:
     se = float(np.sqrt(cov[0, 0])) if np.isfinite(cov[0, 0]) else math.inf
     rss = float(((model(t, plateau, gap, tau) - y) ** 2).sum())
     return {"plateau": float(plateau), "gap": float(gap), "tau": float(tau * scale), "t0": float(t0),
-            "plateau_se": se, "rss": rss, "n": len(t)}
+            "plateau_se": se, "rss": rss, "n": len(t), "located": bool(tau <= LOCATED_SPANS)}
 
 
 def log_fit(points: list[tuple[float, float]]) -> Optional[dict]:
