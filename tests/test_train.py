@@ -29,6 +29,7 @@ from sparse_detr.config import config_from_dict, load_config
 from sparse_detr.data import build_dataset, ensure_synthetic
 from sparse_detr.engine.cli import run_tool
 from sparse_detr.engine.training import train as train_mod
+from sparse_detr.engine.training import trainer as trainer_mod
 from sparse_detr.engine.checkpoint import ConfigMismatchError, find_last_checkpoint, load_checkpoint
 from sparse_detr.models.criterion import SetCriterion
 
@@ -730,7 +731,7 @@ def test_a_run_resumed_across_the_change_of_ap_unit_keeps_its_best(data_root, tm
     def fake_evaluate(*args, **kwargs):
         return {"AP": next(aps), "AP50": 50.0, "per_class": {}, "ap_unit": "percent"}
 
-    monkeypatch.setattr(train_mod, "evaluate", fake_evaluate)
+    monkeypatch.setattr(trainer_mod, "evaluate", fake_evaluate)
     out = tmp_path / "run"
     cfg = _write(tmp_path / "c.yaml", _config(data_root, out, max_iters_per_epoch=1, eval_every_epochs=1))
     train_mod.run(load_config(cfg))

@@ -1,1 +1,2 @@
-"""Training: the loop, evaluation, the optimizer and schedule, datasets and loaders from a config, fine-tuning, output folders."""
+"""Training: the run (train.py) and its loop (trainer.py), evaluation, the optimizer and schedule, datasets and
+loaders from a config, fine-tuning, output folders."""

@@ -25,7 +25,8 @@ from sparse_detr.data.samplers import EpochSampler, GroupedBatchSampler, SeededS
 from sparse_detr.engine import dist
 from sparse_detr.engine.training.optim import build_ema, build_lr_scheduler, build_optimizer, scaled_lr
 
-__all__ = ["build_split", "build_datasets", "build_train_loader", "build_val_loader", "check_num_classes", "build_model_and_criterion", "wrap_distributed",
+__all__ = ["build_split", "build_datasets", "build_train_loader", "build_val_loader", "check_num_classes",
+           "build_model_and_criterion", "wrap_distributed",
            "build_optimization", "resolve_num_threads", "setup_threads"]
 
 
